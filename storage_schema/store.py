@@ -1,0 +1,802 @@
+"""The trajectory store: Zarr v3 layout, codecs, per-shard commit protocol, reads, validation, description.
+
+See the package docstring (`storage_schema/__init__.py`) for the authoritative layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.storage import FsspecStore, LocalStore
+
+from storage_schema.errors import (
+    CorruptShardError,
+    InvalidSpecError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    SchemaVersionError,
+    ShardAlreadyCommittedError,
+    ShardDataError,
+    ShardIndexError,
+    ShardNotCommittedError,
+    SpecMismatchError,
+    StoreExistsError,
+)
+from storage_schema.spec import SCHEMA_VERSION, GenerationSpec, has_url_scheme
+
+FORMAT_NAME = "cmt-trajectory-store"
+INCOMPLETE_FORMAT_NAME = f"{FORMAT_NAME}/creating"
+PACKAGE_DIST_NAME = "cmt-pipeline"
+UNKNOWN_PACKAGE_VERSION = "0+unknown"
+RESERVED_ATTRS = ("format", "schema_version", "spec", "package_version")
+
+TRAJ, SEED, LABEL, ALPHA, SIGMA, COMMIT = "traj", "seed", "label", "alpha", "sigma", "commit"
+LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, SEED, LABEL, ALPHA, SIGMA, COMMIT})
+DIGEST_BYTES = 32
+COMMIT_RECORD_BYTES = DIGEST_BYTES + 1
+COMMITTED_FLAG = 1
+DIGEST_DOMAIN = b"cmt-trajectory-shard/v1\x00"
+SEED_FILL = -1
+LABEL_FILL = -1
+BLOSC_LEVEL = 5
+ZSTD_LEVEL = 3
+
+WriteStageHook = Callable[[str, int], None]
+_write_stage_hook: WriteStageHook | None = None
+
+
+def set_write_stage_hook(hook: WriteStageHook | None) -> None:
+    """Install a fault-injection hook called as hook(stage, shard) inside write_shard (tests only).
+
+    Stages, in order: "commit_cleared", "traj_written", "data_written", "committed".
+    """
+    global _write_stage_hook
+    _write_stage_hook = hook
+
+
+def _reach_stage(stage: str, index: int) -> None:
+    """Call the fault-injection hook, if any, at one stage of write_shard."""
+    if _write_stage_hook is not None:
+        _write_stage_hook(stage, index)
+
+
+def package_version() -> str:
+    """Installed version of the `cmt-pipeline` distribution, or "0+unknown"."""
+    try:
+        return importlib.metadata.version(PACKAGE_DIST_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return UNKNOWN_PACKAGE_VERSION
+
+
+def storage_dtype(spec: GenerationSpec) -> np.dtype:
+    """Little-endian numpy dtype of the stored trajectory points."""
+    return np.dtype(spec.dtype).newbyteorder("<")
+
+
+def _compressors(codec: str, itemsize: int) -> list[Any] | None:
+    """Zarr v3 bytes-to-bytes codecs for a codec name; blosc shuffles with the true item size."""
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return [ZstdCodec(level=ZSTD_LEVEL)]
+    blosc_settings = {
+        "blosc-zstd-shuffle": ("zstd", "shuffle"),
+        "blosc-lz4-shuffle": ("lz4", "shuffle"),
+        "blosc-zstd-bitshuffle": ("zstd", "bitshuffle"),
+    }
+    cname, shuffle = blosc_settings[codec]
+    return [BloscCodec(cname=cname, clevel=BLOSC_LEVEL, shuffle=shuffle, typesize=itemsize)]
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """Shape, dtype, chunking and sharding of one array of the store."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    fill_value: Any
+    compressed: bool
+    dimension_names: tuple[str, ...]
+
+
+def array_layouts(spec: GenerationSpec) -> dict[str, ArrayLayout]:
+    """The one definition of every array of a schema-1 store (used to create and to validate)."""
+    n, points, sample_shape = spec.num_trajectories, spec.num_points, spec.sample_shape
+    sample_axes = tuple(f"sample_axis_{axis}" for axis in range(len(sample_shape)))
+    layouts = {
+        TRAJ: ArrayLayout(
+            shape=(n, points, *sample_shape),
+            dtype=spec.dtype,
+            chunks=(spec.chunk_size, points, *sample_shape),
+            shards=(spec.shard_size, points, *sample_shape),
+            fill_value=float("nan"),
+            compressed=True,
+            dimension_names=("trajectory", "point", *sample_axes),
+        ),
+        SEED: ArrayLayout((n,), "int64", (spec.chunk_size,), (spec.shard_size,), SEED_FILL, True, ("trajectory",)),
+        ALPHA: ArrayLayout((points,), "float64", (points,), None, 0.0, False, ("point",)),
+        SIGMA: ArrayLayout((points,), "float64", (points,), None, 0.0, False, ("point",)),
+        COMMIT: ArrayLayout(
+            (spec.num_shards, COMMIT_RECORD_BYTES), "uint8", (1, COMMIT_RECORD_BYTES), None, 0, False,
+            ("shard", "record_byte"),
+        ),
+    }
+    if spec.is_conditional:
+        layouts[LABEL] = ArrayLayout(
+            (n,), "int64", (spec.chunk_size,), (spec.shard_size,), LABEL_FILL, True, ("trajectory",)
+        )
+    return layouts
+
+
+def shard_object_key(name: str, layout: ArrayLayout, shard_index: int) -> str:
+    """Store key of the object that holds shard `shard_index` of a sharded array ("traj/c/3/0/0/0/0")."""
+    return "/".join([name, "c", str(shard_index)] + ["0"] * (len(layout.shape) - 1))
+
+
+def compute_shard_digest(
+    index: int, start: int, stop: int, traj: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None, dtype: np.dtype
+) -> bytes:
+    """sha256 over domain tag, (index, start, stop), traj bytes in storage dtype, seeds and labels as <i8."""
+    hasher = hashlib.sha256(DIGEST_DOMAIN)
+    hasher.update(np.array([index, start, stop], dtype="<i8").tobytes())
+    hasher.update(np.ascontiguousarray(traj, dtype=dtype).reshape(-1).view(np.uint8))  # [n*(K+1)*prod(S)*itemsize]
+    hasher.update(np.ascontiguousarray(seeds, dtype="<i8").view(np.uint8))  # [n*8]
+    if labels is not None:
+        hasher.update(np.ascontiguousarray(labels, dtype="<i8").view(np.uint8))  # [n*8]
+    return hasher.digest()
+
+
+def _zarr_store(url: str, *, read_only: bool, storage_options: dict[str, Any] | None) -> Any:
+    """The zarr store for a URL: LocalStore for plain paths, FsspecStore for anything with a scheme."""
+    if has_url_scheme(url):
+        return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+    return LocalStore(url, read_only=read_only)
+
+
+def _filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """fsspec filesystem and root path for a URL or plain path (for listing, sizes and deletion)."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _child_names(fs: Any, path: str) -> list[str]:
+    """Base names of the entries directly under `path`."""
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+
+
+def _group_attributes(fs: Any, path: str) -> dict[str, Any] | None:
+    """Attributes of the Zarr v3 group whose zarr.json lies at `path`, or None when there is none."""
+    try:
+        with fs.open(f"{path.rstrip('/')}/zarr.json", "rb") as handle:
+            metadata = json.loads(handle.read())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        return None
+    if not isinstance(metadata, dict) or metadata.get("node_type") != "group" or metadata.get("zarr_format") != 3:
+        return None
+    attributes = metadata.get("attributes", {})
+    return attributes if isinstance(attributes, dict) else None
+
+
+def _location_kind(fs: Any, path: str) -> tuple[str, list[str]]:
+    """Classify what lies at `path`: absent, empty, store, incomplete_store or foreign (with its entries)."""
+    if not fs.exists(path):
+        return "absent", []
+    if fs.isfile(path):
+        return "foreign", [path.rstrip("/").rsplit("/", 1)[-1]]
+    names = _child_names(fs, path)
+    if not names:
+        return "empty", []
+    attributes = _group_attributes(fs, path)
+    ours = attributes is not None and attributes.get("format") in (FORMAT_NAME, INCOMPLETE_FORMAT_NAME)
+    if ours and set(names) <= LAYOUT_NAMES:
+        return ("store" if attributes["format"] == FORMAT_NAME else "incomplete_store"), names
+    return "foreign", names
+
+
+def _checked_schedule(name: str, values: Any, num_points: int) -> np.ndarray:
+    """alpha or sigma as a read-only float64[K+1] array of finite, non-negative values."""
+    array = np.array(values, dtype=np.float64)
+    if array.shape != (num_points,):
+        raise InvalidSpecError(
+            f"{name} must have shape ({num_points},) (one value per trajectory point, K+1 = steps+1), got {array.shape}"
+        )
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise InvalidSpecError(f"{name} must be finite and >= 0 at every point, got {array.tolist()}")
+    array.flags.writeable = False
+    return array
+
+
+def _checked_user_attrs(attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """User attributes: JSON-serialisable and not using a reserved name."""
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, dict):
+        raise InvalidSpecError(f"attrs must be a dict, got {type(attrs).__name__}")
+    clashes = sorted(set(attrs) & set(RESERVED_ATTRS))
+    if clashes:
+        raise InvalidSpecError(f"attrs may not use the reserved names {clashes}; rename them (reserved: {RESERVED_ATTRS})")
+    try:
+        return json.loads(json.dumps(attrs, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise InvalidSpecError(f"attrs must be JSON-serialisable (no NaN/Inf): {error}") from error
+
+
+def create_store(
+    url: str | os.PathLike[str],
+    spec: GenerationSpec,
+    alpha: Any,
+    sigma: Any,
+    *,
+    overwrite: bool = False,
+    attrs: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> TrajectoryStore:
+    """Create an empty schema-1 store for `spec` at `url` and return it opened with mode "r+"."""
+    url = os.fspath(url)
+    if not isinstance(spec, GenerationSpec):
+        raise InvalidSpecError(f"create_store needs a GenerationSpec, got {type(spec).__name__}")
+    alpha = _checked_schedule("alpha", alpha, spec.num_points)
+    sigma = _checked_schedule("sigma", sigma, spec.num_points)
+    user_attrs = _checked_user_attrs(attrs)
+
+    fs, path = _filesystem(url, storage_options)
+    kind, names = _location_kind(fs, path)
+    if kind == "foreign":
+        raise StoreExistsError(
+            f"{url} holds files that are not a trajectory store ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}); nothing was changed; choose an empty or new path"
+        )
+    if kind in ("store", "incomplete_store"):
+        if not overwrite:
+            raise StoreExistsError(
+                f"a trajectory store already exists at {url}; open it with open_store(url, 'r+') to add shards, "
+                "or pass overwrite=True to delete and recreate it"
+            )
+        fs.rm(path, recursive=True)
+
+    final_attrs = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "spec": spec.to_dict(),
+        "package_version": package_version(),
+        **user_attrs,
+    }
+    group = zarr.create_group(
+        store=_zarr_store(url, read_only=False, storage_options=storage_options),
+        zarr_format=3,
+        attributes={**final_attrs, "format": INCOMPLETE_FORMAT_NAME},
+    )
+    for name, layout in array_layouts(spec).items():
+        itemsize = np.dtype(layout.dtype).itemsize
+        group.create_array(
+            name,
+            shape=layout.shape,
+            dtype=layout.dtype,
+            chunks=layout.chunks,
+            shards=layout.shards,
+            compressors=_compressors(spec.codec, itemsize) if layout.compressed else None,
+            fill_value=layout.fill_value,
+            chunk_key_encoding={"name": "default", "separator": "/"},
+            dimension_names=layout.dimension_names,
+        )
+    group[ALPHA][:] = alpha
+    group[SIGMA][:] = sigma
+    group.attrs.put(final_attrs)
+    _consolidate(group.store)
+    return open_store(url, "r+", expected_spec=spec, storage_options=storage_options)
+
+
+def _consolidate(zarr_store: Any) -> None:
+    """Write zarr-python's consolidated metadata (one read opens the store; arrays never change after creation)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+        zarr.consolidate_metadata(zarr_store)
+
+
+def open_store(
+    url: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    expected_spec: GenerationSpec | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> TrajectoryStore:
+    """Open an existing store read-only ("r") or for writing shards ("r+"), checking version and spec."""
+    url = os.fspath(url)
+    if mode not in ("r", "r+"):
+        raise ValueError(f"mode must be 'r' (read) or 'r+' (write shards), got {mode!r}")
+    fs, path = _filesystem(url, storage_options)
+    if not fs.exists(path):
+        raise NotAStoreError(
+            f"no trajectory store at {url}: nothing is there; create one with create_store(url, spec, alpha, sigma)"
+        )
+    attributes = _group_attributes(fs, path)
+    if attributes is None or attributes.get("format") not in (FORMAT_NAME, INCOMPLETE_FORMAT_NAME):
+        raise NotAStoreError(
+            f"{url} is not a trajectory store (no Zarr v3 group with format={FORMAT_NAME!r}); check the path"
+        )
+    if attributes["format"] == INCOMPLETE_FORMAT_NAME:
+        raise NotAStoreError(
+            f"creation of the store at {url} did not finish; recreate it with create_store(..., overwrite=True)"
+        )
+    version = attributes.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"store at {url} has schema version {version!r}, this code reads version {SCHEMA_VERSION}; "
+            "use the cmt-pipeline version that wrote it or regenerate the store"
+        )
+    try:
+        spec = GenerationSpec.from_dict(attributes.get("spec"))
+    except InvalidSpecError as error:
+        raise InvalidSpecError(f"the spec recorded in {url} is invalid: {error}; regenerate the store") from error
+    if expected_spec is not None and expected_spec != spec:
+        raise SpecMismatchError(
+            f"store at {url} was made with another spec: " + "; ".join(expected_spec.differences(spec))
+            + "; use the cache path of your spec (cache_path) or regenerate"
+        )
+
+    group = zarr.open_group(
+        _zarr_store(url, read_only=mode == "r", storage_options=storage_options), mode=mode, zarr_format=3
+    )
+    arrays = {}
+    for name, layout in array_layouts(spec).items():
+        try:
+            array = group[name]
+        except KeyError as error:
+            raise NotAStoreError(f"store at {url} lacks the array {name!r}; it is damaged, regenerate it") from error
+        if tuple(array.shape) != layout.shape or array.dtype != np.dtype(layout.dtype):
+            raise NotAStoreError(
+                f"array {name!r} in {url} has shape {array.shape} dtype {array.dtype}, the spec needs "
+                f"{layout.shape} {layout.dtype}; the store is damaged, regenerate it"
+            )
+        arrays[name] = array.with_config({"write_empty_chunks": name != COMMIT})
+    return TrajectoryStore(url, mode, spec, dict(attributes), arrays, fs, path, storage_options)
+
+
+def _reopen(
+    url: str, mode: str, spec: GenerationSpec, storage_options: dict[str, Any] | None
+) -> TrajectoryStore:
+    """Unpickling helper: open the same store again (in a worker process, after pickling)."""
+    return open_store(url, mode, expected_spec=spec, storage_options=storage_options)
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Outcome of `TrajectoryStore.validate`: problems found, shards checked, shards not yet committed."""
+
+    problems: list[str]
+    checked_shards: list[int]
+    missing_shards: list[int]
+    deep: bool
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found (missing shards are not problems)."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "ok": self.ok,
+            "deep": self.deep,
+            "problems": list(self.problems),
+            "checked_shards": list(self.checked_shards),
+            "missing_shards": list(self.missing_shards),
+        }
+
+
+class TrajectoryStore:
+    """An opened trajectory store; create with `create_store` or open with `open_store`."""
+
+    def __init__(
+        self, url: str, mode: str, spec: GenerationSpec, attrs: dict[str, Any], arrays: dict[str, Any], fs: Any,
+        fs_path: str, storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        """Wrap opened arrays; use `open_store` / `create_store` instead of calling this directly."""
+        self.url = url
+        self.mode = mode
+        self.spec = spec
+        self.attrs = attrs
+        self._arrays = arrays
+        self._fs = fs
+        self._fs_path = fs_path.rstrip("/")
+        self._storage_options = storage_options
+        self._dtype = storage_dtype(spec)
+        self.alpha = _readonly(np.asarray(arrays[ALPHA][:], dtype=np.float64))  # [K+1]
+        self.sigma = _readonly(np.asarray(arrays[SIGMA][:], dtype=np.float64))  # [K+1]
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle as (url, mode, spec, storage options); unpickling reopens the store (DataLoader workers, Ray)."""
+        return _reopen, (self.url, self.mode, self.spec, self._storage_options)
+
+    def __repr__(self) -> str:
+        return f"TrajectoryStore({self.url!r}, mode={self.mode!r}, key={self.key!r})"
+
+    @property
+    def key(self) -> str:
+        """Cache key of the store's spec."""
+        return self.spec.cache_key()
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards (one writer each)."""
+        return self.spec.num_shards
+
+    @property
+    def num_chunks(self) -> int:
+        """Number of chunks along N (the unit of streaming reads)."""
+        return self.spec.num_chunks
+
+    @property
+    def user_attrs(self) -> dict[str, Any]:
+        """The attributes given to create_store (group attributes minus the reserved ones)."""
+        return {name: value for name, value in self.attrs.items() if name not in RESERVED_ATTRS}
+
+    def array(self, name: str) -> Any:
+        """The underlying zarr array `name` (traj, seed, label, alpha, sigma, commit), e.g. for dask.from_zarr."""
+        if name not in self._arrays:
+            raise KeyError(f"no array {name!r} in this store; it has {sorted(self._arrays)}")
+        return self._arrays[name]
+
+    def consolidate(self) -> None:
+        """Rewrite the consolidated metadata in zarr.json (create_store already does; arrays never change after)."""
+        if self.mode != "r+":
+            raise ReadOnlyStoreError(f"{self.url} was opened read-only; open it with mode='r+' to consolidate")
+        _consolidate(_zarr_store(self.url, read_only=False, storage_options=self._storage_options))
+
+    def shard_bounds(self, index: int) -> tuple[int, int]:
+        """Trajectory range [start, stop) of shard `index`."""
+        return self.spec.shard_bounds(index)
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        """Trajectory range [start, stop) of chunk `index`."""
+        return self.spec.chunk_bounds(index)
+
+    def shard_chunks(self, index: int) -> range:
+        """Chunk indices inside shard `index`."""
+        return self.spec.shard_chunks(index)
+
+    def write_shard(
+        self, index: int, traj: Any, seeds: Any, labels: Any = None, *, repair: bool = False
+    ) -> str:
+        """Write shard `index` (data first, commit record last) and return its hex digest."""
+        if self.mode != "r+":
+            raise ReadOnlyStoreError(
+                f"{self.url} was opened read-only; open it with open_store(url, mode='r+') to write shards"
+            )
+        start, stop = self.spec.shard_bounds(index)
+        traj_stored, seeds_stored, labels_stored = self._checked_shard_data(index, start, stop, traj, seeds, labels)
+        record = self._commit_records(index, index + 1)[0]  # [33]
+        if record[DIGEST_BYTES] == COMMITTED_FLAG and not repair:
+            raise ShardAlreadyCommittedError(
+                f"shard {index} of {self.url} is already committed; pass repair=True to rewrite it"
+            )
+        if record.any():
+            self._arrays[COMMIT][index] = np.zeros(COMMIT_RECORD_BYTES, dtype=np.uint8)
+        _reach_stage("commit_cleared", index)
+        self._arrays[TRAJ][start:stop] = traj_stored
+        _reach_stage("traj_written", index)
+        self._arrays[SEED][start:stop] = seeds_stored
+        if labels_stored is not None:
+            self._arrays[LABEL][start:stop] = labels_stored
+        _reach_stage("data_written", index)
+        digest = compute_shard_digest(index, start, stop, traj_stored, seeds_stored, labels_stored, self._dtype)
+        self._arrays[COMMIT][index] = np.frombuffer(digest + bytes([COMMITTED_FLAG]), dtype=np.uint8)
+        _reach_stage("committed", index)
+        return digest.hex()
+
+    def _checked_shard_data(
+        self, index: int, start: int, stop: int, traj: Any, seeds: Any, labels: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Validate one shard's data against the spec and cast it to the storage dtypes."""
+        spec, length = self.spec, stop - start
+        traj = np.asarray(traj)
+        if traj.dtype.kind != "f":
+            raise ShardDataError(f"traj for shard {index} must be a float array, got dtype {traj.dtype}; cast it")
+        expected_shape = (length, spec.num_points, *spec.sample_shape)
+        if traj.shape != expected_shape:
+            raise ShardDataError(
+                f"traj for shard {index} must have shape {expected_shape} (trajectories {start}..{stop - 1}, "
+                f"steps+1 points, sample_shape), got {traj.shape}"
+            )
+        seeds = np.asarray(seeds)
+        if seeds.dtype.kind not in "iu" or seeds.shape != (length,):
+            raise ShardDataError(
+                f"seeds for shard {index} must be {length} integers, got shape {seeds.shape} dtype {seeds.dtype}"
+            )
+        expected_seeds = spec.seed_base + np.arange(start, stop, dtype=np.int64)  # [n]
+        if not np.array_equal(seeds.astype(np.int64), expected_seeds):
+            raise ShardDataError(
+                f"seeds for shard {index} must be seed_base + i for i in {start}..{stop - 1} "
+                f"({expected_seeds[0]}..{expected_seeds[-1]}); got {seeds[:3].tolist()}...; generate sample i "
+                "from seed_base + i"
+            )
+        if not spec.is_conditional:
+            if labels is not None:
+                raise ShardDataError(
+                    f"the store is unconditional (num_classes=None) but labels were given for shard {index}; "
+                    "pass labels=None or create the store with num_classes set"
+                )
+            return np.ascontiguousarray(traj, dtype=self._dtype), seeds.astype("<i8"), None
+        if labels is None:
+            raise ShardDataError(
+                f"the store is conditional (num_classes={spec.num_classes}); pass the {length} class labels of shard {index}"
+            )
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu" or labels.shape != (length,):
+            raise ShardDataError(
+                f"labels for shard {index} must be {length} integers, got shape {labels.shape} dtype {labels.dtype}"
+            )
+        if labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise ShardDataError(
+                f"labels for shard {index} must lie in [0, {spec.num_classes}), got range "
+                f"[{labels.min()}, {labels.max()}]"
+            )
+        return np.ascontiguousarray(traj, dtype=self._dtype), seeds.astype("<i8"), labels.astype("<i8")
+
+    def _commit_records(self, first_shard: int, stop_shard: int) -> np.ndarray:
+        """Commit records of shards [first_shard, stop_shard) read fresh from the store; [n, 33] uint8."""
+        try:
+            return np.asarray(self._arrays[COMMIT][first_shard:stop_shard], dtype=np.uint8)
+        except Exception as error:
+            raise CorruptShardError(
+                f"cannot read the commit records of shards {first_shard}..{stop_shard - 1} in {self.url}: "
+                f"{type(error).__name__}: {error}; run `python -m storage_schema validate {self.url}`"
+            ) from error
+
+    def _require_committed(self, first_shard: int, stop_shard: int) -> None:
+        """Raise ShardNotCommittedError unless every shard in [first_shard, stop_shard) is committed."""
+        flags = self._commit_records(first_shard, stop_shard)[:, DIGEST_BYTES]  # [n]
+        missing = [first_shard + offset for offset in np.flatnonzero(flags != COMMITTED_FLAG).tolist()]
+        if missing:
+            raise ShardNotCommittedError(
+                f"shards {missing} of {self.url} are not committed (never written or interrupted); generate them "
+                "(write_shard) or pass require_committed=False to read whatever bytes are there"
+            )
+
+    def _normalised_points(self, point_indices: Any) -> Any:
+        """Point selection as a slice, an int or an int64 index array, range-checked against K+1."""
+        points = self.spec.num_points
+        if point_indices is None:
+            return slice(None)
+        if isinstance(point_indices, slice):
+            return point_indices
+        selection = np.asarray(point_indices)
+        if selection.dtype.kind not in "iu" or selection.ndim > 1:
+            raise ShardIndexError(f"point_indices must be an int, a slice or a 1-D int sequence, got {point_indices!r}")
+        if selection.size and (selection.min() < -points or selection.max() >= points):
+            raise ShardIndexError(
+                f"point_indices {selection.tolist()} out of range; trajectories have {points} points (0..{points - 1})"
+            )
+        selection = np.where(selection < 0, selection + points, selection).astype(np.int64)
+        return int(selection) if selection.ndim == 0 else selection
+
+    def _read_range(self, start: int, stop: int, point_indices: Any) -> dict[str, np.ndarray | None]:
+        """traj/seed/label of trajectories [start, stop), decoding errors raised as CorruptShardError."""
+        points = self._normalised_points(point_indices)
+        try:
+            traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
+            seed = self._arrays[SEED][start:stop]  # [n]
+            label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
+        except Exception as error:
+            first, last = start // self.spec.shard_size, (stop - 1) // self.spec.shard_size
+            raise CorruptShardError(
+                f"cannot decode trajectories {start}..{stop - 1} (shards {first}..{last}) of {self.url}: "
+                f"{type(error).__name__}: {error}; run `python -m storage_schema validate {self.url} --deep` "
+                "and rewrite the damaged shards with write_shard(..., repair=True)"
+            ) from error
+        return {"traj": traj, "seed": seed, "label": label}
+
+    def read_shard(
+        self, index: int, *, require_committed: bool = True, verify: bool = False
+    ) -> dict[str, np.ndarray | None]:
+        """Shard `index` as dict(traj=[n, K+1, *S], seed=[n], label=[n] or None); verify re-checks the digest."""
+        start, stop = self.spec.shard_bounds(index)
+        if require_committed:
+            self._require_committed(index, index + 1)
+        data = self._read_range(start, stop, None)
+        if verify:
+            recorded = self.shard_digest(index)
+            computed = compute_shard_digest(index, start, stop, data["traj"], data["seed"], data["label"], self._dtype)
+            if recorded != computed.hex():
+                raise CorruptShardError(
+                    f"shard {index} of {self.url} does not match its commit digest (recorded {recorded}, computed "
+                    f"{computed.hex()}); rewrite it with write_shard(..., repair=True)"
+                )
+        return data
+
+    def read_points(
+        self, start: int, stop: int, point_indices: Any = None, *, require_committed: bool = True
+    ) -> np.ndarray:
+        """traj[start:stop, point_indices] read whole chunks at a time; [n, P, *S] (or [n, *S] for an int)."""
+        n = self.spec.num_trajectories
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ShardIndexError(f"{name} must be an int, got {value!r}")
+        if not 0 <= start < stop <= n:
+            raise ShardIndexError(f"need 0 <= start < stop <= {n} (the store holds {n} trajectories), got {start}, {stop}")
+        if require_committed:
+            self._require_committed(start // self.spec.shard_size, (stop - 1) // self.spec.shard_size + 1)
+        return self._read_range(int(start), int(stop), point_indices)["traj"]
+
+    def read_chunk(
+        self, index: int, point_indices: Any = None, *, require_committed: bool = True
+    ) -> dict[str, np.ndarray | None]:
+        """Chunk `index` as dict(traj=[n, P, *S], seed=[n], label=[n] or None, start=int, stop=int)."""
+        start, stop = self.spec.chunk_bounds(index)
+        if require_committed:
+            shard = start // self.spec.shard_size
+            self._require_committed(shard, shard + 1)
+        return {**self._read_range(start, stop, point_indices), "start": start, "stop": stop}
+
+    def committed_shards(self) -> list[int]:
+        """Indices of shards whose commit record is set."""
+        flags = self._commit_records(0, self.num_shards)[:, DIGEST_BYTES]  # [num_shards]
+        return np.flatnonzero(flags == COMMITTED_FLAG).tolist()
+
+    def missing_shards(self) -> list[int]:
+        """Indices of shards not committed yet (never written, interrupted or being repaired)."""
+        flags = self._commit_records(0, self.num_shards)[:, DIGEST_BYTES]  # [num_shards]
+        return np.flatnonzero(flags != COMMITTED_FLAG).tolist()
+
+    @property
+    def is_complete(self) -> bool:
+        """True when every shard is committed."""
+        return not self.missing_shards()
+
+    def shard_digest(self, index: int) -> str | None:
+        """Hex sha256 digest recorded for shard `index`, or None when it is not committed."""
+        self.spec.shard_bounds(index)
+        record = self._commit_records(index, index + 1)[0]  # [33]
+        if record[DIGEST_BYTES] != COMMITTED_FLAG:
+            return None
+        return record[:DIGEST_BYTES].tobytes().hex()
+
+    def _object_sizes(self) -> dict[str, int]:
+        """Size in bytes of every object under the store root, keyed by path relative to the root."""
+        prefix = f"{self._fs_path.lstrip('/')}/"
+        sizes = {}
+        for path, info in self._fs.find(self._fs_path, detail=True).items():
+            relative = path.lstrip("/")
+            if relative.startswith(prefix):
+                sizes[relative[len(prefix):]] = int(info.get("size") or 0)
+        return sizes
+
+    def validate(self, deep: bool = False) -> ValidationReport:
+        """Check metadata, layout and commit records; deep also re-hashes committed shards and finds NaN/Inf."""
+        problems: list[str] = []
+        spec = self.spec
+        for name, expected in (("format", FORMAT_NAME), ("schema_version", SCHEMA_VERSION)):
+            if self.attrs.get(name) != expected:
+                problems.append(f"group attribute {name!r} is {self.attrs.get(name)!r}, expected {expected!r}")
+        for name in ("package_version",):
+            if not isinstance(self.attrs.get(name), str):
+                problems.append(f"group attribute {name!r} is missing or not a string")
+        problems += self._layout_problems()
+        for name, values in (("alpha", self.alpha), ("sigma", self.sigma)):
+            if not np.all(np.isfinite(values)) or np.any(values < 0):
+                problems.append(f"{name} holds non-finite or negative values: {values.tolist()}")
+
+        try:
+            records = self._commit_records(0, self.num_shards)  # [num_shards, 33]
+        except CorruptShardError as error:
+            return ValidationReport(problems + [str(error)], [], list(range(self.num_shards)), deep)
+        flags = records[:, DIGEST_BYTES]  # [num_shards]
+        for shard in np.flatnonzero((flags != 0) & (flags != COMMITTED_FLAG)).tolist():
+            problems.append(f"shard {shard}: commit record has an invalid flag byte {int(flags[shard])}")
+        committed = np.flatnonzero(flags == COMMITTED_FLAG).tolist()
+        missing = np.flatnonzero(flags != COMMITTED_FLAG).tolist()
+        object_names = set(self._object_sizes())
+        layouts = array_layouts(spec)
+        sharded = [name for name, layout in layouts.items() if layout.shards is not None]
+        for shard in committed:
+            for name in sharded:
+                key = shard_object_key(name, layouts[name], shard)
+                if key not in object_names:
+                    problems.append(f"shard {shard}: committed but its object {key!r} is missing")
+        if deep:
+            for shard in committed:
+                problems += self._deep_shard_problems(shard, records[shard, :DIGEST_BYTES].tobytes())
+        return ValidationReport(problems, committed, missing, deep)
+
+    def _layout_problems(self) -> list[str]:
+        """Differences between the arrays on storage and the layout the spec prescribes."""
+        problems = []
+        for name, layout in array_layouts(self.spec).items():
+            array = self._arrays[name]
+            chunks = tuple(array.chunks)
+            shards = tuple(array.shards) if array.shards is not None else None
+            actual = (tuple(array.shape), str(array.dtype), chunks, shards)
+            expected = (layout.shape, layout.dtype, layout.chunks, layout.shards)
+            if actual != expected:
+                problems.append(
+                    f"array {name!r}: (shape, dtype, chunks, shards) is {actual}, the spec prescribes {expected}"
+                )
+        return problems
+
+    def _deep_shard_problems(self, shard: int, recorded_digest: bytes) -> list[str]:
+        """Decode one committed shard and report digest mismatch, NaN/Inf, seed or label violations."""
+        start, stop = self.spec.shard_bounds(shard)
+        try:
+            data = self._read_range(start, stop, None)
+        except CorruptShardError as error:
+            return [f"shard {shard}: cannot be decoded ({error.__cause__.__class__.__name__}: {error.__cause__})"]
+        problems = []
+        computed = compute_shard_digest(shard, start, stop, data["traj"], data["seed"], data["label"], self._dtype)
+        if computed != recorded_digest:
+            problems.append(
+                f"shard {shard}: digest mismatch (recorded {recorded_digest.hex()[:16]}..., computed "
+                f"{computed.hex()[:16]}...); its bytes changed after commit, rewrite it with repair=True"
+            )
+        non_finite = int(np.size(data["traj"]) - np.count_nonzero(np.isfinite(data["traj"])))
+        if non_finite:
+            problems.append(f"shard {shard}: {non_finite} non-finite values (NaN/Inf) in traj")
+        expected_seeds = self.spec.seed_base + np.arange(start, stop, dtype=np.int64)  # [n]
+        if not np.array_equal(data["seed"], expected_seeds):
+            problems.append(f"shard {shard}: seeds are not seed_base + i for i in {start}..{stop - 1}")
+        if data["label"] is not None and (data["label"].min() < 0 or data["label"].max() >= self.spec.num_classes):
+            problems.append(f"shard {shard}: labels outside [0, {self.spec.num_classes})")
+        return problems
+
+    def describe(self) -> dict[str, Any]:
+        """Summary: identity, spec, shape, codec, commit progress, bytes stored and compression ratio."""
+        spec = self.spec
+        committed = self.committed_shards()
+        committed_trajectories = sum(stop - start for start, stop in map(spec.shard_bounds, committed))
+        sizes = self._object_sizes()
+        bytes_by_array: dict[str, int] = {}
+        for relative, size in sizes.items():
+            top = relative.split("/", 1)[0]
+            bytes_by_array[top] = bytes_by_array.get(top, 0) + size
+        bytes_stored = sum(sizes.values())
+        values_per_trajectory = spec.num_points * math.prod(spec.sample_shape)
+        raw_float32_bytes = committed_trajectories * values_per_trajectory * 4
+        committed_points = committed_trajectories * spec.num_points
+        return {
+            "url": self.url,
+            "key": self.key,
+            "schema_version": self.attrs.get("schema_version"),
+            "package_version": self.attrs.get("package_version"),
+            "teacher_fingerprint": spec.teacher_fingerprint,
+            "solver": spec.solver,
+            "grid": spec.grid,
+            "num_trajectories": spec.num_trajectories,
+            "steps": spec.steps,
+            "num_points": spec.num_points,
+            "sample_shape": list(spec.sample_shape),
+            "traj_shape": [spec.num_trajectories, spec.num_points, *spec.sample_shape],
+            "dtype": spec.dtype,
+            "codec": spec.codec,
+            "conditional": spec.is_conditional,
+            "shard_size": spec.shard_size,
+            "chunk_size": spec.chunk_size,
+            "shards_committed": len(committed),
+            "shards_total": spec.num_shards,
+            "trajectories_committed": committed_trajectories,
+            "complete": len(committed) == spec.num_shards,
+            "bytes_stored": bytes_stored,
+            "bytes_by_array": dict(sorted(bytes_by_array.items())),
+            "raw_float32_bytes": raw_float32_bytes,
+            "compression_ratio": raw_float32_bytes / bytes_stored if raw_float32_bytes and bytes_stored else None,
+            "traj_bytes_per_point": bytes_by_array.get(TRAJ, 0) / committed_points if committed_points else None,
+            "spec": spec.to_dict(),
+            "user_attrs": self.user_attrs,
+        }
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    """Mark an array read-only and return it."""
+    array.flags.writeable = False
+    return array
