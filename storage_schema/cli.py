@@ -41,8 +41,7 @@ def _describe_text(summary: dict[str, Any]) -> str:
     per_point = summary["traj_bytes_per_point"]
     lines = [
         f"store      {summary['url']}",
-        f"key        {summary['key']}  (schema {summary['schema_version']}, written by {summary['package_version']}"
-        f" at {summary['created']})",
+        f"key        {summary['key']}  (schema {summary['schema_version']}, written by {summary['package_version']})",
         f"teacher    {summary['teacher_fingerprint']}",
         f"solver     {summary['solver']}, {summary['steps']} steps, grid {summary['grid']}",
         f"traj       {summary['traj_shape']} {summary['dtype']}, codec {summary['codec']}, "
