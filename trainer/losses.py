@@ -1,0 +1,432 @@
+"""Pure per-sample losses for mid-training (CMT) and post-training (ECT / ECD, MeanFlow).
+
+Every loss returns the UNREDUCED per-sample loss, shape [B]; the caller averages (or weights) over the
+batch. Schedules (t, r, Δt, q) arrive as arguments; nothing here keeps state between calls.
+
+Conventions shared by every function in this module:
+
+- Squared norms are SUMS over all non-batch elements, ‖a − b‖² = Σ_pixels (a − b)², as in the ECT/iCT and
+  MeanFlow reference code. A loss value therefore grows with the number of pixels; the pseudo-Huber
+  constant of iCT, c = 0.00054·√d, is scaled for exactly this sum (see `ict_pseudo_huber_c`).
+- Times come per sample: a tensor of shape [B] (or [B, 1, ..., 1], or one value for the whole batch).
+  Time differences (t − r, t_i − t_j) are taken in the times' own dtype (keep float64 times from the
+  store in float64) before they are cast to the data dtype.
+- Students of Ψ_{t→0} (CMT's CM form, ECT, ECD) work in the EDM view: x̃ = x0 + σ̃·ε, t = σ̃ ≥ 0.
+  Students of Ψ_{t→s} (CMT's MF form, MeanFlow) work in the flow-matching view: z = (1 − τ)·x0 + τ·ε,
+  τ ∈ [0, 1], velocity v = ε − x0. Converting stored states into either view is the job of
+  `pipeline/time_convention.py`; the losses never convert.
+
+Papers: CMT = Hu et al., "Consistency Mid-Training", arXiv 2509.24526; ECT = Geng et al., "Consistency
+models made easy", arXiv 2406.14548; iCT = Song & Dhariwal, arXiv 2310.14189; MeanFlow = Geng et al.,
+"Mean Flows for one-step generative modeling", arXiv 2505.13447; LPIPS = Zhang et al., arXiv 1801.03924.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+TimeLike = Tensor | float
+
+ICT_PSEUDO_HUBER_SCALE = 0.00054
+MEANFLOW_ADAPTIVE_C = 1e-3
+DISTANCE_NAMES = ("squared_l2", "pseudo_huber", "lpips")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape and time helpers
+
+
+def _check_same_shape(a: Tensor, b: Tensor, names: str) -> None:
+    """Raise a ValueError naming both tensors when their shapes differ."""
+    if a.shape != b.shape:
+        raise ValueError(f"{names} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dim() < 1:
+        raise ValueError(f"{names} need a leading batch dimension, got 0-d tensors")
+
+
+def _sum_squares(diff: Tensor) -> Tensor:
+    """Per-sample sum of squares over every non-batch element: [B, ...] → [B]."""
+    return diff.pow(2).flatten(1).sum(dim=1) if diff.dim() > 1 else diff.pow(2)  # [B]
+
+
+def _per_sample(times: TimeLike, batch: int, name: str, like: Tensor) -> Tensor:
+    """Turn a scalar, [B] or [B, 1, ..., 1] time into a [B] tensor on `like`'s device (dtype kept if a tensor)."""
+    if not isinstance(times, Tensor):
+        times = torch.tensor(times, dtype=torch.float64)  # Python floats keep double precision for t − r
+    times = times.to(like.device)
+    if not times.is_floating_point():
+        times = times.to(like.dtype)
+    if times.numel() == 1:
+        return times.reshape(1).expand(batch)  # [B]
+    if times.numel() != batch:
+        raise ValueError(f"{name} must hold one time per sample ({batch}) or one for the batch, "
+                         f"got shape {tuple(times.shape)}")
+    return times.reshape(batch)  # [B]
+
+
+def _broadcast_to(values: Tensor, like: Tensor) -> Tensor:
+    """View per-sample values [B] as [B, 1, ..., 1] in `like`'s dtype so they broadcast against `like`."""
+    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))  # [B, 1, ..., 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances d(a, b) → [B]
+
+
+def squared_l2(a: Tensor, b: Tensor) -> Tensor:
+    """Squared Euclidean distance per sample, d(a, b) = Σ (a − b)² over all non-batch elements (CMT's "MSE")."""
+    _check_same_shape(a, b, "squared_l2 inputs")
+    return _sum_squares(a - b)  # [B]
+
+
+def ict_pseudo_huber_c(num_elements: int) -> float:
+    """iCT's pseudo-Huber constant c = 0.00054·√d for d elements per sample (c ≈ 0.03 for CIFAR-10's 3072)."""
+    if num_elements < 1:
+        raise ValueError(f"num_elements must be positive, got {num_elements}")
+    return ICT_PSEUDO_HUBER_SCALE * math.sqrt(num_elements)
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
+    """Pseudo-Huber distance √(‖a − b‖² + c²) − c (iCT's metric, used by ECT); c=None takes 0.00054·√d."""
+    _check_same_shape(a, b, "pseudo_huber inputs")
+    if c is None:
+        c = ict_pseudo_huber_c(a[0].numel())
+    if c < 0:
+        raise ValueError(f"pseudo-Huber c must be >= 0 (0 gives the plain L2 norm), got {c}")
+    return torch.sqrt(_sum_squares(a - b) + c * c) - c  # [B]
+
+
+# LPIPS-VGG (Zhang et al. 2018): VGG-16 conv trunk, features tapped after relu1_2, relu2_2, relu3_3, relu4_3
+# and relu5_3 (indices into torchvision's `vgg16().features`), unit-normalised over channels, squared
+# differences weighted per channel by the learned linear layers, averaged over space, summed over taps.
+_VGG16_CONV_CHANNELS = ((3, 64), (64, 64), "pool", (64, 128), (128, 128), "pool", (128, 256), (256, 256),
+                        (256, 256), "pool", (256, 512), (512, 512), (512, 512), "pool", (512, 512),
+                        (512, 512), (512, 512))
+_LPIPS_TAP_INDICES = (3, 8, 15, 22, 29)
+_LPIPS_TAP_CHANNELS = (64, 128, 256, 512, 512)
+_LPIPS_INPUT_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_INPUT_SCALE = (0.458, 0.448, 0.450)
+_LPIPS_NORMALIZE_EPS = 1e-10
+_LPIPS_MIN_SIDE = 16
+LPIPS_WEIGHTS_HELP = (
+    "LPIPS needs one LOCAL weights file (nothing is downloaded) holding the ImageNet VGG-16 trunk under "
+    "torchvision's key names ('features.0.weight', 'features.0.bias', ..., 'features.28.bias') and the "
+    "LPIPS v0.1 linear layers under the `lpips` package's key names ('lin0.model.1.weight', ..., "
+    "'lin4.model.1.weight'). Build it once on a machine with torchvision and the `lpips` package:\n"
+    "    import torch, torchvision, lpips, os\n"
+    "    from safetensors.torch import save_file\n"
+    "    trunk = torchvision.models.vgg16(weights='IMAGENET1K_V1').features.state_dict()\n"
+    "    lins = torch.load(os.path.join(os.path.dirname(lpips.__file__), 'weights/v0.1/vgg.pth'), map_location='cpu')\n"
+    "    save_file({**{f'features.{k}': v for k, v in trunk.items()}, **lins}, 'lpips_vgg.safetensors')\n"
+    "then pass that file's path (a .safetensors file, or a .pt/.pth state dict with the same keys)."
+)
+
+
+def _vgg16_trunk() -> nn.Sequential:
+    """VGG-16 conv trunk up to relu5_3, laid out so torchvision's `features.<i>` keys load unchanged."""
+    layers: list[nn.Module] = []
+    for entry in _VGG16_CONV_CHANNELS:
+        if entry == "pool":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(entry[0], entry[1], kernel_size=3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _load_state_dict_file(path: Path) -> dict[str, Tensor]:
+    """Read a safetensors file, or a plain tensor state dict via torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"LPIPS weights file {path} does not hold a state dict (got {type(state).__name__}).\n"
+                         f"{LPIPS_WEIGHTS_HELP}")
+    return state
+
+
+class LPIPSDistance(nn.Module):
+    """LPIPS-VGG distance (Zhang et al. 2018, eq. 1) from a local weights file; inputs in [-1, 1], returns [B].
+
+    Implemented here rather than through the `lpips` package: that package imports torchvision at import
+    time and fetches the VGG trunk from the internet, and torchvision from PyPI does not import beside this
+    project's torch build. The computation follows LPIPS v0.1 (input shift/scale, channel unit-normalisation,
+    linear layers, spatial mean, sum over the five taps). Single-channel images are repeated to RGB.
+    `resize_to` bilinearly resizes both inputs to a square side first (consistency models resize CIFAR-10 to
+    224; VGG's five taps need a side of at least 16). The network is frozen; gradients flow to the inputs.
+    """
+
+    def __init__(self, weights_path: str | Path | None, *, resize_to: int | None = 224):
+        super().__init__()
+        if weights_path is None or str(weights_path) == "":
+            raise ValueError(f"LPIPSDistance needs `weights_path`, got none.\n{LPIPS_WEIGHTS_HELP}")
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise ValueError(f"LPIPS weights file not found: {path}\n{LPIPS_WEIGHTS_HELP}")
+        if resize_to is not None and resize_to < _LPIPS_MIN_SIDE:
+            raise ValueError(f"resize_to must be >= {_LPIPS_MIN_SIDE} (VGG-16's deepest LPIPS tap), got {resize_to}")
+        self.resize_to = resize_to
+        self.features = _vgg16_trunk()
+        self.lins = nn.ModuleList(nn.Conv2d(channels, 1, kernel_size=1, bias=False) for channels in _LPIPS_TAP_CHANNELS)
+        self.register_buffer("shift", torch.tensor(_LPIPS_INPUT_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_INPUT_SCALE).view(1, 3, 1, 1), persistent=False)
+        self._load(path)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _load(self, path: Path) -> None:
+        """Copy the trunk and linear-layer weights from the file, naming any missing or misshapen key."""
+        state = _load_state_dict_file(path)
+        wanted = {f"features.{name}": tensor for name, tensor in self.features.state_dict().items()}
+        wanted |= {f"lin{k}.model.1.weight": lin.weight for k, lin in enumerate(self.lins)}
+        missing = sorted(key for key in wanted if key not in state)
+        if missing:
+            raise ValueError(f"LPIPS weights file {path} lacks {len(missing)} key(s), e.g. {missing[:4]}.\n"
+                             f"{LPIPS_WEIGHTS_HELP}")
+        wrong = [f"{key}: file {tuple(state[key].shape)} vs expected {tuple(ref.shape)}"
+                 for key, ref in wanted.items() if tuple(state[key].shape) != tuple(ref.shape)]
+        if wrong:
+            raise ValueError(f"LPIPS weights file {path} has tensors of the wrong shape: {wrong[:4]}.\n{LPIPS_WEIGHTS_HELP}")
+        self.features.load_state_dict({name: state[f"features.{name}"] for name in self.features.state_dict()})
+        for k, lin in enumerate(self.lins):
+            lin.weight.data.copy_(state[f"lin{k}.model.1.weight"])
+
+    def _taps(self, images: Tensor) -> list[Tensor]:
+        """VGG-16 activations at the five LPIPS taps, each unit-normalised over channels."""
+        taps = []
+        hidden = (images - self.shift) / self.scale  # [B, 3, H, W]
+        for index, layer in enumerate(self.features):
+            hidden = layer(hidden)
+            if index in _LPIPS_TAP_INDICES:
+                norm = hidden.pow(2).sum(dim=1, keepdim=True).sqrt()  # [B, 1, h, w]
+                taps.append(hidden / (norm + _LPIPS_NORMALIZE_EPS))  # [B, C_tap, h, w]
+        return taps
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        """Check shape, repeat grey images to RGB and resize; [B, C, H, W] → [B, 3, H', W']."""
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"LPIPS takes images [B, 1 or 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)  # [B, 3, H, W]
+        if self.resize_to is not None and tuple(images.shape[-2:]) != (self.resize_to, self.resize_to):
+            images = F.interpolate(images, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False)
+        if min(images.shape[-2:]) < _LPIPS_MIN_SIDE:
+            raise ValueError(f"LPIPS needs images of side >= {_LPIPS_MIN_SIDE}, got {tuple(images.shape[-2:])}; "
+                             f"pass resize_to (e.g. 224, as consistency models do for CIFAR-10)")
+        return images
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """LPIPS(a, b) per sample: Σ_taps mean_{h,w} Σ_c w_c·(â − b̂)²; [B, C, H, W] × 2 → [B]."""
+        _check_same_shape(a, b, "LPIPS inputs")
+        batch = a.shape[0]
+        taps = self._taps(torch.cat([self._prepare(a), self._prepare(b)]))  # each [2B, C_tap, h, w]
+        total = a.new_zeros(batch)  # [B]
+        for tap, lin in zip(taps, self.lins):
+            diff_sq = (tap[:batch] - tap[batch:]).pow(2)  # [B, C_tap, h, w]
+            total = total + lin(diff_sq).mean(dim=(1, 2, 3))  # [B]
+        return total
+
+
+def distance(name: str, **kwargs) -> Distance:
+    """Distance d(a, b) → [B] by name: "squared_l2", "pseudo_huber" (option c), "lpips" (weights_path, resize_to)."""
+    if name == "squared_l2":
+        if kwargs:
+            raise ValueError(f"squared_l2 takes no options, got {sorted(kwargs)}")
+        return squared_l2
+    if name == "pseudo_huber":
+        unknown = set(kwargs) - {"c"}
+        if unknown:
+            raise ValueError(f"pseudo_huber takes only `c`, got {sorted(unknown)}")
+        return partial(pseudo_huber, c=kwargs.get("c"))
+    if name == "lpips":
+        return LPIPSDistance(**kwargs)
+    raise ValueError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCE_NAMES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CMT (mid-training)
+
+
+def cmt_cm_loss(f_pred: Tensor, x0_target: Tensor, distance: Distance) -> Tensor:
+    """CMT loss, CM form (Ψ_{t→0}): d(f_θ(x̂_{t_i}, t_i), x̂_{t_0}) per sample; no stop-gradient, no weighting."""
+    _check_same_shape(f_pred, x0_target, "f_pred and x0_target")
+    return distance(f_pred, x0_target)  # [B]
+
+
+def cmt_mf_loss(h_pred: Tensor, x_i: Tensor, x_j: Tensor, t_i: TimeLike, t_j: TimeLike) -> Tensor:
+    """CMT mid-training loss, MF form (Ψ_{t→s}): ‖h_θ(x_i, t_i, t_j) − (x_i − x_j)/(t_i − t_j)‖² per sample.
+
+    Flow-matching view: x_i, x_j are trajectory states z at times τ = t_i, t_j of the SAME teacher trajectory,
+    so the target is the trajectory's average velocity between them (MeanFlow's u; symmetric in i, j).
+    """
+    _check_same_shape(h_pred, x_i, "h_pred and x_i")
+    _check_same_shape(x_i, x_j, "x_i and x_j")
+    batch = x_i.shape[0]
+    dt = _per_sample(t_i, batch, "t_i", x_i) - _per_sample(t_j, batch, "t_j", x_i)  # [B]
+    if bool((dt == 0).any()):
+        raise ValueError("cmt_mf_loss needs t_i != t_j for every sample (the average velocity is undefined at "
+                         "t_i == t_j); sample pairs of distinct trajectory points")
+    target = (x_i - x_j) / _broadcast_to(dt, x_i)  # [B, ...]
+    return _sum_squares(h_pred - target)  # [B]
+
+
+# ---------------------------------------------------------------------------------------------
+# ECT / ECD (post-training of Ψ_{t→0})
+
+
+def ect_target(f_r: Tensor, x0: Tensor, r: TimeLike) -> Tensor:
+    """ECT target sg(f_θ(x_r, r)), with the clean sample x0 wherever r == 0 (boundary condition f(x, 0) = x)."""
+    _check_same_shape(f_r, x0, "f_r and x0")
+    r = _per_sample(r, x0.shape[0], "r", x0)  # [B]
+    at_boundary = (r == 0).reshape(-1, *([1] * (x0.dim() - 1)))  # [B, 1, ..., 1]
+    return torch.where(at_boundary, x0, f_r.detach())  # [B, ...]
+
+
+def ect_loss(
+    f_t: Tensor,
+    f_r: Tensor,
+    t: TimeLike,
+    r: TimeLike,
+    *,
+    weighting: Literal["pseudo_huber", "power"] = "pseudo_huber",
+    c: float | None = None,
+    p: float = 0.5,
+) -> Tensor:
+    """ECT loss w(t, r)·d(f_θ(x_t, t), sg(f_θ(x_r, r))) with w = 1/(t − r) (ECT's consistency loss, Δt-weighted).
+
+    f_r is DETACHED here (the caller may also compute it under no_grad); build it with `ect_target` so r == 0
+    uses the clean sample. With Δ² = ‖f_t − f_r‖² (sum over elements) the per-sample distance is
+      "pseudo_huber": √(Δ² + c²) − c, c=None → iCT's 0.00054·√d (c = 0 gives ECT's plain L2 norm), or
+      "power":        Δ² / sg((Δ² + c)^p), c=None → 1e-3 (ECT's adaptive weighting; p = 0.5 ≈ pseudo-Huber),
+    then divided by (t − r) > 0. ECD uses the same loss: x_r comes from one teacher ODE step from x_t
+    (the caller runs it), and f_r = f_θ(x_r, r).
+    """
+    _check_same_shape(f_t, f_r, "f_t and f_r")
+    batch = f_t.shape[0]
+    dt = _per_sample(t, batch, "t", f_t) - _per_sample(r, batch, "r", f_t)  # [B]
+    if bool((dt <= 0).any()):
+        raise ValueError("ect_loss needs t > r for every sample (it divides by t − r); "
+                         "draw r with schedules.ect_r_from_t, which keeps 0 <= r < t for t > 0")
+    if weighting == "pseudo_huber":
+        per_sample = pseudo_huber(f_t, f_r.detach(), c)  # [B]
+    elif weighting == "power":
+        power_c = MEANFLOW_ADAPTIVE_C if c is None else c
+        per_sample = adaptive_weighted_squared_l2(f_t - f_r.detach(), p=p, c=power_c)  # [B]
+    else:
+        raise ValueError(f"unknown ECT weighting {weighting!r}; choose 'pseudo_huber' or 'power'")
+    return per_sample / dt.to(per_sample.dtype)  # [B]
+
+
+def adaptive_weighted_squared_l2(error: Tensor, *, p: float, c: float) -> Tensor:
+    """Adaptive loss sg(w)·‖e‖², w = 1/(‖e‖² + c)^p (MeanFlow's adaptive loss weighting; ECT's p-weighting)."""
+    if p < 0:
+        raise ValueError(f"adaptive weighting power p must be >= 0, got {p}")
+    if c <= 0:
+        raise ValueError(f"adaptive weighting constant c must be > 0 (it keeps 1/(‖e‖² + c)^p finite), got {c}")
+    squared = _sum_squares(error)  # [B]
+    weight = (squared.detach() + c).pow(-p)  # [B]
+    return weight * squared  # [B]
+
+
+# ---------------------------------------------------------------------------------------------
+# MeanFlow (post-training of Ψ_{t→s})
+
+
+def meanflow_target(v: Tensor, du_dt: Tensor, t: TimeLike, r: TimeLike) -> Tensor:
+    """MeanFlow target u_tgt = v − (t − r)·du/dt (the MeanFlow identity), returned under stop-gradient."""
+    _check_same_shape(v, du_dt, "v and du_dt")
+    batch = v.shape[0]
+    dt = _per_sample(t, batch, "t", v) - _per_sample(r, batch, "r", v)  # [B]
+    return (v - _broadcast_to(dt, v) * du_dt).detach()  # [B, ...]
+
+
+def meanflow_loss(u_pred: Tensor, u_tgt: Tensor, *, p: float = 1.0, c: float = MEANFLOW_ADAPTIVE_C) -> Tensor:
+    """MeanFlow loss sg(w)·‖u_θ − sg(u_tgt)‖² with its adaptive weight w = 1/(‖e‖² + c)^p."""
+    _check_same_shape(u_pred, u_tgt, "u_pred and u_tgt")
+    return adaptive_weighted_squared_l2(u_pred - u_tgt.detach(), p=p, c=c)  # [B]
+
+
+def guided_velocity(v_cond: Tensor, v_uncond: Tensor, omega: float) -> Tensor:
+    """CFG velocity ω·v_cond + (1 − ω)·v_uncond (MeanFlow's guided ṽ_t = ω·v_t + (1 − ω)·u_θ(z_t, t, t | ∅)).
+
+    In MeanFlow v_cond is the sample velocity ε − x0 and v_uncond the network's own class-free prediction at
+    r = t, computed by the caller under no_grad; ω = 1 gives no guidance.
+    """
+    _check_same_shape(v_cond, v_uncond, "v_cond and v_uncond")
+    return omega * v_cond + (1.0 - omega) * v_uncond  # [B, ...]
+
+
+UFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def total_derivative_jvp(u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, du/dt), MeanFlow's total derivative du/dt = v·∂_z u + ∂_t u by one JVP with tangents (v, 0, 1) for (z, r, t).
+
+    `u_fn(z, r, t)` must call the UNWRAPPED module: torch.func.jvp fails on DDP-wrapped modules, and calling
+    `ddp.module` skips DDP's gradient all-reduce, so the caller keeps gradients in sync (all-reduce them
+    itself, or take the primal u from the wrapped model and only du/dt from `.module`). Models with attention
+    or GroupNorm (diffusers UNets) must run inside `jvp_attention_context(model)`: the CPU flash SDPA kernel has
+    no forward-AD formula (the math backend is the safe choice on any device). The returned u carries the
+    graph to the parameters; du/dt is detached (MeanFlow's target stops its gradient).
+    """
+    _check_same_shape(z, v, "z and v")
+    u, du_dt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))  # [B, ...] each
+    return u, du_dt.detach()
+
+
+def total_derivative_fd(
+    u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor, delta: float
+) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) with du/dt ≈ [u(z + δv, r, t + δ) − u(z − δv, r, t − δ)]/(2δ) (JVP-free central difference).
+
+    u is computed with gradients; the two shifted calls run under no_grad and du/dt is detached. The module
+    must be deterministic across the three calls (eval mode, or one dropout mask), and t ± δ must stay inside
+    the model's time range (the caller keeps t − δ ≥ r where that matters).
+    """
+    _check_same_shape(z, v, "z and v")
+    if not delta > 0:
+        raise ValueError(f"finite-difference step delta must be > 0, got {delta}")
+    u = u_fn(z, r, t)  # [B, ...]
+    with torch.no_grad():
+        u_plus = u_fn(z + delta * v, r, t + delta)  # [B, ...]
+        u_minus = u_fn(z - delta * v, r, t - delta)  # [B, ...]
+    return u, ((u_plus - u_minus) / (2.0 * delta)).detach()
+
+
+def _contiguous_first_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: hand the module a contiguous copy of its first input."""
+    return (args[0].contiguous(), *args[1:])
+
+
+@contextlib.contextmanager
+def jvp_attention_context(module: nn.Module | None = None) -> Iterator[None]:
+    """Make a model forward-mode-AD safe: math SDPA backend, and contiguous GroupNorm inputs when `module` is given.
+
+    The CPU flash SDPA kernel has no forward-AD formula ("Trying to use forward AD with
+    _scaled_dot_product_flash_attention_for_cpu"), so attention runs on the math backend here. With torch
+    2.13, group_norm's forward-AD formula also fails ("view size is not compatible with input tensor's size
+    and stride") on the non-contiguous tensors diffusers' attention blocks hand to the next GroupNorm;
+    passing the (unwrapped) model registers temporary pre-hooks that make those inputs contiguous.
+    """
+    handles = []
+    if module is not None:
+        handles = [layer.register_forward_pre_hook(_contiguous_first_input)
+                   for layer in module.modules() if isinstance(layer, nn.GroupNorm)]
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
