@@ -1,0 +1,692 @@
+"""Load a diffusers teacher and expose one denoiser view D(x̃, σ̃) ≈ E[x0 | x̃] in the EDM convention.
+
+A teacher is a diffusers model (``UNet2DModel``, ``DiTTransformer2DModel``, or an in-memory module with the
+``UNet2DModel`` call signature ``model(x, timestep[, class_labels=...]).sample``), the scheduler it was
+trained with (its noise schedule), and an optional ``AutoencoderKL`` for latent models.
+
+Three schedule families are understood (ARCHITECTURE.md, "Time convention"):
+
+- ``vp``   discrete variance-preserving (DDPM-style ``alphas_cumprod``; DDPM/DDIM/Euler/Heun/DPM-Solver/...
+           configs). The model sees ``x_vp = α·x0 + σ·ε`` at an integer or fractional timestep; a level σ̃ maps
+           to a fractional timestep by interpolating log σ̃ linearly over the schedule's table (the table is
+           computed in float32 exactly as diffusers' schedulers compute theirs, so table levels map to
+           integer timesteps exactly).
+- ``edm``  EDM / VE-Karras (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): α = 1; the model is
+           called through the scheduler's own ``precondition_inputs/noise/outputs`` (c_in, c_noise, c_skip, c_out).
+- ``flow`` flow matching (``FlowMatchEulerDiscreteScheduler``): α = 1 − t, σ = t; the model sees
+           ``x_fm`` at timestep ``t·num_train_timesteps`` and predicts the velocity ``ε − x0``.
+
+Only safetensors weights are read (``use_safetensors=True``); classes come from the ``diffusers`` namespace
+only, never from remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.time_convention import vp_alpha_sigma
+
+__all__ = [
+    "SUPPORTED_SCHEDULER_FAMILIES",
+    "ConditioningError",
+    "NoiseSchedule",
+    "PickleCheckpointError",
+    "SigmaRangeError",
+    "Teacher",
+    "TeacherLoadError",
+    "UnsupportedSchedulerError",
+    "load_teacher",
+]
+
+SUPPORTED_SCHEDULER_FAMILIES = {
+    "vp": "DDPM-style discrete schedules with alphas_cumprod (DDPMScheduler, DDIMScheduler, PNDMScheduler, "
+    "EulerDiscreteScheduler, HeunDiscreteScheduler, DPMSolverMultistepScheduler, ...)",
+    "edm": "EDMEulerScheduler, EDMDPMSolverMultistepScheduler",
+    "flow": "FlowMatchEulerDiscreteScheduler",
+}
+_SIGMA_LOG_TOLERANCE = 1e-4  # how far (in log σ̃) a level may sit outside a VP table before it is refused
+
+
+class TeacherLoadError(ValueError):
+    """The teacher could not be loaded; the message names the problem and the fix."""
+
+
+class PickleCheckpointError(TeacherLoadError):
+    """The checkpoint exists only as a pickle (.bin/.ckpt/.pt); it is refused, never unpickled."""
+
+
+class UnsupportedSchedulerError(TeacherLoadError):
+    """The teacher's scheduler does not belong to a schedule family this project can drive."""
+
+
+class ConditioningError(ValueError):
+    """Labels or guidance that do not fit the teacher (labels to an unconditional teacher, missing labels, ...)."""
+
+
+class SigmaRangeError(ValueError):
+    """A noise level outside what the teacher's schedule can represent."""
+
+
+def _scheduler_family(scheduler: Any) -> str:
+    """Classify a diffusers scheduler instance into 'vp', 'edm' or 'flow', or refuse it."""
+    name = type(scheduler).__name__
+    if name.startswith("FlowMatch"):
+        return "flow"
+    if name.startswith("EDM") and hasattr(scheduler, "precondition_outputs"):
+        return "edm"
+    if isinstance(getattr(scheduler, "alphas_cumprod", None), torch.Tensor):
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            raise UnsupportedSchedulerError(
+                f"{name} with use_flow_sigmas=True describes a flow-matching teacher: give the teacher its "
+                "FlowMatchEulerDiscreteScheduler config instead (scheduler=...)"
+            )
+        return "vp"
+    supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_SCHEDULER_FAMILIES.items())
+    raise UnsupportedSchedulerError(
+        f"scheduler {name} is not supported (its noise schedule cannot be mapped to x = α·x0 + σ·ε here). "
+        f"Supported schedule families — {supported}. Pass one of these as scheduler=... (the one the teacher "
+        "was trained with)"
+    )
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The teacher's noise schedule: timestep ↔ EDM level σ̃ ↔ native (α, σ), for one family."""
+
+    family: str  # "vp" | "edm" | "flow"
+    num_train_timesteps: int
+    log_sigma_table: np.ndarray | None  # vp: float64 [T], log σ̃ at integer timesteps (increasing)
+    sigma_edm_min: float  # smallest σ̃ the teacher represents
+    sigma_edm_max: float  # largest σ̃ the teacher represents (inf for flow matching)
+    template: Any  # the scheduler instance the schedule was read from (EDM preconditioning lives there)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
+        """Read the schedule of a diffusers scheduler instance."""
+        family = _scheduler_family(scheduler)
+        T = int(getattr(scheduler.config, "num_train_timesteps", 1000) or 1000)
+        if family == "vp":
+            alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)  # [T], float32 as in diffusers
+            sigma_table = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # [T], σ̃ of each integer timestep
+            log_table = np.log(sigma_table.double().numpy())
+            if not np.all(np.diff(log_table) > 0):
+                raise UnsupportedSchedulerError(
+                    f"{type(scheduler).__name__}: the noise level σ̃(t) of this schedule is not strictly increasing "
+                    "in t (check betas / trained_betas: every beta must be > 0)"
+                )
+            return cls("vp", T, log_table, float(np.exp(log_table[0])), float(np.exp(log_table[-1])), scheduler)
+        if family == "edm":
+            probe = torch.tensor([2.0], dtype=torch.float64)
+            if not torch.allclose(scheduler.precondition_noise(probe), 0.25 * torch.log(probe)):
+                raise UnsupportedSchedulerError(
+                    f"{type(scheduler).__name__}: only the EDM noise conditioning c_noise = ¼·ln σ is supported"
+                )
+            lo, hi = float(scheduler.config.sigma_min), float(scheduler.config.sigma_max)
+            return cls("edm", T, None, lo, hi, scheduler)
+        return cls("flow", T, None, 0.0, math.inf, scheduler)
+
+    def timestep_from_sigma_edm(self, sigma_edm: np.ndarray) -> np.ndarray:
+        """Model timestep of EDM level σ̃ (vp: fractional index by log-σ̃ interpolation; edm: ¼·ln σ̃; flow: τ·T)."""
+        sigma_edm = np.asarray(sigma_edm, dtype=np.float64)
+        if self.family == "vp":
+            log_sigma = np.log(sigma_edm)
+            table = self.log_sigma_table
+            bad = ~np.isfinite(log_sigma) | (log_sigma < table[0] - _SIGMA_LOG_TOLERANCE)
+            bad |= log_sigma > table[-1] + _SIGMA_LOG_TOLERANCE
+            if bad.any():
+                raise SigmaRangeError(
+                    f"noise level σ̃={sigma_edm[bad][0]!r} (EDM view) is outside this VP teacher's schedule "
+                    f"[{self.sigma_edm_min:.6g}, {self.sigma_edm_max:.6g}]: choose sigma_max/sigma_min inside it"
+                )
+            return np.interp(log_sigma, table, np.arange(len(table), dtype=np.float64))
+        if self.family == "edm":
+            return 0.25 * np.log(sigma_edm)
+        tau = sigma_edm / (1.0 + sigma_edm)
+        return tau * self.num_train_timesteps
+
+    def sigma_edm_from_timestep(self, timesteps: Any) -> np.ndarray:
+        """EDM level σ̃ of model timesteps (the exact inverse of :meth:`timestep_from_sigma_edm`)."""
+        t = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps, np.float64)
+        if self.family == "vp":
+            table = self.log_sigma_table
+            return np.exp(np.interp(t, np.arange(len(table), dtype=np.float64), table))
+        if self.family == "edm":
+            return np.exp(4.0 * t)
+        tau = t / self.num_train_timesteps
+        return tau / (1.0 - tau)
+
+    def alpha_sigma(self, timesteps: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Native float64 (α_t, σ_t) of model timesteps: vp α=1/√(1+σ̃²), σ=σ̃α; edm (1, σ̃); flow (1−t/T, t/T)."""
+        t = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps, np.float64)
+        if self.family == "flow":
+            tau = t / self.num_train_timesteps
+            return 1.0 - tau, tau
+        sigma_edm = self.sigma_edm_from_timestep(t)
+        if self.family == "edm":
+            return np.ones_like(sigma_edm), sigma_edm
+        return vp_alpha_sigma(sigma_edm)
+
+
+def _model_output_tensor(output: Any) -> torch.Tensor:
+    """The tensor inside a diffusers model output (``.sample``), a tuple, or a bare tensor."""
+    if hasattr(output, "sample"):
+        return output.sample
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def _class_embedding_rows(model: nn.Module) -> tuple[int | None, int | None]:
+    """(number of real classes, rows of the class-embedding table) of a model, or (None, None) if unconditional."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            return int(module.num_classes), int(module.embedding_table.num_embeddings)
+    class_embed_type = getattr(getattr(model, "config", None), "class_embed_type", None)
+    if class_embed_type is not None:
+        raise TeacherLoadError(
+            f"{type(model).__name__} uses class_embed_type={class_embed_type!r} (continuous class conditioning), "
+            "which is not supported: use a model with integer class ids (num_class_embeds) or an unconditional one"
+        )
+    embedding = getattr(model, "class_embedding", None)
+    if isinstance(embedding, nn.Embedding):
+        return int(embedding.num_embeddings), int(embedding.num_embeddings)
+    return None, None
+
+
+def _sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """Per-sample input shape [C, *spatial] from a diffusers model config (in_channels, sample_size)."""
+    config = getattr(model, "config", None)
+    in_channels = getattr(config, "in_channels", None)
+    size = getattr(config, "sample_size", None)
+    if in_channels is None or size is None:
+        raise TeacherLoadError(
+            f"{type(model).__name__} has no config with in_channels and sample_size, so the sample shape is "
+            "unknown: give the model a diffusers config (ConfigMixin) with both fields"
+        )
+    spatial = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+    return (int(in_channels), *spatial)
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move a module to `device`, casting floating weights to `dtype` only where they differ."""
+    module = module.to(device)
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+        module = module.to(dtype=dtype)
+    return module
+
+
+def _per_sample_float64(value: Any, batch: int) -> np.ndarray:
+    """A scalar or per-sample noise level (float, numpy or torch) as a float64 array [B]."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    value = np.asarray(value, dtype=np.float64)
+    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
+        raise ValueError(f"noise level of shape {value.shape} for {batch} samples: pass a scalar or shape [{batch}]")
+    return np.broadcast_to(value.reshape(-1), (batch,)).copy()
+
+
+def _canonical_config(obj: Any) -> dict[str, Any]:
+    """A component's class name and public config (keys starting with '_' dropped: paths, versions)."""
+    if obj is None:
+        return {}
+    config = dict(getattr(obj, "config", {}) or {})
+    public = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    return {"class": type(obj).__name__, "config": public}
+
+
+def _hash_state(digest: hashlib._Hash, module: nn.Module | None) -> None:
+    """Feed every tensor of a module's state dict (name, dtype, shape, raw bytes) into a sha256."""
+    if module is None:
+        return
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+class Teacher:
+    """A frozen diffusion / flow-matching teacher with one denoiser view D(x̃, σ̃) in the EDM convention."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheduler: Any,
+        *,
+        vae: nn.Module | None = None,
+        num_classes: int | None = None,
+        sample_shape: Sequence[int] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        """Wrap a model and the scheduler it was trained with; see :func:`load_teacher` for the usual entry."""
+        if not isinstance(model, nn.Module):
+            raise TeacherLoadError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if scheduler is None:
+            raise TeacherLoadError(
+                "no scheduler: pass scheduler=<the diffusers scheduler the teacher was trained with> "
+                "(e.g. DDPMScheduler.from_pretrained(dir, subfolder='scheduler'))"
+            )
+        forward_params = inspect.signature(model.forward).parameters
+        text_input = forward_params.get("encoder_hidden_states")
+        if text_input is not None and text_input.default is inspect.Parameter.empty:
+            raise TeacherLoadError(
+                f"{type(model).__name__} needs encoder_hidden_states (text / cross-attention conditioning), which "
+                "is not supported: use an unconditional or class-conditional UNet2DModel / DiTTransformer2DModel"
+            )
+        self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        self.scheduler = scheduler
+        if self.schedule.family == "flow":
+            self.prediction_type = "flow"
+        else:
+            self.prediction_type = str(scheduler.config.prediction_type)
+        allowed = {"vp": ("epsilon", "v_prediction", "sample"), "edm": ("epsilon", "v_prediction"), "flow": ("flow",)}
+        if self.prediction_type not in allowed[self.schedule.family]:
+            raise UnsupportedSchedulerError(
+                f"prediction_type {self.prediction_type!r} is not supported for a {self.schedule.family} schedule: "
+                f"use one of {allowed[self.schedule.family]} in the scheduler config"
+            )
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = _place(model, self.device, dtype).eval()
+        self.vae = None if vae is None else _place(vae, self.device, dtype).eval()
+        self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else _sample_shape(model)
+        self._is_dit = "class_labels" in forward_params and "hidden_states" in forward_params
+        native_classes, table_rows = _class_embedding_rows(model)
+        if num_classes is not None:
+            if native_classes is None:
+                raise TeacherLoadError(
+                    f"num_classes={num_classes} was given but {type(model).__name__} has no class embedding "
+                    "(it is unconditional): drop num_classes"
+                )
+            if not 0 < int(num_classes) <= table_rows:
+                raise TeacherLoadError(
+                    f"num_classes={num_classes} does not fit the model's class-embedding table of {table_rows} rows: "
+                    f"pass 1..{table_rows}"
+                )
+            native_classes = int(num_classes)
+        self.num_classes = native_classes
+        self.null_class = native_classes if native_classes is not None and native_classes < table_rows else None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the canonical config JSON (model, scheduler, vae, classes) and all weight bytes."""
+        config = {
+            "model": _canonical_config(self.model),
+            "scheduler": _canonical_config(self.scheduler),
+            "vae": _canonical_config(self.vae),
+            "num_classes": self.num_classes,
+            "sample_shape": list(self.sample_shape),
+        }
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":"), default=str).encode())
+        _hash_state(digest, self.model)
+        _hash_state(digest, self.vae)
+        return digest.hexdigest()
+
+    @property
+    def sigma_edm_range(self) -> tuple[float, float]:
+        """(smallest, largest) EDM noise level σ̃ the teacher's schedule represents."""
+        return self.schedule.sigma_edm_min, self.schedule.sigma_edm_max
+
+    def alpha_sigma(self, timesteps: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Float64 native (α_t, σ_t) of the teacher's schedule at (possibly fractional) model timesteps."""
+        return self.schedule.alpha_sigma(timesteps)
+
+    def _labels(self, labels: Any, guidance_scale: float | None, batch: int) -> torch.Tensor | None:
+        """Validate labels / guidance against the teacher's conditioning; return class ids [B] or None."""
+        if self.num_classes is None:
+            if labels is not None:
+                raise ConditioningError("labels were given but the teacher is unconditional: drop labels")
+            if guidance_scale is not None:
+                raise ConditioningError(
+                    "guidance_scale was given but the teacher is unconditional: drop guidance_scale"
+                )
+            return None
+        if labels is None:
+            raise ConditioningError(
+                f"the teacher is class-conditional ({self.num_classes} classes): pass labels (one class id per sample)"
+            )
+        if guidance_scale is not None and self.null_class is None:
+            raise ConditioningError(
+                f"guidance_scale needs a null-class embedding, but all {self.num_classes} class ids of this teacher "
+                "are real classes: drop guidance_scale, or load with num_classes=<real classes> if the last id is the "
+                "null class"
+            )
+        labels = torch.as_tensor(labels).to(device=self.device, dtype=torch.long).reshape(-1)  # [B]
+        if labels.shape[0] != batch:
+            raise ConditioningError(f"{labels.shape[0]} labels for {batch} samples: pass one label per sample")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ConditioningError(f"labels must lie in [0, {self.num_classes}): got {labels.tolist()[:8]}")
+        return labels
+
+    def _call_model(self, x_in: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """One batched forward pass; returns the prediction channels (a learned-variance half is dropped)."""
+        x_in = x_in.to(self.dtype)
+        if self._is_dit:
+            out = self.model(hidden_states=x_in, timestep=timesteps, class_labels=labels)
+        elif labels is not None:
+            out = self.model(x_in, timesteps, class_labels=labels)
+        else:
+            out = self.model(x_in, timesteps)
+        out = _model_output_tensor(out).to(torch.float32)  # [B, C_out, *spatial]
+        channels = x_in.shape[1]
+        if out.shape[1] == 2 * channels:
+            out = out[:, :channels]  # learned variance (DiT, improved DDPM): keep the mean prediction
+        return out
+
+    def _guided_output(
+        self, x_in: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float | None
+    ) -> torch.Tensor:
+        """Model prediction with classifier-free guidance out = u + w·(c − u) (null class = num_classes)."""
+        if labels is None or guidance_scale is None or float(guidance_scale) == 1.0:
+            return self._call_model(x_in, timesteps, labels)
+        null = torch.full_like(labels, self.null_class)  # [B]
+        both = self._call_model(
+            torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps]), torch.cat([labels, null])
+        )  # [2B, C, *spatial]
+        cond, uncond = both.chunk(2)
+        return uncond + float(guidance_scale) * (cond - uncond)
+
+    @torch.no_grad()
+    def denoise_native(
+        self,
+        x: torch.Tensor,
+        alpha: Any,
+        sigma: Any,
+        labels: Any = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """D ≈ E[x0 | x] for a state x = α·x0 + σ·ε in any scaling (α, σ scalars or one per sample) → [B, *S].
+
+        This is the one implementation of the denoiser; :meth:`denoise` is the EDM view (α = 1, σ = σ̃).
+        Guidance is applied to the model prediction, which equals guidance on D for every prediction type
+        (D is affine in the prediction with the same offset for the conditional and unconditional pass).
+        """
+        x = torch.as_tensor(x).to(device=self.device, dtype=torch.float32)  # [B, *S]
+        batch = x.shape[0]
+        labels = self._labels(labels, guidance_scale, batch)
+        alpha, sigma = _per_sample_float64(alpha, batch), _per_sample_float64(sigma, batch)  # [B], [B]
+        view = (batch,) + (1,) * (x.dim() - 1)
+
+        def column(values: np.ndarray) -> torch.Tensor:
+            """Per-sample factor as a float32 tensor broadcastable over [B, *S]."""
+            return torch.as_tensor(values, dtype=torch.float32, device=self.device).reshape(view)
+
+        family = self.schedule.family
+        if family == "flow":
+            if np.any(alpha + sigma <= 0) or np.any(sigma <= 0):
+                raise SigmaRangeError("flow-matching teacher: need σ > 0 and α + σ > 0 (0 < τ ≤ 1)")
+            tau = sigma / (alpha + sigma)  # [B]
+            x_fm = x * column(1.0 / (alpha + sigma))  # [B, *S]
+            t = torch.as_tensor(tau * self.schedule.num_train_timesteps, dtype=torch.float32, device=self.device)
+            velocity = self._guided_output(x_fm, t, labels, guidance_scale)  # [B, *S], v = ε − x0
+            return x_fm - column(tau) * velocity
+        if np.any(alpha <= 0) or np.any(sigma <= 0):
+            raise SigmaRangeError(f"need α > 0 and σ > 0 for a {family} teacher, got α={alpha[:4]}, σ={sigma[:4]}")
+        sigma_edm = sigma / alpha  # [B]
+        if family == "edm":
+            template = self.schedule.template
+            x_edm = x * column(1.0 / alpha)  # [B, *S]
+            sigma_col = column(sigma_edm)
+            x_in = template.precondition_inputs(x_edm, sigma_col)  # c_in·x̃
+            c_noise = template.precondition_noise(torch.as_tensor(sigma_edm, dtype=torch.float32, device=self.device))
+            out = self._guided_output(x_in, c_noise.reshape(batch), labels, guidance_scale)
+            return template.precondition_outputs(x_edm, out, sigma_col)  # c_skip·x̃ + c_out·F
+        t = torch.as_tensor(self.schedule.timestep_from_sigma_edm(sigma_edm), dtype=torch.float32, device=self.device)
+        alpha_vp, sigma_vp = vp_alpha_sigma(sigma_edm)  # [B], [B]
+        x_vp = x * column(1.0 / np.sqrt(alpha * alpha + sigma * sigma))  # [B, *S]
+        out = self._guided_output(x_vp, t, labels, guidance_scale)  # [B, *S]
+        if self.prediction_type == "epsilon":
+            return (x_vp - column(sigma_vp) * out) * column(1.0 / alpha_vp)
+        if self.prediction_type == "v_prediction":
+            return column(alpha_vp) * x_vp - column(sigma_vp) * out
+        return out
+
+    def denoise(
+        self, x_edm: torch.Tensor, sigma_edm: Any, labels: Any = None, guidance_scale: float | None = None
+    ) -> torch.Tensor:
+        """EDM-view denoiser D(x̃, σ̃) ≈ E[x0 | x̃ = x0 + σ̃·ε] → [B, *S] (σ̃ scalar or one per sample)."""
+        return self.denoise_native(x_edm, 1.0, sigma_edm, labels=labels, guidance_scale=guidance_scale)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Clean samples → images nominally in [-1, 1] (not clamped); identity without a VAE.
+
+        With a VAE: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift_factor 0 when unset), as diffusers
+        latent pipelines do.
+        """
+        x0 = torch.as_tensor(x0).to(device=self.device, dtype=torch.float32)  # [B, *S]
+        if self.vae is None:
+            return x0
+        config = self.vae.config
+        latents = x0 / float(config.scaling_factor) + float(getattr(config, "shift_factor", None) or 0.0)
+        return _model_output_tensor(self.vae.decode(latents.to(self.dtype))).to(torch.float32)  # [B, 3, H, W]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _diffusers_class(name: str, base: type, what: str) -> type:
+    """A class from the diffusers namespace that subclasses `base` (never remote code)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TeacherLoadError(
+            f"{what} class {name!r} is not a diffusers {base.__name__} class; custom code is never loaded "
+            "(no trust_remote_code): save the component with a built-in diffusers class"
+        )
+    return cls
+
+
+def _weights_variant(directory: Path, class_name: str) -> str | None:
+    """The safetensors variant to load from a model directory (None = default name); refuses pickle-only dirs."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    default = {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"}
+    if default & set(names):
+        return None
+    for name in names:
+        parts = name.split(".")
+        if name.startswith("diffusion_pytorch_model.") and name.endswith(".safetensors") and len(parts) == 3:
+            return parts[1]
+    pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise PickleCheckpointError(
+            f"{directory} holds only a pickle checkpoint ({', '.join(pickles)}); pickles can run arbitrary code and "
+            "are never loaded. Convert it to safetensors once, in an environment you trust: "
+            f"`{class_name}.from_pretrained('{directory}', use_safetensors=False).save_pretrained('{directory}', "
+            "safe_serialization=True)`, then load again"
+        )
+    raise TeacherLoadError(
+        f"{directory} has no diffusion_pytorch_model.safetensors: save the model with "
+        "save_pretrained(dir, safe_serialization=True)"
+    )
+
+
+def _load_model_dir(directory: Path, what: str = "model") -> nn.Module:
+    """Load one diffusers model directory (config.json + safetensors weights)."""
+    from diffusers import ModelMixin
+
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise TeacherLoadError(f"{directory} has no config.json: it is not a diffusers {what} directory")
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    cls = _diffusers_class(class_name, ModelMixin, what)
+    variant = _weights_variant(directory, cls.__name__)
+    return cls.from_pretrained(str(directory), use_safetensors=True, variant=variant)
+
+
+def _load_scheduler_dir(directory: Path) -> Any:
+    """Load a diffusers scheduler from a directory holding scheduler_config.json."""
+    from diffusers import SchedulerMixin
+
+    config = json.loads((directory / "scheduler_config.json").read_text())
+    cls = _diffusers_class(config.get("_class_name"), SchedulerMixin, "scheduler")
+    return cls.from_config(config)
+
+
+def _resolve_scheduler(scheduler: Any) -> Any:
+    """Accept a scheduler instance, a config dict with _class_name, or a directory path."""
+    if scheduler is None or (hasattr(scheduler, "config") and hasattr(scheduler, "set_timesteps")):
+        return scheduler
+    if isinstance(scheduler, dict):
+        from diffusers import SchedulerMixin
+
+        cls = _diffusers_class(scheduler.get("_class_name"), SchedulerMixin, "scheduler")
+        return cls.from_config(scheduler)
+    if isinstance(scheduler, (str, os.PathLike)):
+        path = Path(scheduler)
+        for candidate in (path, path / "scheduler"):
+            if (candidate / "scheduler_config.json").is_file():
+                return _load_scheduler_dir(candidate)
+        raise TeacherLoadError(f"scheduler={scheduler!r}: no scheduler_config.json found there")
+    raise TeacherLoadError(
+        "scheduler must be a diffusers scheduler instance, a config dict or a directory, "
+        f"got {type(scheduler).__name__}"
+    )
+
+
+def _resolve_vae(vae: Any) -> nn.Module | None:
+    """Accept a VAE module or a directory holding one (config.json + safetensors)."""
+    if vae is None or isinstance(vae, nn.Module):
+        return vae
+    if isinstance(vae, (str, os.PathLike)):
+        return _load_model_dir(Path(vae), "vae")
+    raise TeacherLoadError(f"vae must be an AutoencoderKL module or a directory, got {type(vae).__name__}")
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings that are clearly filesystem paths rather than hub ids."""
+    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or os.path.isabs(source)
+
+
+def _load_pipeline_dir(path: Path) -> tuple[nn.Module, Any, nn.Module | None]:
+    """Model, scheduler and VAE of a pipeline saved with save_pretrained (model_index.json)."""
+    index = json.loads((path / "model_index.json").read_text())
+    key = "transformer" if "transformer" in index else "unet" if "unet" in index else None
+    if key is None:
+        raise TeacherLoadError(
+            f"{path}/model_index.json lists neither a 'unet' nor a 'transformer' component "
+            f"(components: {sorted(k for k in index if not k.startswith('_'))}): pass the model directory instead"
+        )
+    for component in (key, "vae"):
+        entry = index.get(component)
+        if isinstance(entry, list) and entry and entry[0] not in ("diffusers", None):
+            raise TeacherLoadError(
+                f"component {component!r} comes from library {entry[0]!r}; only diffusers classes are loaded "
+                "(no remote code): re-save it with a diffusers class"
+            )
+    model = _load_model_dir(path / key)
+    scheduler_dir = path / "scheduler"
+    scheduler = _load_scheduler_dir(scheduler_dir) if (scheduler_dir / "scheduler_config.json").is_file() else None
+    vae_entry = index.get("vae")
+    vae = _load_model_dir(path / "vae", "vae") if isinstance(vae_entry, list) and vae_entry[0] else None
+    return model, scheduler, vae
+
+
+def _local_components(path: Path) -> tuple[nn.Module, Any, nn.Module | None]:
+    """Model, scheduler (or None) and VAE (or None) from a local pipeline or model directory."""
+    if not path.is_dir():
+        raise TeacherLoadError(f"{path} is a file, not a directory: pass a diffusers pipeline or model directory")
+    if (path / "model_index.json").is_file():
+        return _load_pipeline_dir(path)
+    if (path / "config.json").is_file():
+        model = _load_model_dir(path)
+        scheduler = None
+        for candidate in (path / "scheduler", path.parent / "scheduler"):
+            if (candidate / "scheduler_config.json").is_file():
+                scheduler = _load_scheduler_dir(candidate)
+                break
+        return model, scheduler, None
+    if (path / "scheduler_config.json").is_file():
+        raise TeacherLoadError(
+            f"{path} is a scheduler directory, not a model: pass the pipeline directory (with model_index.json) or "
+            "the model directory, and this one as scheduler=..."
+        )
+    raise TeacherLoadError(
+        f"{path} is not a diffusers model or pipeline directory: expected model_index.json (a pipeline saved with "
+        "save_pretrained) or config.json + diffusion_pytorch_model.safetensors (a model saved with save_pretrained)"
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Local snapshot of a hub repository (honours HF_HUB_OFFLINE; only configs and safetensors are fetched)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as error:  # offline cache miss, unknown repo, invalid id, network failure
+        raise TeacherLoadError(
+            f"{repo_id!r} is not a local directory, and fetching it as a hub id failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Offline (HF_HUB_OFFLINE=1) only cached snapshots "
+            f"load: run `huggingface-cli download {repo_id}` where there is network, or pass a local diffusers "
+            "directory"
+        ) from error
+
+
+def load_teacher(
+    source: str | os.PathLike | nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: Any = None,
+    vae: Any = None,
+    num_classes: int | None = None,
+) -> Teacher:
+    """Load a teacher from a pipeline dir, a model dir, a hub id, or an in-memory module (then scheduler= is needed).
+
+    ``scheduler=`` / ``vae=`` override what the directory holds (instances, config dicts or directories).
+    ``num_classes`` overrides the number of real classes of a class-conditional model (the null class used by
+    guidance is id ``num_classes``; it must exist in the embedding table).
+    """
+    scheduler = _resolve_scheduler(scheduler)
+    vae = _resolve_vae(vae)
+    if isinstance(source, nn.Module):
+        model, found_scheduler, found_vae = source, None, None
+        if scheduler is None:
+            raise TeacherLoadError("an in-memory model needs scheduler=<the diffusers scheduler it was trained with>")
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.exists():
+            model, found_scheduler, found_vae = _local_components(path)
+        elif _looks_like_path(str(source)):
+            raise TeacherLoadError(f"{source} does not exist: pass an existing diffusers pipeline or model directory")
+        else:
+            model, found_scheduler, found_vae = _local_components(_hub_snapshot(str(source)))
+    else:
+        raise TeacherLoadError(
+            f"source must be a directory, a hub id or a torch.nn.Module, got {type(source).__name__}"
+        )
+    scheduler = scheduler if scheduler is not None else found_scheduler
+    if scheduler is None:
+        raise TeacherLoadError(
+            f"{source}: no scheduler found (looked for scheduler/scheduler_config.json next to the model): pass "
+            "scheduler=<the diffusers scheduler the teacher was trained with>"
+        )
+    return Teacher(
+        model,
+        scheduler,
+        vae=vae if vae is not None else found_vae,
+        num_classes=num_classes,
+        device=device,
+        dtype=dtype,
+    )
