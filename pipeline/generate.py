@@ -1,0 +1,527 @@
+"""Distributed trajectory generation: a Ray job that writes every teacher PF-ODE trajectory into a Zarr store.
+
+    python pipeline/generate.py --teacher DIR --steps 16 --num-trajectories 4096
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipeline/generate.py ...
+
+The unit of work is one shard of the store. Each Ray actor loads the teacher once and writes whole shards,
+only its own. Sample i's prior noise depends only on (seed, i), so the store's bytes do not depend on the
+number of workers, the shard order or interruptions; re-running the same command resumes (committed shards
+are skipped) and a complete store is a cache hit that costs no teacher evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run by path: put the project root, not pipeline/ (whose inspect.py shadows the stdlib), first
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Read by Ray when it is first imported: a cluster this process starts binds loopback only (127.0.0.1).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.paths import trajectory_cache_root
+from storage_schema import (
+    GenerationSpec,
+    NotAStoreError,
+    SpecMismatchError,
+    cache_path,
+    create_store,
+    open_store,
+)
+
+SUMMARY_PREFIX = "GENERATE_SUMMARY "
+SHARD_START_PREFIX = "shard-start "
+SHARD_HOLD_PREFIX = "shard-hold "
+# Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops after solving it, before
+# writing, until the file $CMT_GENERATE_HOLD_FILE exists, so a test can kill it exactly mid-shard.
+HOLD_SHARD_ENV, HOLD_FILE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_FILE"
+
+
+class GenerateError(RuntimeError):
+    """A generation job that cannot run as asked; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything that defines one generation job (the store's spec plus how to run it)."""
+
+    teacher: str
+    num_trajectories: int
+    solver: str = "dpmpp-3m"
+    steps: int = 16
+    grid: str = "logsnr"
+    sigma_max: float | None = None
+    sigma_min: float | None = None
+    seed: int = 0
+    labels: str | None = None
+    guidance: float | None = None
+    dtype: str = "float16"
+    codec: str = "zstd"
+    shard_size: int = 256
+    chunk_size: int = 64
+    batch_size: int = 256
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    out: str | None = None
+    cache_root: str | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    ray_address: str | None = None
+    max_task_retries: int = 3
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What a job did: where the store is, whether it was a cache hit, and what it cost."""
+
+    url: str
+    cache_hit: bool
+    dry_run: bool
+    shards_written: tuple[int, ...]
+    trajectories_written: int
+    teacher_forward_samples: int
+    seconds: float
+    summary: dict[str, Any]
+
+
+def labels_for(indices: np.ndarray, plan: str | None, num_classes: int | None, seed_base: int) -> np.ndarray | None:
+    """Class label of each sample index: None (unconditional), 'uniform' (from its own seed) or a cycled list."""
+    if num_classes is None:
+        return None
+    if plan in (None, "uniform"):
+        return np.array(
+            [np.random.default_rng([seed_base + int(i), 1]).integers(num_classes) for i in indices], dtype=np.int64
+        )
+    classes = [int(c) for c in plan.split(",") if c.strip()]
+    if not classes or any(c < 0 or c >= num_classes for c in classes):
+        raise GenerateError(
+            f"--labels {plan!r}: expected 'uniform' or comma-separated class ids in [0, {num_classes}); "
+            f"fix the list or use --labels uniform"
+        )
+    return np.asarray(classes, dtype=np.int64)[np.asarray(indices) % len(classes)]
+
+
+def _check_labels_option(cfg: GenerateConfig, num_classes: int | None) -> None:
+    """Refuse conditioning options that do not fit the teacher."""
+    if num_classes is None and cfg.labels is not None:
+        raise GenerateError("--labels was given but the teacher is unconditional: drop --labels")
+    if num_classes is None and cfg.guidance is not None:
+        raise GenerateError("--guidance was given but the teacher is unconditional: drop --guidance")
+    labels_for(np.arange(1), cfg.labels, num_classes, cfg.seed)
+
+
+def _is_local(url: str) -> bool:
+    """True for plain filesystem paths and file:// URLs (which other nodes of a cluster cannot see)."""
+    return "://" not in url or url.startswith("file://")
+
+
+def _check_writable(url: str) -> None:
+    """Refuse a local output location that cannot be created or written, before any teacher work."""
+    if not _is_local(url):
+        return
+    path = Path(url.removeprefix("file://")).expanduser()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK) or (probe == path and not probe.is_dir()):
+        raise GenerateError(
+            f"output {url} is not writable ({probe} does not allow writing): choose --out or --cache-root "
+            f"in a directory you can write to"
+        )
+
+
+def build_spec(cfg: GenerateConfig, teacher) -> GenerationSpec:
+    """The store's generation spec for this job and teacher (the cache key is derived from it)."""
+    grid_params = tuple(
+        (name, float(value)) for name, value in (("sigma_max", cfg.sigma_max), ("sigma_min", cfg.sigma_min)) if value is not None
+    )
+    return GenerationSpec(
+        teacher_fingerprint=teacher.fingerprint,
+        sample_shape=tuple(int(s) for s in teacher.sample_shape),
+        solver=cfg.solver,
+        steps=cfg.steps,
+        grid=cfg.grid,
+        seed_base=cfg.seed,
+        num_trajectories=cfg.num_trajectories,
+        shard_size=cfg.shard_size,
+        chunk_size=cfg.chunk_size,
+        dtype=cfg.dtype,
+        codec=cfg.codec,
+        guidance_scale=cfg.guidance,
+        num_classes=teacher.num_classes,
+        label_plan=None if teacher.num_classes is None else (cfg.labels or "uniform"),
+        grid_params=grid_params,
+    )
+
+
+def forward_evaluations_per_trajectory(solver: str, steps: int, guidance: float | None) -> int:
+    """Network evaluations per trajectory: K (2K−1 for Heun), doubled under classifier-free guidance."""
+    per = 2 * steps - 1 if solver == "heun" else steps
+    return per * (2 if guidance is not None and guidance != 1.0 else 1)
+
+
+class ShardWorker:
+    """Ray actor body: loads the teacher once, then generates and writes whole shards by index."""
+
+    def __init__(self, job: dict[str, Any], url: str):
+        import torch
+
+        from pipeline.attention import configure_attention
+        from pipeline.teacher import load_teacher
+
+        torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
+        device = "cuda" if job["gpus_per_worker"] > 0 and torch.cuda.is_available() else "cpu"
+        self.job = job
+        self.teacher = load_teacher(job["teacher"], device=device)
+        if self.teacher.fingerprint != job["fingerprint"]:
+            raise GenerateError(
+                f"teacher {job['teacher']} changed on disk since the job started "
+                f"(fingerprint {self.teacher.fingerprint[:12]} != {job['fingerprint'][:12]}): re-run the job"
+            )
+        self.attention_backend = configure_attention(self.teacher.model, device)
+        self.store = open_store(url, "r+")
+        self.forward_samples = 0
+        self.teacher.model.register_forward_hook(self._count_forward)
+
+    def _count_forward(self, module, args, kwargs_or_output, *rest) -> None:
+        """Forward hook: count network evaluations, one per sample in the batch."""
+        sample = args[0] if args else None
+        self.forward_samples += int(sample.shape[0]) if sample is not None else 0
+
+    def generate_shard(self, index: int) -> dict[str, Any]:
+        """Solve the PF-ODE for every trajectory of shard `index` and write the shard (commit last)."""
+        import torch
+
+        from pipeline.solvers import solve
+
+        print(f"{SHARD_START_PREFIX}{index} pid={os.getpid()}", flush=True)
+        started, forward_before = time.perf_counter(), self.forward_samples
+        spec = self.store.spec
+        start, stop = spec.shard_bounds(index)
+        indices = np.arange(start, stop)
+        seeds = indices + spec.seed_base
+        labels = labels_for(indices, spec.label_plan, spec.num_classes, spec.seed_base)
+        grid = dict(spec.grid_params)
+        batches = []
+        for lo in range(0, len(indices), self.job["batch_size"]):
+            hi = lo + self.job["batch_size"]
+            with torch.no_grad():
+                trajectory = solve(
+                    self.teacher,
+                    [int(s) for s in seeds[lo:hi]],
+                    steps=spec.steps,
+                    solver=spec.solver,
+                    grid=spec.grid,
+                    sigma_max=grid.get("sigma_max"),
+                    sigma_min=grid.get("sigma_min"),
+                    labels=None if labels is None else torch.as_tensor(labels[lo:hi]),
+                    guidance_scale=spec.guidance_scale,
+                )
+            batches.append(trajectory.points.float().cpu().numpy())  # [b, K+1, *S]
+        traj = np.concatenate(batches)  # [n, K+1, *S]
+        finite = np.isfinite(traj.reshape(len(traj), -1)).all(axis=1)
+        if not finite.all():
+            bad = seeds[~finite]
+            raise GenerateError(
+                f"shard {index}: the teacher produced NaN/Inf for {len(bad)} trajectories, seeds "
+                f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}; the shard was not written. "
+                f"Check the teacher's weights and the solver settings"
+            )
+        _hold_if_asked(index)
+        digest = self.store.write_shard(index, traj, seeds, labels)
+        return {
+            "index": index,
+            "trajectories": len(indices),
+            "seconds": time.perf_counter() - started,
+            "forward_samples": self.forward_samples - forward_before,
+            "digest": digest,
+            "pid": os.getpid(),
+            "attention": self.attention_backend,
+        }
+
+
+def _hold_if_asked(index: int) -> None:
+    """Test hook: wait (polling for a file, never a fixed sleep) before writing the shard named by the environment."""
+    if os.environ.get(HOLD_SHARD_ENV) != str(index):
+        return
+    print(f"{SHARD_HOLD_PREFIX}{index} pid={os.getpid()}", flush=True)
+    while not os.path.exists(os.environ[HOLD_FILE_ENV]):
+        time.sleep(0.05)
+
+
+def _connect_ray(cfg: GenerateConfig) -> bool:
+    """Join the cluster named by --ray-address / RAY_ADDRESS, or start a loopback-only local one (returns True)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="warning")
+        return False
+    needed = cfg.num_workers * cfg.cpus_per_worker
+    ray.init(
+        num_cpus=max(needed, os.cpu_count() or 1),
+        num_gpus=None if cfg.gpus_per_worker == 0 else None,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="warning",
+    )
+    return True
+
+
+def _check_cluster_can_see(url: str) -> None:
+    """On a multi-node cluster, refuse a local output path that other nodes cannot reach."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if len(alive) > 1 and _is_local(url):
+        raise GenerateError(
+            f"the Ray cluster has {len(alive)} nodes but the output {url} is a local path that other nodes cannot "
+            f"reach: pass --out or --cache-root as a shared filesystem path visible on every node, or an object-store "
+            f"URL such as s3://bucket/trajectories or gs://bucket/trajectories"
+        )
+
+
+def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence[int], state: str) -> dict[str, Any]:
+    """The job's plan: shards, bytes, teacher evaluations (what --dry-run prints)."""
+    points = spec.steps + 1
+    per_traj_raw = points * int(np.prod(spec.sample_shape)) * np.dtype(spec.dtype).itemsize
+    missing_traj = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
+    return {
+        "url": url,
+        "cache_key": spec.cache_key(),
+        "store_state": state,
+        "shards_total": spec.num_shards,
+        "shards_to_write": len(missing),
+        "trajectories_to_write": missing_traj,
+        "points_per_trajectory": points,
+        "uncompressed_bytes_to_write": int(missing_traj * per_traj_raw),
+        "teacher_forward_samples": int(missing_traj * forward_evaluations_per_trajectory(spec.solver, spec.steps, spec.guidance_scale)),
+        "workers": min(cfg.num_workers, max(1, len(missing))),
+    }
+
+
+def _existing_store(url: str, spec: GenerationSpec, overwrite: bool):
+    """Open an existing store at url for this spec; None when there is none (or it is to be overwritten)."""
+    try:
+        store = open_store(url, "r")
+    except NotAStoreError:
+        return None
+    if overwrite:
+        return None
+    try:
+        return open_store(url, "r", expected_spec=spec)
+    except SpecMismatchError as error:
+        raise GenerateError(
+            f"{error}\nThe store at {url} was made from another spec and was left untouched: choose another --out, "
+            f"use the cache (--cache-root, the default) or pass --overwrite to replace it"
+        ) from error
+    finally:
+        del store
+
+
+def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: list[int], teacher_fingerprint: str):
+    """Dispatch the missing shards to Ray actors and wait with a live progress bar; returns (results, failures)."""
+    import ray
+    from tqdm import tqdm
+
+    job = {
+        "teacher": str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
+        "fingerprint": teacher_fingerprint,
+        "batch_size": cfg.batch_size,
+        "cpus_per_worker": cfg.cpus_per_worker,
+        "gpus_per_worker": cfg.gpus_per_worker,
+    }
+    actor_class = ray.remote(ShardWorker).options(
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker,
+        max_restarts=cfg.max_task_retries,
+        max_task_retries=cfg.max_task_retries,
+    )
+    workers = [actor_class.remote(job, url) for _ in range(min(cfg.num_workers, len(missing)))]
+    queue = list(missing)
+    in_flight: dict[Any, tuple[int, Any]] = {}
+
+    def submit(worker) -> None:
+        index = queue.pop(0)
+        in_flight[worker.generate_shard.remote(index)] = (index, worker)
+
+    for worker in workers:
+        for _ in range(2):
+            if queue:
+                submit(worker)
+    total = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
+    results, failures = [], []
+    bar = tqdm(total=total, unit="traj", desc="trajectories", disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        index, worker = in_flight.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except Exception as error:  # noqa: BLE001 - a failed shard is reported, the others go on
+            failures.append({"index": index, "error": _root_message(error)})
+        else:
+            results.append(result)
+            bar.update(result["trajectories"])
+        bar.set_postfix(shards=f"{len(results)}/{len(missing)}", failed=len(failures))
+        if queue:
+            submit(worker)
+    bar.close()
+    return results, failures
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost message of a (Ray-wrapped) exception."""
+    cause = getattr(error, "cause", None)
+    return str(cause) if cause is not None else str(error).strip().splitlines()[-1]
+
+
+def run(cfg: GenerateConfig) -> GenerateResult:
+    """Generate (or resume, or find cached) the trajectory store for cfg; raise GenerateError on any failure."""
+    from pipeline.teacher import load_teacher
+    from pipeline.solvers import time_grid
+
+    started = time.perf_counter()
+    if cfg.num_trajectories < 1:
+        raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
+    if cfg.num_workers < 1 or cfg.batch_size < 1:
+        raise GenerateError("--num-workers and --batch-size must be at least 1")
+    teacher = load_teacher(cfg.teacher)
+    _check_labels_option(cfg, teacher.num_classes)
+    spec = build_spec(cfg, teacher)
+    alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
+    url = cfg.out or cache_path(cfg.cache_root or str(trajectory_cache_root()), spec)
+    _check_writable(url)
+    store = _existing_store(url, spec, cfg.overwrite)
+    missing = list(range(spec.num_shards)) if store is None else store.missing_shards()
+    state = "new" if store is None else ("complete" if not missing else "partial")
+    plan = _plan(cfg, spec, url, missing, state)
+    if cfg.dry_run:
+        return GenerateResult(url, False, True, (), 0, 0, time.perf_counter() - started, {"plan": plan})
+    if not missing:
+        summary = _finish(url, started, cache_hit=True, results=[])
+        return GenerateResult(url, True, False, (), 0, 0, summary["seconds"], summary)
+    if store is None:
+        create_store(url, spec, alpha, sigma, overwrite=cfg.overwrite)
+    del teacher
+    owns_ray = _connect_ray(cfg)
+    try:
+        _check_cluster_can_see(url)
+        results, failures = _run_shards(cfg, spec, url, missing, spec.teacher_fingerprint)
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    if failures:
+        lines = "\n".join(f"  shard {f['index']}: {f['error']}" for f in sorted(failures, key=lambda f: f["index"]))
+        raise GenerateError(
+            f"{len(failures)} of {len(missing)} shards failed; the {len(results)} that succeeded are committed in {url} "
+            f"and re-running the same command retries only the failed ones:\n{lines}"
+        )
+    summary = _finish(url, started, cache_hit=False, results=results)
+    return GenerateResult(
+        url,
+        False,
+        False,
+        tuple(sorted(r["index"] for r in results)),
+        sum(r["trajectories"] for r in results),
+        sum(r["forward_samples"] for r in results),
+        summary["seconds"],
+        summary,
+    )
+
+
+def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Consolidate metadata, deep-validate, and summarise the store; raise when validation finds a problem."""
+    store = open_store(url, "r+" if not cache_hit else "r")
+    if not cache_hit:
+        store.consolidate()
+    report = store.validate(deep=not cache_hit)
+    if not report.ok:
+        raise GenerateError(f"store {url} failed validation:\n  " + "\n  ".join(report.problems))
+    info = store.describe()
+    solve_seconds = sum(r["seconds"] for r in results)
+    trajectories = sum(r["trajectories"] for r in results)
+    return {
+        "url": url,
+        "cache_hit": cache_hit,
+        "trajectories_written": trajectories,
+        "teacher_forward_samples": sum(r["forward_samples"] for r in results),
+        "worker_trajectories_per_s": trajectories / solve_seconds if solve_seconds else None,
+        "attention": sorted({r["attention"] for r in results}),
+        "worker_pids": sorted({r["pid"] for r in results}),
+        "bytes_stored": info.get("bytes_stored"),
+        "compression_ratio": info.get("compression_ratio"),
+        "shards": f"{len(store.committed_shards())}/{store.num_shards}",
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
+    """Command-line flags → GenerateConfig."""
+    parser = argparse.ArgumentParser(prog="pipeline/generate.py", description=__doc__.split("\n\n")[0])
+    defaults = GenerateConfig(teacher="", num_trajectories=0)
+    parser.add_argument("--teacher", required=True, help="diffusers pipeline/model directory or hub id")
+    parser.add_argument("--num-trajectories", type=int, required=True)
+    parser.add_argument("--solver", default=defaults.solver, help="ddim | euler | heun | dpmpp-2m | dpmpp-3m | flow-euler")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="K solver steps (the store keeps K+1 points)")
+    parser.add_argument("--grid", default=defaults.grid, help="scheduler | karras | logsnr")
+    parser.add_argument("--sigma-max", type=float, default=None)
+    parser.add_argument("--sigma-min", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed base: sample i uses seed+i")
+    parser.add_argument("--labels", default=None, help="conditional teachers: 'uniform' or class ids '3,7'")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float16", "float32"])
+    parser.add_argument("--codec", default=defaults.codec)
+    parser.add_argument("--shard-size", type=int, default=defaults.shard_size)
+    parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
+    parser.add_argument("--cpus-per-worker", type=int, default=defaults.cpus_per_worker)
+    parser.add_argument("--gpus-per-worker", type=float, default=defaults.gpus_per_worker)
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--out", default=None, help="store URL: a path or an fsspec URL (s3://..., gs://...)")
+    out.add_argument("--cache-root", default=None, help=f"cache directory (default {trajectory_cache_root()})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store made from another spec")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    parser.add_argument("--max-task-retries", type=int, default=defaults.max_task_retries)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    return GenerateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: run the job, print the plan or the summary as JSON; non-zero exit status on any failure."""
+    try:
+        cfg = parse_args(argv)
+        result = run(cfg)
+    except Exception as error:  # noqa: BLE001 - the CLI turns every failure into a message and exit status 1
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if result.dry_run:
+        print(json.dumps(result.summary["plan"], indent=2))
+    else:
+        if result.cache_hit:
+            print(f"cache hit: {result.url} is complete; no teacher work done")
+        print(SUMMARY_PREFIX + json.dumps(result.summary, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Trajectory generation with real Ray: local clusters from the driver, worker and driver kills, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from pipeline.generate import HOLD_FILE_ENV, HOLD_SHARD_ENV, SHARD_HOLD_PREFIX, SUMMARY_PREFIX, GenerateConfig, GenerateError, run
+from pipeline.solvers import solve
+from pipeline.teacher import TeacherLoadError, load_teacher
+from storage_schema import InvalidSpecError, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_SECONDS = 120
+
+
+def tiny_unet(seed: int = 0) -> UNet2DModel:
+    """A 0.16M-parameter 8×8 UNet: fast enough for many solver steps on one CPU thread."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A saved DDPMPipeline teacher directory."""
+    path = tmp_path_factory.mktemp("teacher") / "tiny"
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(path)
+    return path
+
+
+def base_config(teacher_dir: Path, out: Path, **overrides) -> GenerateConfig:
+    """A small job: 3 shards of 16 trajectories, 6 DPM-Solver++ steps."""
+    fields = dict(
+        teacher=str(teacher_dir),
+        num_trajectories=40,
+        steps=6,
+        shard_size=16,
+        chunk_size=8,
+        batch_size=16,
+        out=None if out is None else str(out),
+        progress=False,
+    )
+    fields.update(overrides)
+    return GenerateConfig(**fields)
+
+
+def store_files(path: Path) -> dict[str, str]:
+    """sha256 of every file of a store, by relative path."""
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*")) if f.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_store(teacher_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The store of an uninterrupted one-worker run, and its summary."""
+    out = tmp_path_factory.mktemp("reference") / "store.zarr"
+    result = run(base_config(teacher_dir, out, num_workers=1))
+    return out, result.summary
+
+
+def test_store_matches_the_solver_and_deep_validates(reference_store, teacher_dir):
+    out, summary = reference_store
+    store = open_store(str(out))
+    assert store.is_complete and store.validate(deep=True).ok
+    assert summary["trajectories_written"] == 40 and summary["teacher_forward_samples"] == 40 * 6
+    teacher = load_teacher(str(teacher_dir))
+    expected = solve(teacher, list(range(16, 32)), steps=6).points.numpy()  # shard 1, solved as the worker batches it
+    stored = store.read_points(16, 32)
+    assert np.array_equal(stored, expected.astype(np.float16))
+
+
+def test_one_and_two_workers_give_byte_identical_stores_and_a_rerun_is_a_cache_hit(reference_store, teacher_dir, tmp_path):
+    reference, _ = reference_store
+    out = tmp_path / "two.zarr"
+    two = run(base_config(teacher_dir, out, num_workers=2))
+    assert sorted(two.shards_written) == [0, 1, 2]
+    assert store_files(out) == store_files(reference)
+
+    again = run(base_config(teacher_dir, out, num_workers=2))
+    assert again.cache_hit and again.teacher_forward_samples == 0 and again.shards_written == ()
+    assert store_files(out) == store_files(reference)
+
+
+def test_cache_root_maps_the_same_spec_to_the_same_store(teacher_dir, tmp_path):
+    plan_a = run(base_config(teacher_dir, None, cache_root=str(tmp_path), dry_run=True)).summary["plan"]
+    plan_b = run(base_config(teacher_dir, None, cache_root=str(tmp_path), dry_run=True)).summary["plan"]
+    plan_c = run(base_config(teacher_dir, None, cache_root=str(tmp_path), steps=7, dry_run=True)).summary["plan"]
+    assert plan_a["url"] == plan_b["url"] and plan_a["url"].startswith(str(tmp_path))
+    assert plan_c["url"] != plan_a["url"]
+    assert plan_a["shards_to_write"] == 3 and plan_a["teacher_forward_samples"] == 40 * 6
+    assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
+
+
+def _spawn_generate(args: list[str], hold_shard: int, hold_file: Path) -> subprocess.Popen:
+    """Start `python pipeline/generate.py ARGS` as a user would, in its own session, holding one shard mid-way."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{HOLD_SHARD_ENV: str(hold_shard), HOLD_FILE_ENV: str(hold_file)})
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "pipeline" / "generate.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _cli_args(teacher_dir: Path, out: Path, **extra) -> list[str]:
+    """The CLI flags of base_config (so CLI runs and run() calls describe the same store)."""
+    args = [
+        "--teacher", str(teacher_dir), "--num-trajectories", "40", "--steps", "6", "--shard-size", "16",
+        "--chunk-size", "8", "--batch-size", "16", "--out", str(out), "--no-progress",
+    ]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _summary(output: str) -> dict:
+    """The JSON summary line printed by a finished job."""
+    import json
+
+    lines = [line for line in output.splitlines() if line.startswith(SUMMARY_PREFIX)]
+    assert lines, output
+    return json.loads(lines[-1].removeprefix(SUMMARY_PREFIX))
+
+
+def test_a_worker_killed_mid_shard_is_retried_and_the_store_is_unchanged(reference_store, teacher_dir, tmp_path):
+    reference, _ = reference_store
+    out = tmp_path / "killed.zarr"
+    release = tmp_path / "release"
+    process = _spawn_generate(_cli_args(teacher_dir, out, num_workers=1), hold_shard=1, hold_file=release)
+    killed = None
+    output = []
+    deadline = time.monotonic() + WAIT_SECONDS
+    for line in process.stdout:
+        output.append(line)
+        if killed is None and SHARD_HOLD_PREFIX + "1 " in line:
+            killed = int(line.rsplit("pid=", 1)[1].split()[0])
+            os.kill(killed, signal.SIGKILL)
+            release.touch()
+        assert time.monotonic() < deadline, "".join(output)
+    assert process.wait(timeout=WAIT_SECONDS) == 0, "".join(output)
+    assert killed is not None, "".join(output)
+    summary = _summary("".join(output))
+    restarted = [pid for pid in summary["worker_pids"] if pid != killed]
+    assert killed in summary["worker_pids"] and len(restarted) == 1, "the shards after the kill came from a restarted worker"
+    assert store_files(out) == store_files(reference)
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command_with_teacher_work_only_for_missing_shards(
+    reference_store, teacher_dir, tmp_path
+):
+    reference, _ = reference_store
+    out = tmp_path / "resumed.zarr"
+    process = _spawn_generate(_cli_args(teacher_dir, out, num_workers=1), hold_shard=1, hold_file=tmp_path / "never")
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if SHARD_HOLD_PREFIX + "1 " in line:
+            break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=WAIT_SECONDS)
+    committed = open_store(str(out)).committed_shards()
+    assert committed == [0], "".join(output)
+
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "pipeline" / "generate.py"), *_cli_args(teacher_dir, out, num_workers=1)],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT_SECONDS,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    summary = _summary(resumed.stdout)
+    assert summary["trajectories_written"] == 16 + 8, "only shards 1 and 2 were generated again"
+    assert summary["teacher_forward_samples"] == (16 + 8) * 6
+    assert store_files(out) == store_files(reference)
+
+
+def test_a_store_of_another_spec_is_refused_and_left_untouched(reference_store, teacher_dir):
+    reference, _ = reference_store
+    before = store_files(reference)
+    with pytest.raises(GenerateError, match="another spec.*--overwrite"):
+        run(base_config(teacher_dir, reference, steps=5))
+    assert store_files(reference) == before
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"teacher": "/nonexistent/teacher"}, TeacherLoadError, "nonexistent"),
+        ({"num_trajectories": 0}, GenerateError, "at least 1"),
+        ({"shard_size": 12, "chunk_size": 8}, InvalidSpecError, "chunk_size"),
+        ({"labels": "uniform"}, GenerateError, "unconditional"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(teacher_dir, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        run(base_config(teacher_dir, tmp_path / "out.zarr", **overrides))
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_non_writable_output_is_refused(teacher_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(GenerateError, match="not writable"):
+        run(base_config(teacher_dir, blocker / "store.zarr"))
+    assert blocker.read_text() == "not a directory"
+
+
+def test_a_teacher_that_returns_nan_fails_the_shard_and_names_the_seeds(tmp_path):
+    unet = tiny_unet()
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(tmp_path / "nan")
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(GenerateError, match=r"NaN/Inf .*seeds \[100, 101, 102"):
+        run(GenerateConfig(teacher=str(tmp_path / "nan"), num_trajectories=8, steps=2, shard_size=8, chunk_size=8,
+                           seed=100, out=str(out), progress=False))
+    assert open_store(str(out)).committed_shards() == []

@@ -1,0 +1,97 @@
+"""Smoke test of stage-1 pre-training on the tiny preset: CLI, outputs, export loadable as a teacher, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from trainer.config import load_config
+from trainer.images import grid_array, save_grid
+from trainer.loop import complete_checkpoints, read_metrics
+from trainer.pretrain import PretrainConfig, main, run
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "pretrain.yaml"
+
+
+def run_cli(output_dir: Path) -> dict:
+    """`python trainer/pretrain.py --config jobs/tiny/pretrain.yaml loop.output_dir=...`, run by path; its summary."""
+    command = [sys.executable, "trainer/pretrain.py", "--config", str(TINY_PRESET), f"loop.output_dir={output_dir}"]
+    finished = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def test_pretrain_cli_writes_a_loadable_teacher_and_resumes_from_its_checkpoint(tmp_path):
+    from pipeline.solvers import solve
+    from pipeline.teacher import load_teacher
+
+    output_dir = tmp_path / "run"
+    first = run_cli(output_dir)
+    assert first["start_step"] == 0 and first["final_step"] == 6
+    assert [step for step, _ in complete_checkpoints(output_dir)] == [3, 6]
+    for step in (3, 6):
+        grid = Image.open(output_dir / "samples" / f"step_{step}.png")
+        assert grid.format == "PNG" and grid.mode == "L" and min(grid.size) >= 4 * 32
+    cfg = load_config(PretrainConfig, output_dir / "config.yaml")
+    assert cfg == load_config(PretrainConfig, TINY_PRESET, [f"loop.output_dir={output_dir}"])
+
+    export_dir = output_dir / "export"
+    assert (export_dir / "model_index.json").exists()
+    assert list(export_dir.glob("unet/*.safetensors")) and not list(export_dir.rglob("*.bin"))
+    teacher = load_teacher(export_dir)
+    trajectory = solve(teacher, torch.arange(4), steps=3)
+    assert trajectory.points.shape == (4, 4, 1, 8, 8)
+    assert torch.isfinite(trajectory.points).all()
+
+    # A kill after the step-3 checkpoint leaves no step-6 checkpoint and no export: the same command resumes.
+    shutil.rmtree(output_dir / "checkpoints" / "step_6")
+    shutil.rmtree(export_dir)
+    second = run_cli(output_dir)
+    assert second["start_step"] == 3 and second["final_step"] == 6
+    assert (export_dir / "model_index.json").exists()
+    assert [record["step"] for record in read_metrics(output_dir) if "loss" in record] == [1, 2, 3, 4, 5, 6]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    output_dir = tmp_path / "never"
+    assert main(["--config", str(TINY_PRESET), f"loop.output_dir={output_dir}", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["config"]["loop"]["output_dir"] == str(output_dir)
+    assert plan["dataset"]["image_shape"] == [1, 8, 8] and plan["model_parameters"] > 0
+    assert not output_dir.exists()
+
+
+def test_cli_reports_an_unknown_key_with_a_suggestion(capsys):
+    assert main(["--config", str(TINY_PRESET), "loop.totl_steps=3"]) == 2
+    assert "did you mean `loop.total_steps`" in capsys.readouterr().err
+
+
+def test_class_conditional_run_logs_fd_and_exports_a_conditional_teacher(tmp_path):
+    from pipeline.teacher import load_teacher
+
+    overrides = [f"loop.output_dir={tmp_path}", "model.class_conditional=true", "compute_fd=true",
+                 "num_eval_samples=64", "loop.total_steps=2", "loop.eval_every_steps=0"]
+    result = run(load_config(PretrainConfig, TINY_PRESET, overrides))
+    assert result.final_step == 2 and result.start_step == 0
+    final_record = read_metrics(tmp_path)[-1]
+    assert final_record["step"] == 2 and final_record["FD-digits"] > 0
+    assert result.metrics["FD-digits"] == final_record["FD-digits"]
+    assert load_teacher(result.export_dir).num_classes == 10
+
+
+def test_sample_grid_layout_and_pixel_mapping(tmp_path):
+    images = torch.full((5, 1, 8, 8), -1.0)  # [N, C, H, W]
+    images[1] = 1.0
+    grid = grid_array(images, nrow=3, padding=1, upscale=2)
+    assert grid.shape == (2 * (16 + 1) + 1, 3 * (16 + 1) + 1, 1)
+    assert (grid[1:17, 18:34] == 255).all() and (grid[1:17, 1:17] == 0).all()
+    path = save_grid(images, tmp_path / "grid.png")  # 8×8 tiles are upscaled to 32×32 by default
+    picture = Image.open(path)
+    assert picture.size == (3 * 33 + 1, 2 * 33 + 1) and picture.mode == "L"

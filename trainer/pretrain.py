@@ -1,0 +1,270 @@
+"""Stage 1, pre-training: a diffusers UNet2DModel trained with the ε-prediction DDPM loss (the teacher).
+
+    python trainer/pretrain.py --config jobs/digits/pretrain.yaml [key=value ...] [--dry-run]
+    accelerate launch trainer/pretrain.py --config jobs/digits/pretrain.yaml
+
+Writes into `loop.output_dir`: `config.yaml` (the resolved config), `checkpoints/`, `metrics.jsonl`,
+`samples/step_<N>.png` (EMA samples drawn with `pipeline.solvers.solve`, at every eval and at the end;
+FD-<dataset> of those samples is logged) and `export/`, a diffusers `DDPMPipeline` directory
+(safetensors) that `pipeline.teacher.load_teacher` loads. Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    # Run by path, Python puts trainer/ first on sys.path, where datasets.py and config.py would shadow
+    # the installed `datasets` package and others; the project itself is importable as `trainer` (pip -e).
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
+from trainer.datasets import ImageDataset, load_dataset
+from trainer.images import save_grid
+from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """Size of the UNet2DModel: one resolution level per entry of block_out_channels (each halves H and W)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention: bool = False
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+    class_conditional: bool = False
+
+    def __post_init__(self) -> None:
+        """Reject sizes diffusers would fail on later, with the fix."""
+        if not self.block_out_channels:
+            raise ConfigError("model.block_out_channels needs at least one entry, e.g. [32, 64]")
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups:
+                raise ConfigError(
+                    f"model.block_out_channels {list(self.block_out_channels)} must all be multiples of "
+                    f"model.norm_num_groups={self.norm_num_groups}"
+                )
+        if self.layers_per_block < 1:
+            raise ConfigError(f"model.layers_per_block must be >= 1, got {self.layers_per_block}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """Stage-1 settings: data, UNet size, DDPM noise schedule, evaluation sampling and the shared loop."""
+
+    loop: LoopConfig
+    dataset: str = "digits"
+    image_size: int | None = None
+    batch_per_process: int = 128
+    model: UNetConfig = field(default_factory=UNetConfig)
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    sample_steps: int = 16
+    sample_solver: str = "dpmpp-3m"
+    sample_grid: str = "logsnr"
+    num_eval_samples: int = 1000
+    num_grid_images: int = 64
+    eval_seed: int = 0
+    compute_fd: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject counts that cannot work, with the fix."""
+        if self.batch_per_process < 1:
+            raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
+        if self.num_eval_samples < 1 or self.num_grid_images < 1:
+            raise ConfigError("num_eval_samples and num_grid_images must be >= 1")
+        if self.sample_steps < 1:
+            raise ConfigError(f"sample_steps must be >= 1, got {self.sample_steps}")
+
+
+def build_unet(cfg: PretrainConfig, data: ImageDataset) -> UNet2DModel:
+    """The UNet2DModel for `data`'s image shape (attention, if asked for, in the lowest-resolution level)."""
+    channels, height, width = data.image_shape
+    levels = len(cfg.model.block_out_channels)
+    if height != width or height % 2 ** (levels - 1):
+        raise ConfigError(
+            f"images of {height}×{width} cannot pass {levels} UNet levels (each halves the size); use square "
+            f"images whose side is divisible by {2 ** (levels - 1)} (image_size=...) or fewer block_out_channels"
+        )
+    down_blocks = ["DownBlock2D"] * levels
+    up_blocks = ["UpBlock2D"] * levels
+    if cfg.model.attention:
+        down_blocks[-1], up_blocks[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=height,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=cfg.model.block_out_channels,
+        layers_per_block=cfg.model.layers_per_block,
+        down_block_types=tuple(down_blocks),
+        up_block_types=tuple(up_blocks),
+        norm_num_groups=cfg.model.norm_num_groups,
+        dropout=cfg.model.dropout,
+        num_class_embeds=data.num_classes if cfg.model.class_conditional else None,
+    )
+
+
+def build_scheduler(cfg: PretrainConfig) -> DDPMScheduler:
+    """The DDPM noise schedule the model is trained under (and exported with)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+    )
+
+
+def ddpm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, *, scheduler: DDPMScheduler,
+    class_conditional: bool,
+) -> torch.Tensor:
+    """Per-sample simple DDPM loss ‖target − f_θ(x_t, t)‖² (Ho et al. 2020, eq. 14).
+
+    x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε with t ~ U{0..T−1}; target ε (or v, or x_0, per the scheduler's prediction_type).
+    """
+    x0 = batch["images"]  # [B, C, H, W]
+    noise = torch.randn_like(x0)  # [B, C, H, W]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)  # [B]
+    x_t = scheduler.add_noise(x0, noise, timesteps)  # [B, C, H, W]
+    class_labels = batch["labels"] if class_conditional else None
+    prediction = model(x_t, timesteps, class_labels=class_labels).sample  # [B, C, H, W]
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, timesteps)  # [B, C, H, W]
+    else:
+        target = x0
+    return (prediction - target).pow(2).flatten(1).mean(dim=1)  # [B]
+
+
+@dataclass
+class SampleEvaluator:
+    """Eval hook: EMA samples with the shared PF-ODE solver → PNG grid and FD-<dataset>."""
+
+    cfg: PretrainConfig
+    scheduler: DDPMScheduler
+    num_classes: int
+    samples_dir: Path
+    _metric: object = None
+
+    def __call__(self, ema_model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Draw cfg.num_eval_samples images, save the first num_grid_images as samples/step_<step>.png, score FD."""
+        images = sample_images(
+            ema_model, self.scheduler, self.cfg, num_samples=self.cfg.num_eval_samples, num_classes=self.num_classes
+        )  # [N, C, H, W]
+        save_grid(images[: self.cfg.num_grid_images], self.samples_dir / f"step_{step}.png")
+        if not self.cfg.compute_fd:
+            return {}
+        from trainer.metrics import FD_DATASETS, FDMetric
+
+        if self.cfg.dataset not in FD_DATASETS:
+            return {}
+        if self._metric is None:
+            self._metric = FDMetric(self.cfg.dataset)
+        return {self._metric.name: float(self._metric(images.cpu()))}
+
+
+@torch.no_grad()
+def sample_images(
+    model: torch.nn.Module, scheduler: DDPMScheduler, cfg: PretrainConfig, *, num_samples: int, num_classes: int
+) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] from `cfg.sample_steps` steps of `cfg.sample_solver` (seeds eval_seed + i)."""
+    from pipeline.solvers import solve
+    from pipeline.teacher import load_teacher
+
+    teacher = load_teacher(model, scheduler=scheduler, device=next(model.parameters()).device)
+    seeds = list(range(cfg.eval_seed, cfg.eval_seed + num_samples))
+    labels = [seed % num_classes for seed in seeds] if cfg.model.class_conditional else None
+    trajectory = solve(
+        teacher, seeds, steps=cfg.sample_steps, solver=cfg.sample_solver, grid=cfg.sample_grid, labels=labels
+    )
+    return teacher.decode(trajectory.points[:, -1]).clamp(-1, 1)  # [N, C, H, W]
+
+
+def export_pipeline(ema_model: torch.nn.Module, directory: Path, *, scheduler: DDPMScheduler) -> None:
+    """Save the EMA UNet with its scheduler as a diffusers DDPMPipeline (safetensors) into `directory`."""
+    DDPMPipeline(unet=ema_model, scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
+
+
+def run(cfg: PretrainConfig) -> LoopResult:
+    """Train (or resume) the stage-1 teacher described by `cfg`; returns the loop's result (export dir, metrics)."""
+    accelerator = make_accelerator(cfg.loop)
+    output_dir = Path(cfg.loop.output_dir)
+    if accelerator.is_main_process:
+        save_resolved(cfg, output_dir)
+    data = load_dataset(cfg.dataset, image_size=cfg.image_size)
+    set_seed(cfg.loop.seed)  # identical initial weights on every rank and every run
+    model = build_unet(cfg, data)
+    scheduler = build_scheduler(cfg)
+    batches = InMemoryBatches(
+        {"images": data.images, "labels": data.labels}, batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed
+    )
+    evaluate = SampleEvaluator(cfg, scheduler, data.num_classes, output_dir / "samples")
+    return train_loop(
+        cfg.loop,
+        model=model,
+        loss_fn=partial(ddpm_loss, scheduler=scheduler, class_conditional=cfg.model.class_conditional),
+        batches=batches,
+        accelerator=accelerator,
+        evaluate=evaluate,
+        export=partial(export_pipeline, scheduler=scheduler),
+    )
+
+
+def describe(cfg: PretrainConfig) -> dict:
+    """What a run of `cfg` would do, for --dry-run: the resolved config, data shape and model size."""
+    data = load_dataset(cfg.dataset, image_size=cfg.image_size)
+    model = build_unet(cfg, data)
+    return {
+        "config": config_to_dict(cfg),
+        "dataset": {"name": data.name, "num_images": len(data), "image_shape": list(data.image_shape)},
+        "model_parameters": sum(parameter.numel() for parameter in model.parameters()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: `python trainer/pretrain.py --config PRESET [key=value ...] [--dry-run]`."""
+    try:
+        args = parse_stage_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(PretrainConfig, args.config_path, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps(describe(cfg), indent=2))
+        return 0
+    try:
+        result = run(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not PartialState().is_main_process:
+        return 0
+    summary = {
+        "start_step": result.start_step,
+        "final_step": result.final_step,
+        "skipped_steps": result.skipped_steps,
+        "export_dir": str(result.export_dir),
+        "metrics": result.metrics,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
