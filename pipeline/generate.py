@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.paths import trajectory_cache_root
+from pipeline.paths import cache_root, trajectory_cache_root
 from storage_schema import (
     GenerationSpec,
     NotAStoreError,
@@ -143,7 +144,50 @@ def _check_writable(url: str) -> None:
         )
 
 
-def build_spec(cfg: GenerateConfig, teacher) -> GenerationSpec:
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """What a store's spec needs to know of a teacher, without holding its weights."""
+
+    fingerprint: str
+    sample_shape: tuple[int, ...]
+    num_classes: int | None
+
+
+def _directory_stamp(path: Path) -> str | None:
+    """sha256 of (name, size, mtime_ns) of every file under a local teacher directory; None for hub ids."""
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def teacher_identity(source: str) -> TeacherIdentity:
+    """Fingerprint, sample shape and classes of a teacher, memoised by its files' stamps (loads it only on a miss).
+
+    A cache-hit re-run therefore never imports torch or reads weights. The workers re-check the fingerprint of the
+    teacher they load, so a stale memo can never write a store under the wrong key.
+    """
+    stamp = _directory_stamp(Path(source).expanduser())
+    memo = cache_root() / "teachers" / f"{stamp}.json" if stamp else None
+    if memo is not None and memo.is_file():
+        known = json.loads(memo.read_text())
+        return TeacherIdentity(known["fingerprint"], tuple(known["sample_shape"]), known["num_classes"])
+    from pipeline.teacher import load_teacher
+
+    teacher = load_teacher(source)
+    identity = TeacherIdentity(teacher.fingerprint, tuple(int(s) for s in teacher.sample_shape), teacher.num_classes)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        temporary = memo.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(dataclasses.asdict(identity)))
+        os.replace(temporary, memo)
+    return identity
+
+
+def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity) -> GenerationSpec:
     """The store's generation spec for this job and teacher (the cache key is derived from it)."""
     grid_params = tuple(
         (name, float(value)) for name, value in (("sigma_max", cfg.sigma_max), ("sigma_min", cfg.sigma_min)) if value is not None
@@ -392,18 +436,14 @@ def _root_message(error: BaseException) -> str:
 
 def run(cfg: GenerateConfig) -> GenerateResult:
     """Generate (or resume, or find cached) the trajectory store for cfg; raise GenerateError on any failure."""
-    from pipeline.teacher import load_teacher
-    from pipeline.solvers import time_grid
-
     started = time.perf_counter()
     if cfg.num_trajectories < 1:
         raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
     if cfg.num_workers < 1 or cfg.batch_size < 1:
         raise GenerateError("--num-workers and --batch-size must be at least 1")
-    teacher = load_teacher(cfg.teacher)
-    _check_labels_option(cfg, teacher.num_classes)
-    spec = build_spec(cfg, teacher)
-    alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
+    identity = teacher_identity(cfg.teacher)
+    _check_labels_option(cfg, identity.num_classes)
+    spec = build_spec(cfg, identity)
     url = cfg.out or cache_path(cfg.cache_root or str(trajectory_cache_root()), spec)
     _check_writable(url)
     store = _existing_store(url, spec, cfg.overwrite)
@@ -416,8 +456,15 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         summary = _finish(url, started, cache_hit=True, results=[])
         return GenerateResult(url, True, False, (), 0, 0, summary["seconds"], summary)
     if store is None:
+        from pipeline.solvers import time_grid
+        from pipeline.teacher import load_teacher
+
+        teacher = load_teacher(cfg.teacher)
+        if teacher.fingerprint != spec.teacher_fingerprint:
+            raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
+        alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
         create_store(url, spec, alpha, sigma, overwrite=cfg.overwrite)
-    del teacher
+        del teacher
     owns_ray = _connect_ray(cfg)
     try:
         _check_cluster_can_see(url)

@@ -236,3 +236,18 @@ def test_a_teacher_that_returns_nan_fails_the_shard_and_names_the_seeds(tmp_path
         run(GenerateConfig(teacher=str(tmp_path / "nan"), num_trajectories=8, steps=2, shard_size=8, chunk_size=8,
                            seed=100, out=str(out), progress=False))
     assert open_store(str(out)).committed_shards() == []
+
+
+def test_a_cache_hit_does_no_teacher_work_and_never_imports_torch(reference_store, teacher_dir):
+    reference, _ = reference_store
+    args = _cli_args(teacher_dir, reference)
+    code = (
+        "import sys\n"
+        "from pipeline.generate import main\n"
+        f"status = main({args!r})\n"
+        "assert 'torch' not in sys.modules, 'a cache hit must not load the teacher'\n"
+        "sys.exit(status)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=WAIT_SECONDS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cache hit" in done.stdout and _summary(done.stdout)["teacher_forward_samples"] == 0
