@@ -68,7 +68,7 @@ class GenerateConfig:
     labels: str | None = None
     guidance: float | None = None
     dtype: str = "float16"
-    codec: str = "zstd"
+    codec: str = "blosc-zstd-shuffle"
     shard_size: int = 256
     chunk_size: int = 64
     batch_size: int = 256
@@ -419,7 +419,7 @@ def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: li
         except Exception as error:  # noqa: BLE001 - a failed shard is reported, the others go on
             failures.append({"index": index, "error": _root_message(error)})
         else:
-            results.append(result)
+            results.append({**result, "finished_at": time.perf_counter()})
             bar.update(result["trajectories"])
         bar.set_postfix(shards=f"{len(results)}/{len(missing)}", failed=len(failures))
         if queue:
@@ -465,7 +465,9 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
         create_store(url, spec, alpha, sigma, overwrite=cfg.overwrite)
         del teacher
+    ray_started = time.perf_counter()
     owns_ray = _connect_ray(cfg)
+    shards_started = time.perf_counter()
     try:
         _check_cluster_can_see(url)
         results, failures = _run_shards(cfg, spec, url, missing, spec.teacher_fingerprint)
@@ -481,6 +483,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             f"and re-running the same command retries only the failed ones:\n{lines}"
         )
     summary = _finish(url, started, cache_hit=False, results=results)
+    summary.update(_timings(results, ray_seconds=shards_started - ray_started, shards_started=shards_started))
     return GenerateResult(
         url,
         False,
@@ -491,6 +494,19 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         summary["seconds"],
         summary,
     )
+
+
+def _timings(results: list[dict[str, Any]], *, ray_seconds: float, shards_started: float) -> dict[str, Any]:
+    """Start-up costs apart from steady-state throughput (trajectories/s between the first and last shard's end)."""
+    ends = sorted((r["finished_at"], r["trajectories"]) for r in results)
+    steady = None
+    if len(ends) >= 2 and ends[-1][0] > ends[0][0]:
+        steady = sum(n for _, n in ends[1:]) / (ends[-1][0] - ends[0][0])
+    return {
+        "ray_start_seconds": ray_seconds,
+        "first_shard_seconds": ends[0][0] - shards_started if ends else None,
+        "steady_trajectories_per_s": steady,
+    }
 
 
 def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str, Any]]) -> dict[str, Any]:

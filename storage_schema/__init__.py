@@ -52,7 +52,7 @@ commit     (num_shards,33) uint8     (1, 33)              none                no
   whole trajectories are compressed independently (the unit of streaming reads, see ``chunk_bounds``);
   the shard index sits at the end with a crc32c checksum. Writers of different shards never touch the
   same object. Empty chunks are written too (``write_empty_chunks``), so committed data always has objects.
-- Codecs: ``zstd`` = ZstdCodec(level 3); ``blosc-zstd-shuffle`` / ``blosc-lz4-shuffle`` /
+- Codecs (default ``blosc-zstd-shuffle``: best bytes ratio measured on real trajectories): ``zstd`` = ZstdCodec(level 3); ``blosc-zstd-shuffle`` / ``blosc-lz4-shuffle`` /
   ``blosc-zstd-bitshuffle`` = BloscCodec(clevel 5) with ``typesize`` = the array's item size (2 for
   float16, 8 for int64); ``none`` = uncompressed.
 

@@ -59,7 +59,7 @@ class GenerationSpec:
     shard_size: int = 256
     chunk_size: int = 64
     dtype: str = "float16"
-    codec: str = "zstd"
+    codec: str = "blosc-zstd-shuffle"  # measured best bytes ratio on real trajectories (jobs/bench_generate.py)
     guidance_scale: float | None = None
     num_classes: int | None = None
     prior: str = "gaussian"
