@@ -148,6 +148,8 @@ def main() -> int:
         "bare_solver_before_after": [rate_before, rate_after],
         "job_steady_trajectories_per_s": summary["steady_trajectories_per_s"],
         "throughput_ratio": summary["steady_trajectories_per_s"] / bare_rate,
+        "worker_trajectories_per_s": summary["worker_trajectories_per_s"],
+        "worker_write_fraction": summary["worker_write_fraction"],
         "ray_start_seconds": summary["ray_start_seconds"],
         "first_shard_seconds": summary["first_shard_seconds"],
         "teacher_load_seconds_in_process": teacher_load_seconds,

@@ -285,11 +285,13 @@ class ShardWorker:
                 f"Check the teacher's weights and the solver settings"
             )
         _hold_if_asked(index)
+        solved = time.perf_counter()
         digest = self.store.write_shard(index, traj, seeds, labels)
         return {
             "index": index,
             "trajectories": len(indices),
             "seconds": time.perf_counter() - started,
+            "write_seconds": time.perf_counter() - solved,
             "forward_samples": self.forward_samples - forward_before,
             "digest": digest,
             "pid": os.getpid(),
@@ -526,6 +528,7 @@ def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str
         "trajectories_written": trajectories,
         "teacher_forward_samples": sum(r["forward_samples"] for r in results),
         "worker_trajectories_per_s": trajectories / solve_seconds if solve_seconds else None,
+        "worker_write_fraction": sum(r["write_seconds"] for r in results) / solve_seconds if solve_seconds else None,
         "attention": sorted({r["attention"] for r in results}),
         "worker_pids": sorted({r["pid"] for r in results}),
         "bytes_stored": info.get("bytes_stored"),
