@@ -82,6 +82,11 @@ class GenerateConfig:
     ray_address: str | None = None
     max_task_retries: int = 3
     progress: bool = True
+    # Planning only (--dry-run where the teacher cannot be loaded, e.g. a hub id on an offline machine):
+    sample_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    forward_samples_per_gpu_s: float | None = None  # teacher network evaluations per GPU-second, for GPU-hour estimates
+    throughput_source: str | None = None  # where that figure comes from (a measurement, or a stated assumption)
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,24 @@ def teacher_identity(source: str) -> TeacherIdentity:
         temporary.write_text(json.dumps(dataclasses.asdict(identity)))
         os.replace(temporary, memo)
     return identity
+
+
+UNRESOLVED_FINGERPRINT = "unresolved"
+# Stored bytes over raw bytes of the storage dtype with the default codec, measured on digits trajectories by
+# jobs/bench_generate.py (float16: 0.416 of float32 = 0.83 of float16; float32: 0.79); an estimate elsewhere.
+ESTIMATED_COMPRESSION = {"float16": 0.83, "float32": 0.79}
+
+
+def _identity_for(cfg: GenerateConfig) -> TeacherIdentity:
+    """The teacher's identity; a dry run of a teacher that cannot be loaded here plans with the declared shape."""
+    try:
+        return teacher_identity(cfg.teacher)
+    except Exception as error:  # noqa: BLE001 - only a dry run with a declared shape may go on without the teacher
+        if not (cfg.dry_run and cfg.sample_shape):
+            raise
+        print(f"note: teacher {cfg.teacher} is not available here ({str(error).splitlines()[0]}); planning with the "
+              f"declared sample_shape {list(cfg.sample_shape)}; the cache key is provisional", file=sys.stderr)
+        return TeacherIdentity(UNRESOLVED_FINGERPRINT, tuple(cfg.sample_shape), cfg.num_classes)
 
 
 def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity) -> GenerationSpec:
@@ -347,17 +370,23 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
     points = spec.steps + 1
     per_traj_raw = points * int(np.prod(spec.sample_shape)) * np.dtype(spec.dtype).itemsize
     missing_traj = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
+    forward = int(missing_traj * forward_evaluations_per_trajectory(spec.solver, spec.steps, spec.guidance_scale))
+    gpu_hours = forward / cfg.forward_samples_per_gpu_s / 3600 if cfg.forward_samples_per_gpu_s else None
     return {
         "url": url,
-        "cache_key": spec.cache_key(),
+        "cache_key": spec.cache_key() + (" (provisional: teacher not loaded)" if spec.teacher_fingerprint == UNRESOLVED_FINGERPRINT else ""),
         "store_state": state,
         "shards_total": spec.num_shards,
         "shards_to_write": len(missing),
         "trajectories_to_write": missing_traj,
         "points_per_trajectory": points,
         "uncompressed_bytes_to_write": int(missing_traj * per_traj_raw),
-        "teacher_forward_samples": int(missing_traj * forward_evaluations_per_trajectory(spec.solver, spec.steps, spec.guidance_scale)),
+        "estimated_stored_bytes": int(missing_traj * per_traj_raw * ESTIMATED_COMPRESSION[spec.dtype]),
+        "teacher_forward_samples": forward,
         "workers": min(cfg.num_workers, max(1, len(missing))),
+        "estimated_gpu_hours": gpu_hours,
+        "estimated_wall_hours": gpu_hours / max(1.0, cfg.num_workers * cfg.gpus_per_worker) if gpu_hours else None,
+        "throughput_source": cfg.throughput_source,
     }
 
 
@@ -443,14 +472,21 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
     if cfg.num_workers < 1 or cfg.batch_size < 1:
         raise GenerateError("--num-workers and --batch-size must be at least 1")
-    identity = teacher_identity(cfg.teacher)
+    identity = _identity_for(cfg)
     _check_labels_option(cfg, identity.num_classes)
     spec = build_spec(cfg, identity)
     url = cfg.out or cache_path(cfg.cache_root or str(trajectory_cache_root()), spec)
     _check_writable(url)
-    store = _existing_store(url, spec, cfg.overwrite)
+    try:
+        store = _existing_store(url, spec, cfg.overwrite)
+    except ImportError as error:  # e.g. s3fs/gcsfs missing for an object-store URL
+        if not cfg.dry_run:
+            raise GenerateError(f"cannot open {url}: {error}; install the fsspec backend for this URL") from error
+        store, unknown = None, f"unknown ({error})"
+    else:
+        unknown = None
     missing = list(range(spec.num_shards)) if store is None else store.missing_shards()
-    state = "new" if store is None else ("complete" if not missing else "partial")
+    state = unknown or ("new" if store is None else ("complete" if not missing else "partial"))
     plan = _plan(cfg, spec, url, missing, state)
     if cfg.dry_run:
         return GenerateResult(url, False, True, (), 0, 0, time.perf_counter() - started, {"plan": plan})
@@ -538,38 +574,72 @@ def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str
     }
 
 
+def _option_name(field_name: str) -> str:
+    """`num_trajectories` → `--num-trajectories`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def read_preset(path: str) -> dict[str, Any]:
+    """A YAML preset of GenerateConfig fields (dashes or underscores); unknown keys are an error naming the closest."""
+    import difflib
+
+    import yaml
+
+    with open(path) as handle:
+        raw = yaml.safe_load(handle) or {}
+    known = {f.name for f in dataclasses.fields(GenerateConfig)}
+    preset = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise GenerateError(f"{path}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(known))}")
+        preset[name] = tuple(value) if isinstance(value, list) else value
+    return preset
+
+
 def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
-    """Command-line flags → GenerateConfig."""
+    """Command-line flags → GenerateConfig: built-in defaults, then the --config preset, then explicit flags."""
     parser = argparse.ArgumentParser(prog="pipeline/generate.py", description=__doc__.split("\n\n")[0])
-    defaults = GenerateConfig(teacher="", num_trajectories=0)
-    parser.add_argument("--teacher", required=True, help="diffusers pipeline/model directory or hub id")
-    parser.add_argument("--num-trajectories", type=int, required=True)
-    parser.add_argument("--solver", default=defaults.solver, help="ddim | euler | heun | dpmpp-2m | dpmpp-3m | flow-euler")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="K solver steps (the store keeps K+1 points)")
-    parser.add_argument("--grid", default=defaults.grid, help="scheduler | karras | logsnr")
-    parser.add_argument("--sigma-max", type=float, default=None)
-    parser.add_argument("--sigma-min", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed base: sample i uses seed+i")
-    parser.add_argument("--labels", default=None, help="conditional teachers: 'uniform' or class ids '3,7'")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["float16", "float32"])
-    parser.add_argument("--codec", default=defaults.codec)
-    parser.add_argument("--shard-size", type=int, default=defaults.shard_size)
-    parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
-    parser.add_argument("--cpus-per-worker", type=int, default=defaults.cpus_per_worker)
-    parser.add_argument("--gpus-per-worker", type=float, default=defaults.gpus_per_worker)
+    keep = argparse.SUPPRESS  # flags not given stay absent, so a preset's value is not overridden by a default
+    parser.add_argument("--config", default=None, help="YAML preset of these options (flags given here override it)")
+    parser.add_argument("--teacher", default=keep, help="diffusers pipeline/model directory or hub id")
+    parser.add_argument("--num-trajectories", type=int, default=keep)
+    parser.add_argument("--solver", default=keep, help="ddim | euler | heun | dpmpp-2m | dpmpp-3m (default) | flow-euler")
+    parser.add_argument("--steps", type=int, default=keep, help="K solver steps (the store keeps K+1 points; default 16)")
+    parser.add_argument("--grid", default=keep, help="scheduler | karras | logsnr (default)")
+    parser.add_argument("--sigma-max", type=float, default=keep)
+    parser.add_argument("--sigma-min", type=float, default=keep)
+    parser.add_argument("--seed", type=int, default=keep, help="seed base: sample i uses seed+i (default 0)")
+    parser.add_argument("--labels", default=keep, help="conditional teachers: 'uniform' or class ids '3,7'")
+    parser.add_argument("--guidance", type=float, default=keep, help="classifier-free guidance scale")
+    parser.add_argument("--dtype", default=keep, choices=["float16", "float32"])
+    parser.add_argument("--codec", default=keep, help="blosc-zstd-shuffle (default) | zstd | blosc-lz4-shuffle | ...")
+    parser.add_argument("--shard-size", type=int, default=keep, help="trajectories per shard (default 256)")
+    parser.add_argument("--chunk-size", type=int, default=keep, help="trajectories per chunk (default 64)")
+    parser.add_argument("--batch-size", type=int, default=keep, help="trajectories per solver batch (default 256)")
+    parser.add_argument("--num-workers", type=int, default=keep)
+    parser.add_argument("--cpus-per-worker", type=int, default=keep)
+    parser.add_argument("--gpus-per-worker", type=float, default=keep)
     out = parser.add_mutually_exclusive_group()
-    out.add_argument("--out", default=None, help="store URL: a path or an fsspec URL (s3://..., gs://...)")
-    out.add_argument("--cache-root", default=None, help=f"cache directory (default {trajectory_cache_root()})")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing store made from another spec")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
-    parser.add_argument("--max-task-retries", type=int, default=defaults.max_task_retries)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args(argv)
-    return GenerateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)})
+    out.add_argument("--out", default=keep, help="store URL: a path or an fsspec URL (s3://..., gs://...)")
+    out.add_argument("--cache-root", default=keep, help=f"cache directory or URL (default {trajectory_cache_root()})")
+    parser.add_argument("--overwrite", action="store_true", default=keep, help="replace a store made from another spec")
+    parser.add_argument("--dry-run", action="store_true", default=keep, help="print the plan and write nothing")
+    parser.add_argument("--ray-address", default=keep, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    parser.add_argument("--max-task-retries", type=int, default=keep)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=keep)
+    args = vars(parser.parse_args(argv))
+    fields = read_preset(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    fields.update({name.replace("-", "_"): value for name, value in args.items()})
+    for required in ("teacher", "num_trajectories"):
+        if required not in fields:
+            parser.error(f"{_option_name(required)} is required (on the command line or in the --config preset)")
+    if fields.get("out") is not None and fields.get("cache_root") is not None and "out" in args and "cache_root" not in args:
+        fields["cache_root"] = None  # an explicit --out wins over a preset's cache root
+    return GenerateConfig(**fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -251,3 +251,36 @@ def test_a_cache_hit_does_no_teacher_work_and_never_imports_torch(reference_stor
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=WAIT_SECONDS)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cache hit" in done.stdout and _summary(done.stdout)["teacher_forward_samples"] == 0
+
+
+@pytest.mark.parametrize("preset, shape, trajectories, evaluations_per_trajectory", [
+    ("cifar10", [3, 32, 32], 50000, 16),
+    ("imagenet256", [4, 32, 32], 1281167, 32),
+])
+def test_real_scale_presets_dry_run_offline(preset, shape, trajectories, evaluations_per_trajectory):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "pipeline" / "generate.py"), "--config", str(REPO / "jobs" / preset / "generate.yaml"),
+         "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT_SECONDS, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert done.returncode == 0, done.stderr
+    import json
+
+    plan = json.loads(done.stdout)
+    assert "provisional" in plan["cache_key"] and plan["url"].startswith("s3://")
+    assert plan["trajectories_to_write"] == trajectories
+    assert plan["teacher_forward_samples"] == trajectories * evaluations_per_trajectory
+    assert plan["uncompressed_bytes_to_write"] == trajectories * 17 * int(np.prod(shape)) * 2
+    assert plan["estimated_gpu_hours"] > 0 and "assumed" in plan["throughput_source"]
+
+
+def test_cli_flags_override_a_preset_and_unknown_preset_keys_are_named(teacher_dir, tmp_path):
+    from pipeline.generate import parse_args
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"teacher: {teacher_dir}\nnum_trajectories: 64\nsteps: 8\nshard-size: 32\n")
+    cfg = parse_args(["--config", str(preset), "--steps", "4"])
+    assert (cfg.teacher, cfg.num_trajectories, cfg.steps, cfg.shard_size) == (str(teacher_dir), 64, 4, 32)
+    preset.write_text("teacher: x\nnum_trajectory: 3\n")
+    with pytest.raises(GenerateError, match="num_trajectory.*did you mean 'num_trajectories'"):
+        parse_args(["--config", str(preset)])
