@@ -48,6 +48,7 @@ __all__ = [
     "Teacher",
     "TeacherLoadError",
     "UnsupportedSchedulerError",
+    "edm_preconditioning",
     "load_teacher",
 ]
 
@@ -157,6 +158,23 @@ class NoiseSchedule:
         tau = sigma_edm / (1.0 + sigma_edm)
         return tau * self.num_train_timesteps
 
+    def timestep_from_sigma_edm_torch(self, sigma_edm: torch.Tensor) -> torch.Tensor:
+        """Differentiable float64 torch twin of :meth:`timestep_from_sigma_edm` (for trained students).
+
+        vp levels outside the table are clamped to its ends instead of refused (σ̃ → 0 maps to timestep 0), so a
+        student can be evaluated down to its boundary σ̃ = 0; inside the table both methods agree exactly.
+        """
+        sigma_edm = sigma_edm.to(torch.float64)
+        if self.family == "vp":
+            table = torch.as_tensor(self.log_sigma_table, dtype=torch.float64, device=sigma_edm.device)  # [T]
+            log_sigma = torch.log(sigma_edm).clamp(min=float(table[0]), max=float(table[-1]))
+            index = (torch.searchsorted(table, log_sigma.detach(), right=True) - 1).clamp(0, len(table) - 2)
+            fraction = (log_sigma - table[index]) / (table[index + 1] - table[index])
+            return index.to(torch.float64) + fraction
+        if self.family == "edm":
+            return 0.25 * torch.log(sigma_edm)
+        return sigma_edm / (1.0 + sigma_edm) * self.num_train_timesteps
+
     def sigma_edm_from_timestep(self, timesteps: Any) -> np.ndarray:
         """EDM level σ̃ of model timesteps (the exact inverse of :meth:`timestep_from_sigma_edm`)."""
         t = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps, np.float64)
@@ -178,6 +196,42 @@ class NoiseSchedule:
         if self.family == "edm":
             return np.ones_like(sigma_edm), sigma_edm
         return vp_alpha_sigma(sigma_edm)
+
+
+def edm_preconditioning(
+    schedule: NoiseSchedule, prediction_type: str, sigma_edm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_in, c_noise, c_skip, c_out), float64 [B], with D(x̃, σ̃) = c_skip·x̃ + c_out·F(c_in·x̃, c_noise) (EDM eq. 7).
+
+    The same denoiser as :meth:`Teacher.denoise_native` written as differentiable torch coefficients of σ̃, for
+    students initialised from the teacher's network (F = the network, c_noise = its timestep input):
+    vp ε: c_in = 1/√(1+σ̃²), c_skip = 1, c_out = −σ̃; vp v: c_skip = 1/(1+σ̃²), c_out = −σ̃/√(1+σ̃²);
+    vp sample: c_skip = 0, c_out = 1; edm: the scheduler's own preconditioning; flow: c_in = c_skip = 1/(1+σ̃),
+    c_out = −τ = −σ̃/(1+σ̃), c_noise = τ·T. vp levels below the table clamp c_noise to timestep 0.
+    """
+    sigma = sigma_edm.to(torch.float64)  # [B]
+    c_noise = schedule.timestep_from_sigma_edm_torch(sigma) if schedule.family != "edm" else None
+    if schedule.family == "vp":
+        alpha_vp = 1.0 / torch.sqrt(1.0 + sigma * sigma)  # [B]
+        if prediction_type == "epsilon":
+            return alpha_vp, c_noise, torch.ones_like(sigma), -sigma
+        if prediction_type == "v_prediction":
+            return alpha_vp, c_noise, alpha_vp * alpha_vp, -sigma * alpha_vp
+        if prediction_type == "sample":
+            return alpha_vp, c_noise, torch.zeros_like(sigma), torch.ones_like(sigma)
+    elif schedule.family == "edm":
+        template = schedule.template
+        ones = torch.ones_like(sigma)
+        c_in = template.precondition_inputs(ones, sigma)  # [B]
+        c_skip = template.precondition_outputs(ones, torch.zeros_like(sigma), sigma)  # [B]
+        c_out = template.precondition_outputs(torch.zeros_like(sigma), ones, sigma)  # [B]
+        return c_in, template.precondition_noise(sigma).reshape(sigma.shape), c_skip, c_out
+    elif prediction_type == "flow":
+        scale = 1.0 / (1.0 + sigma)  # [B], 1 − τ
+        return scale, c_noise, scale, -sigma * scale
+    raise UnsupportedSchedulerError(
+        f"prediction_type {prediction_type!r} is not supported for a {schedule.family} schedule"
+    )
 
 
 def _model_output_tensor(output: Any) -> torch.Tensor:

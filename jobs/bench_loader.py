@@ -1,0 +1,164 @@
+"""Benchmark: mid-training steps/s streaming from a trajectory store vs. the same training on in-memory tensors.
+
+    python jobs/bench_loader.py --teacher /tmp/digits_final/export --store runs/digits/store_k16.zarr \
+        [--form cm] [--batch 128] [--steps-per-block 10] [--repetitions 30] [--num-workers 0] [--threads 1]
+
+Both sources feed the same student (the teacher's UNet, CMT loss, RAdam step) with the same batch size and torch
+threads, in one process. Blocks of `--steps-per-block` steps alternate between the two sources in ABBA order
+(stream, memory, memory, stream, ...) so drifting machine load hits both equally; the first block of each is a
+warm-up and is not counted. Besides the ratio of total
+rates, the median over adjacent (stream, memory) block pairs of their rate ratio is reported: on a shared machine
+it is the robust figure. The streamed batches come from `trainer.data.TrajectoryStream` (what trainer/mid.py
+uses); the in-memory ones from `trainer.mid.preload_pairs` (every training sample preloaded as tensors) served by
+`trainer.loop.InMemoryBatches`. Data wait = time spent inside `next(batches)` (plus the host-to-device copy).
+Prints one JSON object: steps/s of each, their ratio (target ≥ 0.95), and the fraction of step time spent
+waiting for data (target ≤ 2 %).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:  # run by path: the project root, not jobs/, goes first
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="teacher directory (load_teacher)")
+    parser.add_argument("--store", required=True, action="append", help="trajectory store url (repeatable)")
+    parser.add_argument("--form", choices=["cm", "mf"], default="cm")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps-per-block", type=int, default=10)
+    parser.add_argument("--repetitions", type=int, default=30, help="counted blocks per source (after 1 warm-up)")
+    parser.add_argument("--num-workers", type=int, default=0, help="stream DataLoader workers (0: in-process)")
+    parser.add_argument("--prefetch-factor", type=int, default=2)
+    parser.add_argument("--shuffle-buffer", type=int, default=8192)
+    parser.add_argument("--pairs-per-trajectory", type=int, default=None, help="mf: pairs drawn per trajectory")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of the stream's data wait")
+    return parser.parse_args(argv)
+
+
+def timed_steps(model, optimizer, loss_fn, batches: Iterator, steps: int) -> tuple[float, float]:
+    """Run `steps` training steps; return (wall seconds, seconds waiting inside next(batches))."""
+    wait = 0.0
+    started = time.perf_counter()
+    for step in range(steps):
+        before = time.perf_counter()
+        batch = {name: tensor.to("cpu") for name, tensor in next(batches).items()}
+        wait += time.perf_counter() - before
+        loss = loss_fn(model, batch, step).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return time.perf_counter() - started, wait
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build both sources and the student, run the interleaved blocks, print the JSON result."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from pipeline.teacher import load_teacher
+    from trainer.config import load_config
+    from trainer.data import StreamConfig, TrajectoryStream
+    from trainer.loop import InMemoryBatches
+    from trainer.losses import squared_l2
+    from trainer.mid import MidConfig, check_stores, cm_loss, mf_loss, preload_pairs
+    from trainer.student import FlowMapStudent
+
+    overrides = [f"teacher={args.teacher}", f"stores=[{','.join(args.store)}]", f"form={args.form}",
+                 f"batch_per_process={args.batch}", "loop.output_dir=/dev/null", "loop.total_steps=1",
+                 "loop.lr=1e-4", "loop.checkpoint_every_steps=0", "loop.log_every_steps=1",
+                 "loop.eval_every_steps=0"]
+    if args.pairs_per_trajectory is not None:
+        overrides.append(f"stream.pairs_per_trajectory={args.pairs_per_trajectory}")
+    cfg = load_config(MidConfig, None, overrides)
+    teacher = load_teacher(args.teacher)
+    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint, world_size=1)
+
+    stream = TrajectoryStream(StreamConfig(
+        urls=tuple(args.store), mode=args.form, batch_per_process=args.batch, shuffle_buffer=args.shuffle_buffer,
+        num_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
+        pairs_per_trajectory=args.pairs_per_trajectory if args.form == "mf" else None,
+    ), rank=0, world_size=1)
+    preload_started = time.perf_counter()
+    memory = InMemoryBatches(preload_pairs(cfg, infos), batch_per_process=args.batch, seed=0, rank=0, world_size=1)
+    preload_seconds = time.perf_counter() - preload_started
+
+    base = FlowMapStudent.from_teacher(teacher, second_time_input=args.form == "mf")
+    loss_fn = partial(cm_loss, distance=squared_l2) if args.form == "cm" else mf_loss
+    runs = {}
+    for name, source in (("stream", stream), ("memory", memory)):
+        model = copy.deepcopy(base).train()
+        runs[name] = {"model": model, "optimizer": torch.optim.RAdam(model.parameters(), lr=1e-4),
+                      "batches": iter(source), "seconds": [], "wait": []}
+
+    order = []
+    for repetition in range(args.repetitions + 1):
+        order += ["stream", "memory"] if repetition % 2 == 0 else ["memory", "stream"]
+    profiler = None
+    for position, name in enumerate(order):
+        run = runs[name]
+        warmup = position < 2
+        if args.profile and name == "stream" and not warmup and profiler is None:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        seconds, wait = timed_steps(run["model"], run["optimizer"], loss_fn, run["batches"], args.steps_per_block)
+        if profiler is not None and name == "stream":
+            profiler.disable()
+        if not warmup:
+            run["seconds"].append(seconds)
+            run["wait"].append(wait)
+
+    def rate(name: str) -> float:
+        """Counted steps per second of one source."""
+        return args.steps_per_block * len(runs[name]["seconds"]) / sum(runs[name]["seconds"])
+
+    per_block = {name: [args.steps_per_block / s for s in runs[name]["seconds"]] for name in runs}
+    result = {
+        "form": args.form,
+        "batch_per_process": args.batch,
+        "torch_threads": args.threads,
+        "stream_num_workers": args.num_workers,
+        "steps_per_block": args.steps_per_block,
+        "counted_blocks_per_source": args.repetitions,
+        "student_parameters": sum(p.numel() for p in base.parameters()),
+        "preload_seconds": round(preload_seconds, 3),
+        "preloaded_samples": len(memory.tensors[next(iter(memory.tensors))]),
+        "stream_steps_per_s": rate("stream"),
+        "memory_steps_per_s": rate("memory"),
+        "ratio_stream_over_memory": rate("stream") / rate("memory"),
+        "ratio_median_of_adjacent_pairs": statistics.median(
+            stream / memory for stream, memory in zip(per_block["stream"], per_block["memory"])),
+        "stream_data_wait_fraction": sum(runs["stream"]["wait"]) / sum(runs["stream"]["seconds"]),
+        "memory_data_wait_fraction": sum(runs["memory"]["wait"]) / sum(runs["memory"]["seconds"]),
+        "stream_blocks_steps_per_s": [round(value, 3) for value in per_block["stream"]],
+        "memory_blocks_steps_per_s": [round(value, 3) for value in per_block["memory"]],
+        "targets": {"ratio": ">= 0.95", "data_wait_fraction": "<= 0.02"},
+    }
+    print(json.dumps(result, indent=2))
+    if profiler is not None:
+        import pstats
+
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

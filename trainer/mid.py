@@ -1,0 +1,583 @@
+"""Stage 2, Consistency Mid-Training (CMT; Hu et al., arXiv 2509.24526): regress a student onto stored ODE trajectories.
+
+    python trainer/mid.py --config jobs/digits/mid.yaml [key=value ...] [--dry-run]
+    accelerate launch trainer/mid.py --config jobs/digits/mid.yaml [key=value ...]
+
+The stores (written once by `pipeline/generate.py`) hold each teacher trajectory's K+1 solver points, point 0 the
+prior noise and point K the solver's clean endpoint x̂_{t_0}. Two objectives, both without stop-gradient, time
+weighting or JVP (`trainer/losses.py`):
+
+- form "cm" (Ψ_{t→0}, EDM view):  L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})        (CMT eq. for the CM form)
+- form "mf" (Ψ_{t→s}, flow view): L = E_{i>j} ‖u_θ(x̂_{t_i}, t_j, t_i) − (x̂_{t_i} − x̂_{t_j})/(t_i − t_j)‖²
+
+The student (`trainer.student.FlowMapStudent`) starts from the teacher's weights (init="teacher") or fresh ones.
+Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl, samples/step_<N>_{1,2}step.png (EMA
+1- and 2-step samples; FD-<dataset> of each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store
+shards this rank read and a sha256 of its final parameters), init_eval.json (eval_at_init) and export/, a
+student directory (`FlowMapStudent.from_pretrained`), the input of post-training. Re-running resumes.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    # Run by path, Python puts trainer/ first on sys.path, where datasets.py would shadow the `datasets` package.
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+
+from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
+from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+
+RANKS_DIR = "ranks"
+INIT_EVAL_FILE = "init_eval.json"
+# Fault-injection hook for tests (as in pipeline/generate.py): when $CMT_MID_STOP_AT_STEP = N, the process stops itself
+# (SIGSTOP) at the start of training step N, so a test can SIGKILL it exactly mid-run.
+STOP_STEP_ENV = "CMT_MID_STOP_AT_STEP"
+
+
+class MidDataError(ConfigError):
+    """Stores that cannot feed this run (incomplete, wrong shape, wrong teacher, too few shards); names the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamOptions:
+    """How trajectories are streamed (trainer.data.StreamConfig): subsets per trajectory, shuffling, workers."""
+
+    points_per_trajectory: int | None = None  # CM: random subset of the K non-final points per trajectory (None: all)
+    pairs_per_trajectory: int | None = None  # MF: random subset of the pairs i > j per trajectory (None: all)
+    shuffle_buffer: int = 4096
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    source: Literal["stream", "memory"] = "stream"  # "memory": read every store up front into tensors (small stores)
+
+    def __post_init__(self) -> None:
+        """Reject counts that cannot work."""
+        for name in ("points_per_trajectory", "pairs_per_trajectory"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"stream.{name} must be >= 1 or none (all), got {value}")
+        if self.shuffle_buffer < 1 or self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ConfigError("stream.shuffle_buffer >= 1, stream.num_workers >= 0 and stream.prefetch_factor >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MidConfig:
+    """Stage-2 settings: teacher, trajectory stores, objective, student init, streaming, evaluation, the loop."""
+
+    loop: LoopConfig
+    teacher: str
+    stores: tuple[str, ...]
+    form: Literal["cm", "mf"] = "cm"
+    distance: Literal["squared_l2", "pseudo_huber", "lpips"] = "squared_l2"
+    pseudo_huber_c: float | None = None  # None: iCT's 0.00054·√d
+    lpips_weights: str | None = None  # local LPIPS-VGG weights file (never downloaded)
+    lpips_resize_to: int | None = 224
+    init: Literal["teacher", "random"] = "teacher"
+    batch_per_process: int = 128
+    stream: StreamOptions = field(default_factory=StreamOptions)
+    allow_incomplete: bool = False  # train on the committed shards of an unfinished store
+    strict: bool = False  # a teacher-fingerprint mismatch between store and student init is an error, not a warning
+    num_eval_samples: int = 1000
+    num_grid_images: int = 64
+    eval_seed: int = 0
+    eval_intermediate: float | None = None  # 2-step intermediate time (σ̃ for cm, τ for mf); None: student default
+    eval_at_init: bool = False  # also score the initial student (the teacher's own 1-/2-step) → init_eval.json
+    fd_dataset: str | None = "digits"  # FD-<dataset> of the samples; none: no FD
+    compute_fd: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work, naming the fix."""
+        if not self.stores:
+            raise ConfigError("stores is empty: list at least one trajectory store (pipeline/generate.py prints it)")
+        if self.batch_per_process < 1:
+            raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
+        if self.num_eval_samples < 1 or self.num_grid_images < 1:
+            raise ConfigError("num_eval_samples and num_grid_images must be >= 1")
+        if self.distance == "lpips" and not self.lpips_weights:
+            from trainer.losses import LPIPS_WEIGHTS_HELP
+
+            raise ConfigError(f"distance=lpips needs lpips_weights=<local file>.\n{LPIPS_WEIGHTS_HELP}")
+        if self.form == "cm" and self.stream.pairs_per_trajectory is not None:
+            raise ConfigError("stream.pairs_per_trajectory is for form=mf; form=cm takes stream.points_per_trajectory")
+        if self.form == "mf" and self.stream.points_per_trajectory is not None:
+            raise ConfigError("stream.points_per_trajectory is for form=cm; form=mf takes stream.pairs_per_trajectory")
+        if self.distance != "pseudo_huber" and self.pseudo_huber_c is not None:
+            raise ConfigError("pseudo_huber_c is only used with distance=pseudo_huber; drop it")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stores: pre-flight checks and the in-memory data path
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What the pre-flight check learned about one store."""
+
+    url: str
+    num_trajectories: int
+    num_points: int
+    sample_shape: tuple[int, ...]
+    committed_shards: tuple[int, ...]
+    num_shards: int
+    shard_size: int
+    teacher_fingerprint: str
+    solver: str
+    steps: int
+    grid: str
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly description for --dry-run."""
+        return {
+            "url": self.url, "trajectories": self.num_trajectories, "points": self.num_points,
+            "sample_shape": list(self.sample_shape), "solver": f"{self.solver} K={self.steps} grid={self.grid}",
+            "committed_shards": f"{len(self.committed_shards)}/{self.num_shards}",
+        }
+
+
+def check_stores(
+    cfg: MidConfig, *, sample_shape: Sequence[int], teacher_fingerprint: str | None, world_size: int
+) -> list[StoreInfo]:
+    """Open every store and check it can feed this run; raises MidDataError with the fix (fingerprint: warning)."""
+    from storage_schema import open_store
+    from storage_schema.errors import StoreError
+
+    infos = []
+    for url in cfg.stores:
+        try:
+            store = open_store(url)
+        except StoreError as error:
+            raise MidDataError(f"cannot open trajectory store {url}: {error}") from error
+        spec = store.spec
+        committed = tuple(store.committed_shards())
+        info = StoreInfo(url, spec.num_trajectories, spec.num_points, tuple(spec.sample_shape), committed,
+                         spec.num_shards, spec.shard_size, spec.teacher_fingerprint, spec.solver, spec.steps, spec.grid)
+        if info.sample_shape != tuple(sample_shape):
+            raise MidDataError(
+                f"store {url} holds samples of shape {list(info.sample_shape)} but the teacher's samples are "
+                f"{list(sample_shape)}: use stores generated from this teacher (pipeline/generate.py --teacher ...)"
+            )
+        if len(committed) < spec.num_shards and not cfg.allow_incomplete:
+            raise MidDataError(
+                f"store {url} is incomplete ({len(committed)}/{spec.num_shards} shards committed): finish it by "
+                "re-running its pipeline/generate.py command, or pass allow_incomplete=true to train on the "
+                "committed shards only"
+            )
+        if teacher_fingerprint is not None and spec.teacher_fingerprint != teacher_fingerprint:
+            message = (
+                f"store {url} was generated by teacher {spec.teacher_fingerprint[:12]}…, but the student starts from "
+                f"teacher {teacher_fingerprint[:12]}…: its trajectories are not this teacher's ODE"
+            )
+            if cfg.strict:
+                raise MidDataError(f"{message}; use the matching teacher / store, or drop strict=true to only warn")
+            warnings.warn(f"{message} (pass strict=true to make this an error)", stacklevel=2)
+        infos.append(info)
+    num_points = {info.num_points for info in infos}
+    if cfg.form == "mf" and len(num_points) > 1:
+        raise MidDataError(f"stores with different numbers of points {sorted(num_points)} cannot be mixed here")
+    total_shards = sum(len(info.committed_shards) for info in infos)
+    readers = world_size * (max(1, cfg.stream.num_workers) if cfg.stream.source == "stream" else 1)
+    if total_shards < readers:
+        raise MidDataError(
+            f"{total_shards} committed shard(s) for {readers} readers ({world_size} process(es) × "
+            f"{max(1, cfg.stream.num_workers)} stream.num_workers): some rank would get an empty shard list. "
+            "Use fewer processes or stream.num_workers, more stores, or regenerate with a smaller --shard-size"
+        )
+    return infos
+
+
+def _pair_indices(num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (i, j) of trajectory points with i < j (i earlier / noisier, j later / cleaner)."""
+    first, second = np.triu_indices(num_points, k=1)
+    return first.astype(np.int64), second.astype(np.int64)
+
+
+def preload_pairs(cfg: MidConfig, infos: Sequence[StoreInfo]) -> dict[str, torch.Tensor]:
+    """Every training sample of the stores' committed shards as in-memory tensors, in the loader's batch format.
+
+    cm: x_t [M, *S] (EDM view), sigma [M], x0 [M, *S] over all K non-final points of every trajectory;
+    mf: z_t, t, z_r, r over all pairs of points (t > r, flow-matching view). Conversions: pipeline.time_convention.
+    """
+    from pipeline.time_convention import edm_from_native, fm_from_edm
+    from storage_schema import open_store
+
+    parts: dict[str, list[torch.Tensor]] = {}
+    for info in infos:
+        store = open_store(info.url)
+        traj, labels = [], []
+        for shard in info.committed_shards:
+            data = store.read_shard(shard)
+            traj.append(np.asarray(data["traj"], dtype=np.float32))
+            if data.get("label") is not None:
+                labels.append(np.asarray(data["label"], dtype=np.int64))
+        points = torch.from_numpy(np.concatenate(traj))  # [N, P, *S] native
+        n, p = points.shape[:2]
+        sample_shape = points.shape[2:]
+        alpha = torch.from_numpy(np.array(store.alpha)).repeat(n)  # [N·P] float64
+        sigma = torch.from_numpy(np.array(store.sigma)).repeat(n)  # [N·P] float64
+        x_edm, sigma_edm = edm_from_native(points.flatten(0, 1), alpha, sigma)  # [N·P, *S], [N·P]
+        label_tensor = torch.from_numpy(np.concatenate(labels)) if labels else None  # [N]
+        if cfg.form == "cm":
+            x_edm = x_edm.reshape(n, p, *sample_shape)  # [N, P, *S]
+            batch = {
+                "x_t": x_edm[:, : p - 1].flatten(0, 1),  # [N·K, *S]
+                "sigma": sigma_edm.reshape(n, p)[:, : p - 1].flatten().float(),  # [N·K]
+                "x0": x_edm[:, p - 1 :].expand(n, p - 1, *sample_shape).flatten(0, 1),  # [N·K, *S]
+            }
+            repeats = p - 1
+        else:
+            z, tau = fm_from_edm(x_edm, sigma_edm)  # [N·P, *S], [N·P] float64
+            z, tau = z.reshape(n, p, *sample_shape), tau.reshape(n, p)
+            first, second = _pair_indices(p)
+            batch = {
+                "z_t": z[:, first].flatten(0, 1),  # [N·pairs, *S]
+                "t": tau[:, first].flatten().float(),  # [N·pairs]
+                "z_r": z[:, second].flatten(0, 1),  # [N·pairs, *S]
+                "r": tau[:, second].flatten().float(),  # [N·pairs]
+            }
+            repeats = len(first)
+        if label_tensor is not None:
+            batch["labels"] = label_tensor.repeat_interleave(repeats)
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+class PreloadedBatches(InMemoryBatches):
+    """InMemoryBatches over `preload_pairs`, recording which store shards this rank's data came from (all of them)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], infos: Sequence[StoreInfo], **kwargs: Any) -> None:
+        super().__init__(tensors, **kwargs)
+        self.shards_read = [[info.url, int(shard)] for info in infos for shard in info.committed_shards]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def cm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int, *, distance: Any) -> torch.Tensor:
+    """CMT CM form per sample: d(f_θ(x̂_{t_i}, t_i), x̂_{t_0}) (no stop-gradient, no time weighting)."""
+    from trainer.losses import cmt_cm_loss
+
+    _hold_if_asked(step)
+    f = model("cm", batch["x_t"], batch["sigma"], batch.get("labels"))  # [B, *S]
+    return cmt_cm_loss(f, batch["x0"], distance)  # [B]
+
+
+def mf_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+    """CMT MF form per sample: ‖u_θ(z_t, r, t) − (z_t − z_r)/(t − r)‖² (average velocity of the stored trajectory)."""
+    from trainer.losses import cmt_mf_loss
+
+    _hold_if_asked(step)
+    u = model("mf", batch["z_t"], batch["t"], batch["r"], batch.get("labels"))  # [B, *S]
+    return cmt_mf_loss(u, batch["z_t"], batch["z_r"], batch["t"], batch["r"])  # [B]
+
+
+def _hold_if_asked(step: int) -> None:
+    """Fault injection for tests: at step $CMT_MID_STOP_AT_STEP the process sends itself SIGSTOP."""
+    if os.environ.get(STOP_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def build_distance(cfg: MidConfig, device: torch.device) -> Any:
+    """The distance d of the CM form from the config (LPIPS from a local weights file only)."""
+    from trainer.losses import distance
+
+    if cfg.distance == "pseudo_huber":
+        return distance("pseudo_huber", c=cfg.pseudo_huber_c)
+    if cfg.distance == "lpips":
+        try:
+            return distance("lpips", weights_path=cfg.lpips_weights, resize_to=cfg.lpips_resize_to).to(device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    return distance("squared_l2")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def student_samples(student: Any, cfg: MidConfig, steps: int, *, batch_size: int = 500) -> torch.Tensor:
+    """`num_eval_samples` 1- or 2-step samples [N, *S] clamped to [-1, 1]; noise seeds eval_seed + i (labels i % C)."""
+    from pipeline.solvers import prior_noise
+
+    seeds = list(range(cfg.eval_seed, cfg.eval_seed + cfg.num_eval_samples))
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        noise = prior_noise(chunk, student.sample_shape)  # [b, *S]
+        labels = None if student.num_classes is None else [seed % student.num_classes for seed in chunk]
+        generator = torch.Generator().manual_seed(cfg.eval_seed + 1_000_003 + start)
+        out.append(student.sample(noise, steps, intermediate=cfg.eval_intermediate, labels=labels,
+                                  generator=generator).cpu())
+    return torch.cat(out).clamp(-1, 1)  # [N, *S]
+
+
+@dataclass
+class StudentEvaluator:
+    """Eval hook: EMA student's 1- and 2-step samples → PNG grids and FD-<dataset> (fd_1step, fd_2step)."""
+
+    cfg: MidConfig
+    samples_dir: Path
+    _metric: Any = None
+
+    def __call__(self, ema_student: torch.nn.Module, step: int | str) -> dict[str, float]:
+        """Sample, save samples/step_<step>_{1,2}step.png and score; returns the logged scalars."""
+        from trainer.images import save_grid
+
+        scores: dict[str, float] = {}
+        was_training = ema_student.training
+        ema_student.eval()
+        for steps in (1, 2):
+            images = student_samples(ema_student, self.cfg, steps)  # [N, *S]
+            if images.dim() == 4 and images.shape[1] in (1, 3):
+                save_grid(images[: self.cfg.num_grid_images], self.samples_dir / f"step_{step}_{steps}step.png")
+            if self._fd_enabled():
+                if self._metric is None:
+                    from trainer.metrics import FDMetric
+
+                    self._metric = FDMetric(self.cfg.fd_dataset)
+                scores[f"fd_{steps}step"] = float(self._metric(images))
+        ema_student.train(was_training)
+        return scores
+
+    def _fd_enabled(self) -> bool:
+        """FD is computed when asked for and the dataset has a feature classifier."""
+        from trainer.metrics import FD_DATASETS
+
+        return self.cfg.compute_fd and self.cfg.fd_dataset is not None and self.cfg.fd_dataset in FD_DATASETS
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass(frozen=True)
+class MidResult:
+    """A finished mid-training run: the loop's result plus the initial student's scores (eval_at_init)."""
+
+    loop: LoopResult
+    init_metrics: dict[str, float]
+    rank_report: dict[str, Any]
+
+
+def parameter_hash(module: torch.nn.Module) -> str:
+    """sha256 of every tensor of a module's state dict (name, dtype, shape, bytes): equal iff the weights are equal."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ShardRecordingStream:
+    """A TrajectoryStream (include_indices=True) that records which store shards each epoch's batches came from.
+
+    The index keys (store, index, point, point_r) are stripped before the batch reaches the loss; state_dict /
+    load_state_dict are the stream's own, so checkpoints and resume are unchanged.
+    """
+
+    INDEX_KEYS = ("store", "index", "point", "point_r")
+
+    def __init__(self, stream: Any, infos: Sequence[StoreInfo]) -> None:
+        self.stream = stream
+        self.urls = [info.url for info in infos]
+        self.shard_sizes = torch.tensor([info.shard_size for info in infos])  # [stores]
+        self.shards_by_epoch: dict[int, set[tuple[int, int]]] = {}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The stream's batches without the index keys; the epoch is read before each batch is drawn."""
+        batches = iter(self.stream)
+        while True:
+            epoch = self.stream.epoch
+            batch = next(batches)
+            store = batch["store"]  # [B]
+            shard = batch["index"] // self.shard_sizes[store]  # [B]
+            seen = self.shards_by_epoch.setdefault(epoch, set())
+            seen.update(zip(store.tolist(), shard.tolist()))
+            yield {key: value for key, value in batch.items() if key not in self.INDEX_KEYS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume the stream."""
+        self.stream.load_state_dict(state)
+
+    def shards_read(self) -> dict[str, list[list[Any]]]:
+        """{epoch: [[store url, shard], ...]} of the batches handed out so far (this run, this rank)."""
+        return {str(epoch): [[self.urls[store], shard] for store, shard in sorted(seen)]
+                for epoch, seen in sorted(self.shards_by_epoch.items())}
+
+
+def build_batches(cfg: MidConfig, infos: Sequence[StoreInfo], *, rank: int, world_size: int,
+                  sample_shape: Sequence[int]) -> Any:
+    """The run's batch source: a shard-recording trainer.data.TrajectoryStream, or PreloadedBatches (source=memory).
+
+    The store checks (shape, completeness, teacher fingerprint, shards per reader) ran in `check_stores` already,
+    with this config's key names; the stream repeats the shape check only.
+    """
+    if cfg.stream.source == "memory":
+        return PreloadedBatches(preload_pairs(cfg, infos), infos, batch_per_process=cfg.batch_per_process,
+                                seed=cfg.loop.seed, rank=rank, world_size=world_size)
+    from trainer.data import StreamConfig, StreamError, TrajectoryStream
+
+    stream_cfg = StreamConfig(
+        urls=tuple(cfg.stores),
+        mode=cfg.form,
+        batch_per_process=cfg.batch_per_process,
+        points_per_trajectory=cfg.stream.points_per_trajectory,
+        pairs_per_trajectory=cfg.stream.pairs_per_trajectory,
+        shuffle_buffer=cfg.stream.shuffle_buffer,
+        num_workers=cfg.stream.num_workers,
+        prefetch_factor=cfg.stream.prefetch_factor,
+        seed=cfg.loop.seed,
+        allow_incomplete=cfg.allow_incomplete,
+        expected_sample_shape=tuple(sample_shape),
+        include_indices=True,
+    )
+    try:
+        stream = TrajectoryStream(stream_cfg, rank=rank, world_size=world_size)
+    except StreamError as error:
+        raise MidDataError(str(error)) from error
+    return ShardRecordingStream(stream, infos)
+
+
+def shards_read(batches: Any) -> Any:
+    """What this rank's batch source read: {epoch: [[url, shard], ...]} (stream) or [[url, shard], ...] (memory)."""
+    if isinstance(batches, ShardRecordingStream):
+        return batches.shards_read()
+    return [list(entry) for entry in batches.shards_read]
+
+
+def run(cfg: MidConfig) -> MidResult:
+    """Mid-train (or resume) the student described by `cfg`; returns the loop result and the initial scores."""
+    accelerator = make_accelerator(cfg.loop)  # first: later accelerate state must see the launcher's processes
+    output_dir = Path(cfg.loop.output_dir)
+    if accelerator.is_main_process:
+        save_resolved(cfg, output_dir)
+    from pipeline.teacher import load_teacher
+    from trainer.student import FlowMapStudent
+
+    teacher = load_teacher(cfg.teacher, device=accelerator.device)
+    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                         world_size=accelerator.num_processes)
+    set_seed(cfg.loop.seed)  # identical initial weights on every rank and every run
+    student = FlowMapStudent.from_teacher(teacher, second_time_input=cfg.form == "mf", init=cfg.init,
+                                          seed=cfg.loop.seed)
+    del teacher
+    evaluate = StudentEvaluator(cfg, output_dir / "samples")
+    init_metrics: dict[str, float] = {}
+    if cfg.eval_at_init and accelerator.is_main_process and not (output_dir / INIT_EVAL_FILE).exists():
+        init_metrics = evaluate(student, "init")
+        (output_dir / INIT_EVAL_FILE).write_text(json.dumps(init_metrics, indent=2))
+    batches = build_batches(cfg, infos, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                            sample_shape=student.sample_shape)
+    if cfg.form == "cm":
+        loss_fn = partial(cm_loss, distance=build_distance(cfg, accelerator.device))
+    else:
+        loss_fn = mf_loss
+    result = train_loop(
+        cfg.loop,
+        model=student,
+        loss_fn=loss_fn,
+        batches=batches,
+        accelerator=accelerator,
+        evaluate=evaluate,
+        export=lambda ema_student, directory: ema_student.save_pretrained(directory),
+    )
+    report = {
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "shards_read": shards_read(batches),
+        "parameter_sha256": parameter_hash(student.net),
+        "final_step": result.final_step,
+    }
+    (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+    (output_dir / RANKS_DIR / f"rank_{accelerator.process_index}.json").write_text(json.dumps(report, indent=2))
+    return MidResult(loop=result, init_metrics=init_metrics, rank_report=report)
+
+
+def describe(cfg: MidConfig) -> dict[str, Any]:
+    """What a run of `cfg` would do, for --dry-run: resolved config, stores, student size, samples per epoch."""
+    from pipeline.teacher import load_teacher
+    from trainer.student import FlowMapStudent
+
+    teacher = load_teacher(cfg.teacher)
+    world_size = PartialState().num_processes
+    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                         world_size=world_size)
+    student = FlowMapStudent.from_teacher(teacher, second_time_input=cfg.form == "mf", init=cfg.init)
+    per_trajectory = []
+    for info in infos:
+        k = info.num_points - 1
+        if cfg.form == "cm":
+            per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
+        else:
+            pairs = k * (k + 1) // 2
+            per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
+    samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
+    return {
+        "config": config_to_dict(cfg),
+        "processes": world_size,
+        "stores": [info.summary() for info in infos],
+        "training_samples_per_epoch": samples,
+        "steps_per_epoch": samples // (cfg.batch_per_process * world_size),
+        "student": {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
+                    "parameters": sum(p.numel() for p in student.parameters()),
+                    "teacher_fingerprint": student.teacher_fingerprint},
+        "output_dir": cfg.loop.output_dir,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: `python trainer/mid.py --config PRESET [key=value ...] [--dry-run]`."""
+    from pipeline.teacher import TeacherLoadError
+    from trainer.student import StudentLoadError
+
+    try:
+        args = parse_stage_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(MidConfig, args.config_path, args.overrides)
+        if args.dry_run:
+            print(json.dumps(describe(cfg), indent=2))
+            return 0
+        result = run(cfg)
+    except (ConfigError, TeacherLoadError, StudentLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not PartialState().is_main_process:
+        return 0
+    summary = {
+        "start_step": result.loop.start_step,
+        "final_step": result.loop.final_step,
+        "skipped_steps": result.loop.skipped_steps,
+        "export_dir": str(result.loop.export_dir),
+        "metrics": result.loop.metrics,
+        "init_metrics": result.init_metrics,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The few-step student of CMT: one diffusers network read as a flow map, initialised from the teacher.
+
+Two readings of the same network F (the teacher's architecture, by default the teacher's weights):
+
+- CM form, Ψ_{t→0} in the EDM view (x̃ = x0 + σ̃·ε):  f_θ(x̃, σ̃) = c_skip(σ̃)·x̃ + c_out(σ̃)·F(c_in(σ̃)·x̃, c_noise(σ̃)),
+  with the teacher's own preconditioning (`pipeline.teacher.edm_preconditioning`), so c_skip → 1 and c_out → 0 as
+  σ̃ → 0 (the consistency boundary condition; f(x̃, 0) = x̃ is enforced exactly) and, at init from the teacher,
+  f IS the teacher's x0 prediction D(x̃, σ̃).
+- MF form, Ψ_{t→r} in the flow-matching view (z = (1 − τ)·x0 + τ·ε, τ ∈ [0, 1]): the average velocity
+  u_θ(z, r, t), with Ψ_{t→r}(z) = z − (t − r)·u_θ(z, r, t). The instantaneous velocity v = ε̂ − x̂0 follows from
+  the same D: v = (z − D)/τ. A second time input carries (t − r) through a `class_embed_type="timestep"`
+  embedding (scaled like the model's timestep input: (t − r)·num_train_timesteps) whose last linear layer
+  starts at zero, so at init u(z, r, t) = v(z, t) for every r.
+
+Exports (`save_pretrained`) hold `unet/` (diffusers safetensors), `scheduler/` (the teacher's schedule) and
+`student.json` (format version, time convention, prediction type, second time input, teacher fingerprint).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.teacher import NoiseSchedule, Teacher, edm_preconditioning
+
+__all__ = [
+    "DEFAULT_CM_INTERMEDIATE_SIGMA",
+    "DEFAULT_MF_INTERMEDIATE_TAU",
+    "DEFAULT_SIGMA_MAX",
+    "STUDENT_FORMAT_VERSION",
+    "STUDENT_TIME_CONVENTION",
+    "FlowMapStudent",
+    "StudentLoadError",
+]
+
+STUDENT_FORMAT_VERSION = 1
+STUDENT_TIME_CONVENTION = "cm: EDM view (x̃ = x0 + σ̃·ε, σ̃ ≥ 0); mf: flow-matching view (z = (1−τ)·x0 + τ·ε, τ ∈ [0,1])"
+STUDENT_FILE = "student.json"
+NET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+DEFAULT_SIGMA_MAX = 80.0  # the CMT / EDM prior level, clamped to what the teacher's schedule represents
+DEFAULT_CM_INTERMEDIATE_SIGMA = 0.821  # ECT / iCT's 2-step intermediate level σ̃
+DEFAULT_MF_INTERMEDIATE_TAU = 0.5  # MeanFlow's 2-step intermediate time τ
+
+
+class StudentLoadError(ValueError):
+    """A directory that is not a (compatible) student export, or a teacher a student cannot be built from."""
+
+
+def _per_sample_times(value: Any, batch: int, device: torch.device) -> Tensor:
+    """A scalar or [B] time (float, numpy, tensor) as a float64 tensor [B] (graph kept for tensors)."""
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(np.asarray(value, dtype=np.float64))
+    value = value.to(device=device, dtype=torch.float64)
+    if value.numel() == 1:
+        return value.reshape(1).expand(batch)  # [B]
+    if value.numel() != batch:
+        raise ValueError(f"time of shape {tuple(value.shape)} for {batch} samples: pass a scalar or shape [{batch}]")
+    return value.reshape(batch)  # [B]
+
+
+def _column(values: Tensor, like: Tensor) -> Tensor:
+    """Per-sample values [B] as [B, 1, ..., 1] in `like`'s dtype."""
+    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _scheduler_from_config(config: dict[str, Any]) -> Any:
+    """A diffusers scheduler rebuilt from its saved config (the class must come from the diffusers namespace)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise StudentLoadError(
+            f"scheduler class {config.get('_class_name')!r} is not a diffusers scheduler: re-export the student"
+        )
+    return cls.from_config(config)
+
+
+class FlowMapStudent(nn.Module):
+    """The few-step student around one diffusers UNet2DModel (same architecture as the teacher)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        scheduler: Any,
+        *,
+        prediction_type: str,
+        second_time_input: bool = False,
+        teacher_fingerprint: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
+    ):
+        """Wrap `net` (trained under `scheduler`'s schedule with `prediction_type`); see :meth:`from_teacher`."""
+        super().__init__()
+        self.net = net
+        self.scheduler = scheduler
+        self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        self.prediction_type = str(prediction_type)
+        self.second_time_input = bool(second_time_input)
+        self.teacher_fingerprint = teacher_fingerprint
+        config = getattr(net, "config", None)
+        if sample_shape is None:
+            size = config.sample_size
+            spatial = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+            sample_shape = (int(config.in_channels), *spatial)
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.num_classes = num_classes
+        if self.second_time_input and getattr(config, "class_embed_type", None) != "timestep":
+            raise StudentLoadError(
+                "second_time_input=True needs a net built with class_embed_type='timestep' (the (t − r) embedding): "
+                "build the student with FlowMapStudent.from_teacher(teacher, second_time_input=True)"
+            )
+
+    # ------------------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def from_teacher(
+        cls,
+        teacher: Teacher,
+        *,
+        second_time_input: bool = False,
+        init: Literal["teacher", "random"] = "teacher",
+        seed: int = 0,
+    ) -> FlowMapStudent:
+        """A student with the teacher's architecture: the teacher's weights (init="teacher") or fresh ones ("random").
+
+        With `second_time_input` the net gains a (t − r) embedding (UNet2DModel `class_embed_type="timestep"`)
+        whose last linear layer is zero-initialised, so the student's u(z, r, t) starts equal to the teacher's
+        velocity for every r.
+        """
+        if init not in ("teacher", "random"):
+            raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
+        from diffusers import UNet2DModel
+
+        source = teacher.model
+        if second_time_input:
+            if not isinstance(source, UNet2DModel):
+                raise StudentLoadError(
+                    f"second_time_input needs a UNet2DModel teacher (the (t − r) input is its class_embed_type="
+                    f"'timestep' embedding), got {type(source).__name__}: use the CM form (second_time_input=False)"
+                )
+            if source.config.num_class_embeds is not None or source.config.class_embed_type is not None:
+                raise StudentLoadError(
+                    "second_time_input on a class-conditional UNet2DModel is not supported: its class embedding "
+                    "slot is taken by the labels, so the (t − r) embedding has no place. Use the CM form, or an "
+                    "unconditional teacher"
+                )
+            config = {key: value for key, value in source.config.items() if not key.startswith("_")}
+            config["class_embed_type"] = "timestep"
+            torch.manual_seed(seed)
+            net = UNet2DModel(**config)
+            if init == "teacher":
+                result = net.load_state_dict(source.state_dict(), strict=False)
+                unexpected = list(result.unexpected_keys)
+                foreign = [key for key in result.missing_keys if not key.startswith("class_embedding.")]
+                if unexpected or foreign or not result.missing_keys:
+                    raise StudentLoadError(
+                        f"teacher weights do not fit the student net: missing {foreign}, unexpected {unexpected} "
+                        "(only the new class_embedding.* keys may be missing)"
+                    )
+            nn.init.zeros_(net.class_embedding.linear_2.weight)
+            nn.init.zeros_(net.class_embedding.linear_2.bias)
+        else:
+            net = copy.deepcopy(source)
+            if init == "random":
+                if not hasattr(net, "config") or not hasattr(type(net), "from_config"):
+                    raise StudentLoadError(
+                        f"init='random' needs a diffusers model class to re-initialise, got {type(net).__name__}"
+                    )
+                torch.manual_seed(seed)
+                net = type(net).from_config(net.config)
+        net = net.to(teacher.device)
+        if any(parameter.dtype != torch.float32 for parameter in net.parameters()):
+            net = net.float()  # a student trains in float32 whatever dtype the teacher was loaded in
+        net.train()
+        return cls(
+            net,
+            copy.deepcopy(teacher.scheduler),
+            prediction_type=teacher.prediction_type,
+            second_time_input=second_time_input,
+            teacher_fingerprint=teacher.fingerprint,
+            sample_shape=tuple(teacher.sample_shape),
+            num_classes=teacher.num_classes,
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # The two readings of the network
+
+    def _call_net(self, x_in: Tensor, timesteps: Tensor, labels: Tensor | None, gap: Tensor | None) -> Tensor:
+        """One forward pass of the net; `gap` = (t − r)·T for the second time input → prediction [B, C, *S]."""
+        kwargs: dict[str, Any] = {}
+        if self.second_time_input:
+            kwargs["class_labels"] = gap if gap is not None else torch.zeros_like(timesteps)
+        elif labels is not None:
+            kwargs["class_labels"] = labels
+        out = self.net(x_in, timesteps, **kwargs)
+        out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
+        if out.shape[1] == 2 * x_in.shape[1]:
+            out = out[:, : x_in.shape[1]]  # learned variance: keep the mean prediction
+        return out
+
+    def _labels(self, labels: Any, batch: int, device: torch.device) -> Tensor | None:
+        """Validate class ids against the student's conditioning → [B] int64 or None."""
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("labels were given but the student is unconditional: drop labels")
+            return None
+        if labels is None:
+            raise ValueError(f"the student is class-conditional ({self.num_classes} classes): pass labels")
+        labels = torch.as_tensor(labels).to(device=device, dtype=torch.long).reshape(-1)  # [B]
+        if labels.shape[0] != batch:
+            raise ValueError(f"{labels.shape[0]} labels for {batch} samples: pass one label per sample")
+        return labels
+
+    def denoise(self, x_edm: Tensor, sigma_edm: Any, labels: Any = None) -> Tensor:
+        """CM form f_θ(x̃, σ̃) = c_skip·x̃ + c_out·F(c_in·x̃, c_noise) in the EDM view → [B, *S]; f(x̃, 0) = x̃ exactly."""
+        batch = x_edm.shape[0]
+        sigma = _per_sample_times(sigma_edm, batch, x_edm.device)  # [B] float64
+        at_boundary = sigma <= 0  # [B]
+        safe_sigma = torch.where(at_boundary, torch.ones_like(sigma), sigma)  # [B], keeps c_noise finite
+        c_in, c_noise, c_skip, c_out = edm_preconditioning(self.schedule, self.prediction_type, safe_sigma)
+        out = self._call_net(
+            x_edm * _column(c_in, x_edm), c_noise.to(torch.float32), self._labels(labels, batch, x_edm.device), None
+        )  # [B, C, *S]
+        f = _column(c_skip, x_edm) * x_edm + _column(c_out, x_edm) * out.to(x_edm.dtype)  # [B, *S]
+        return torch.where(_column(at_boundary, x_edm).bool(), x_edm, f)
+
+    def velocity(self, z: Tensor, t: Any, r: Any = None, labels: Any = None) -> Tensor:
+        """MF form u_θ(z, r, t) in the flow-matching view (r = None means r = t: the instantaneous velocity ε̂ − x̂0).
+
+        v = (z − D(x̃, σ̃))/τ with σ̃ = τ/(1 − τ), x̃ = z/(1 − τ); written as v = a_z·z + a_F·F(b_in·z, c_noise) with
+        float64 coefficients (flow-matching teachers: v = F(z, τ·T) exactly, also at τ = 1). Needs t > 0.
+        """
+        batch = z.shape[0]
+        tau = _per_sample_times(t, batch, z.device)  # [B] float64
+        gap = None
+        if self.second_time_input:
+            r_times = tau if r is None else _per_sample_times(r, batch, z.device)  # [B]
+            gap = ((tau - r_times) * self.schedule.num_train_timesteps).to(torch.float32)  # [B], (t − r)·T
+        labels = self._labels(labels, batch, z.device)
+        if self.schedule.family == "flow":
+            timesteps = (tau * self.schedule.num_train_timesteps).to(torch.float32)  # [B]
+            return self._call_net(z, timesteps, labels, gap).to(z.dtype)
+        sigma = tau / (1.0 - tau)  # [B], σ̃
+        c_in, c_noise, c_skip, c_out = edm_preconditioning(self.schedule, self.prediction_type, sigma)
+        one_minus_tau = 1.0 - tau  # [B]
+        b_in = c_in / one_minus_tau  # [B], z → c_in·x̃
+        a_z = (1.0 - c_skip / one_minus_tau) / tau  # [B]
+        a_f = -c_out / tau  # [B]
+        out = self._call_net(z * _column(b_in, z), c_noise.to(torch.float32), labels, gap)  # [B, C, *S]
+        return _column(a_z, z) * z + _column(a_f, z) * out.to(z.dtype)  # [B, *S]
+
+    def forward(self, form: Literal["cm", "mf"], *args: Any, **kwargs: Any) -> Tensor:
+        """Dispatch through __call__ (so DDP / accelerate wrappers see a forward): "cm" → denoise, "mf" → velocity."""
+        if form == "cm":
+            return self.denoise(*args, **kwargs)
+        if form == "mf":
+            return self.velocity(*args, **kwargs)
+        raise ValueError(f"form must be 'cm' (denoise) or 'mf' (velocity), got {form!r}")
+
+    def flow_map(self, z: Tensor, t: Any, r: Any, labels: Any = None) -> Tensor:
+        """Ψ_{t→r}(z) = z − (t − r)·u_θ(z, r, t) in the flow-matching view → [B, *S]."""
+        batch = z.shape[0]
+        tau, r_times = _per_sample_times(t, batch, z.device), _per_sample_times(r, batch, z.device)
+        return z - _column(tau - r_times, z) * self.velocity(z, tau, r_times, labels)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def default_sigma_max(self) -> float:
+        """The prior level σ̃_max: 80 (the CMT / EDM recipe), clamped to the largest level the schedule represents."""
+        return float(min(DEFAULT_SIGMA_MAX, self.schedule.sigma_edm_max))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: Tensor,
+        steps: int = 1,
+        *,
+        intermediate: float | None = None,
+        sigma_max: float | None = None,
+        labels: Any = None,
+        form: Literal["cm", "mf"] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """1- or 2-step samples x0 [B, *S] in the teacher's native clean space (pixel teachers: images in [-1, 1];
+        latent teachers: latents, decode them with the teacher's `Teacher.decode`).
+
+        `noise` is standard normal [B, *S]. CM form (default without a second time input): x̃_T = ε·√(1+σ̃_max²) (the
+        VP marginal the solvers start from), x0 = f(x̃_T, σ̃_max); 2 steps re-noise to σ̃ = `intermediate`
+        (default 0.821) with fresh noise from `generator` and apply f again. MF form (default with a second time
+        input): z_T at τ_max = σ̃_max/(1+σ̃_max) (τ_max = 1 for flow-matching teachers),
+        z_0 = z_T − τ_max·u(z_T, 0, τ_max);
+        2 steps pass through τ = `intermediate` (default 0.5) deterministically.
+        """
+        if steps not in (1, 2):
+            raise ValueError(f"steps must be 1 or 2, got {steps}")
+        form = form or ("mf" if self.second_time_input else "cm")
+        device = next(self.net.parameters()).device
+        noise = torch.as_tensor(noise).to(device=device, dtype=torch.float32)  # [B, *S]
+        if tuple(noise.shape[1:]) != self.sample_shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, the student's samples are {self.sample_shape}")
+        sigma_max = self.default_sigma_max() if sigma_max is None else float(sigma_max)
+        if form == "cm":
+            x_edm = noise * math.sqrt(1.0 + sigma_max * sigma_max)  # [B, *S]
+            x0 = self.denoise(x_edm, sigma_max, labels)
+            if steps == 2:
+                sigma_mid = DEFAULT_CM_INTERMEDIATE_SIGMA if intermediate is None else float(intermediate)
+                fresh = torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(device)  # [B, *S]
+                x0 = self.denoise(x0 + sigma_mid * fresh, sigma_mid, labels)
+            return x0
+        if self.schedule.family == "flow":
+            tau_max, z = 1.0, noise  # [B, *S]
+        else:
+            tau_max = sigma_max / (1.0 + sigma_max)
+            z = noise * (math.sqrt(1.0 + sigma_max * sigma_max) / (1.0 + sigma_max))  # [B, *S], x̃_T/(1 + σ̃)
+        if steps == 2:
+            tau_mid = DEFAULT_MF_INTERMEDIATE_TAU if intermediate is None else float(intermediate)
+            z = self.flow_map(z, tau_max, tau_mid, labels)
+            tau_max = tau_mid
+        return self.flow_map(z, tau_max, 0.0, labels)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Export
+
+    def metadata(self) -> dict[str, Any]:
+        """The contents of student.json."""
+        return {
+            "format_version": STUDENT_FORMAT_VERSION,
+            "kind": "FlowMapStudent",
+            "time_convention": STUDENT_TIME_CONVENTION,
+            "net_class": type(self.net).__name__,
+            "prediction_type": self.prediction_type,
+            "schedule_family": self.schedule.family,
+            "second_time_input": self.second_time_input,
+            "second_time_scale": self.schedule.num_train_timesteps,
+            "teacher_fingerprint": self.teacher_fingerprint,
+            "sample_shape": list(self.sample_shape),
+            "num_classes": self.num_classes,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write unet/ (safetensors), scheduler/ and student.json into `directory` (created if missing)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not hasattr(self.net, "save_pretrained"):
+            raise StudentLoadError(f"{type(self.net).__name__} has no save_pretrained: only diffusers nets export")
+        self.net.save_pretrained(directory / NET_DIR, safe_serialization=True)
+        self.scheduler.save_pretrained(directory / SCHEDULER_DIR)
+        (directory / STUDENT_FILE).write_text(json.dumps(self.metadata(), indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        second_time_input: bool | None = None,
+        device: str | torch.device = "cpu",
+    ) -> FlowMapStudent:
+        """Load a student export; `second_time_input` (if given) must match what the export holds."""
+        import diffusers
+
+        directory = Path(directory)
+        meta_file = directory / STUDENT_FILE
+        if not meta_file.is_file():
+            hint = ""
+            if (directory / "model_index.json").is_file() or (directory / "config.json").is_file():
+                hint = (" It looks like a diffusers teacher: build a student from it with "
+                        "FlowMapStudent.from_teacher(load_teacher(dir)).")
+            raise StudentLoadError(
+                f"{directory} is not a student export (no {STUDENT_FILE}); pass the `export` directory written by "
+                f"trainer/mid.py or FlowMapStudent.save_pretrained.{hint}"
+            )
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as error:
+            raise StudentLoadError(f"{meta_file} is not valid JSON ({error}); re-export the student") from error
+        if meta.get("kind") != "FlowMapStudent" or meta.get("format_version") != STUDENT_FORMAT_VERSION:
+            raise StudentLoadError(
+                f"{meta_file} holds format {meta.get('kind')!r} v{meta.get('format_version')!r}; this code reads "
+                f"FlowMapStudent v{STUDENT_FORMAT_VERSION}: re-export with this version of the project"
+            )
+        if meta.get("time_convention") != STUDENT_TIME_CONVENTION:
+            raise StudentLoadError(
+                f"{directory} uses another time convention ({meta.get('time_convention')!r}); this code expects "
+                f"{STUDENT_TIME_CONVENTION!r}: re-export the student with this version of the project"
+            )
+        if second_time_input is not None and bool(meta["second_time_input"]) != bool(second_time_input):
+            raise StudentLoadError(
+                f"{directory} holds a student with second_time_input={meta['second_time_input']} "
+                f"({'MF' if meta['second_time_input'] else 'CM'} form), but second_time_input={second_time_input} "
+                "was asked for: pass the matching export, or the matching form"
+            )
+        net_cls = getattr(diffusers, str(meta.get("net_class")), None)
+        if not (isinstance(net_cls, type) and issubclass(net_cls, diffusers.ModelMixin)):
+            raise StudentLoadError(f"net class {meta.get('net_class')!r} of {directory} is not a diffusers model class")
+        if not (directory / NET_DIR / "config.json").is_file() or not (directory / SCHEDULER_DIR).is_dir():
+            raise StudentLoadError(f"{directory} lacks {NET_DIR}/ or {SCHEDULER_DIR}/: incomplete export, re-export it")
+        net = net_cls.from_pretrained(str(directory / NET_DIR), use_safetensors=True)
+        if meta["second_time_input"] and getattr(net.config, "class_embed_type", None) != "timestep":
+            raise StudentLoadError(f"{directory}: student.json says second_time_input but the net has no (t − r) input")
+        config = json.loads((directory / SCHEDULER_DIR / "scheduler_config.json").read_text())
+        student = cls(
+            net.to(device),
+            _scheduler_from_config(config),
+            prediction_type=meta["prediction_type"],
+            second_time_input=bool(meta["second_time_input"]),
+            teacher_fingerprint=meta.get("teacher_fingerprint"),
+            sample_shape=tuple(meta["sample_shape"]),
+            num_classes=meta.get("num_classes"),
+        )
+        if student.schedule.family != meta.get("schedule_family"):
+            raise StudentLoadError(f"{directory}: scheduler family differs from student.json; re-export the student")
+        return student
