@@ -10,7 +10,7 @@ batches and random draws the uninterrupted run would have used.
 Output directory layout:
 
     <output_dir>/checkpoints/step_<N>/   accelerate.save_state + checkpoint.json (written last)
-    <output_dir>/metrics.jsonl           one JSON line per logged step: step, loss, lr, skipped_steps, eval scalars
+    <output_dir>/metrics.jsonl           one JSON line per logged step: step, loss, lr, skipped_steps, train_seconds (cumulative, evals excluded), eval scalars
     <output_dir>/logs/                   TensorBoard events
     <output_dir>/export/                 `export(ema_model, dir)` output after the last step
 """
@@ -208,20 +208,27 @@ class InMemoryBatches:
 
 @dataclass
 class TrainingProgress:
-    """Saved with every checkpoint: optimizer steps taken, how many were skipped, losses not yet logged."""
+    """Saved with every checkpoint: steps taken, how many were skipped, training wall time, losses not yet logged."""
 
     step: int = 0
     skipped_steps: int = 0
+    train_seconds: float = 0.0
     window_losses: list[float] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the unlogged losses as a plain dict."""
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "window_losses": list(self.window_losses)}
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "train_seconds": self.train_seconds,
+            "window_losses": list(self.window_losses),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the counters and the unlogged losses."""
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.train_seconds = float(state["train_seconds"])
         self.window_losses = list(state["window_losses"])
 
 
@@ -387,6 +394,7 @@ def train_loop(
                 lr=last_lr,
                 skipped_steps=progress.skipped_steps,
                 steps_per_second=len(progress.window_losses) / max(time.perf_counter() - window_start, 1e-9),
+                train_seconds=progress.train_seconds,
             )
             progress.window_losses, window_start = [], time.perf_counter()
         # eval
@@ -406,6 +414,7 @@ def train_loop(
         if step >= cfg.total_steps:
             break
         # accumulate
+        step_started = time.perf_counter()
         micro_losses = []
         for _ in range(cfg.grad_accum_steps):
             batch = {name: tensor.to(accelerator.device) for name, tensor in next(batch_iterator).items()}
@@ -433,6 +442,7 @@ def train_loop(
         if not skip:
             ema.step(trained_model.parameters())
         progress.step += 1
+        progress.train_seconds += time.perf_counter() - step_started
         progress.window_losses.append(float(gathered[:, 0].mean()))
         bar.update(1)
         bar.set_postfix(loss=f"{progress.window_losses[-1]:.4g}", skipped=progress.skipped_steps)
