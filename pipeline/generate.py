@@ -42,7 +42,6 @@ from storage_schema import (
 )
 
 SUMMARY_PREFIX = "GENERATE_SUMMARY "
-SHARD_START_PREFIX = "shard-start "
 SHARD_HOLD_PREFIX = "shard-hold "
 # Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops after solving it, before
 # writing, until the file $CMT_GENERATE_HOLD_FILE exists, so a test can kill it exactly mid-shard.
@@ -274,7 +273,6 @@ class ShardWorker:
 
         from pipeline.solvers import solve
 
-        print(f"{SHARD_START_PREFIX}{index} pid={os.getpid()}", flush=True)
         started, forward_before = time.perf_counter(), self.forward_samples
         spec = self.store.spec
         start, stop = spec.shard_bounds(index)

@@ -228,7 +228,7 @@ class TrainingProgress:
         """Restore the counters and the unlogged losses."""
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
-        self.train_seconds = float(state["train_seconds"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))  # absent in checkpoints of earlier versions
         self.window_losses = list(state["window_losses"])
 
 
