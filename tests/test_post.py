@@ -1,0 +1,455 @@
+"""Stage 3 (post-training: ECT, ECD, MeanFlow): the loss glue on small tensors, JVP vs finite differences, two real
+ranks with JVP, the Gaussian oracle (CMT init vs diffusion init), ECD without a teacher, SIGKILL + resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from pipeline.oracle import flow_map, make_oracle_teacher
+from pipeline.solvers import ode_step, solve
+from pipeline.teacher import Teacher, load_teacher
+from storage_schema import GenerationSpec, create_store, open_store
+from trainer.config import ConfigError, load_config
+from trainer.loop import InMemoryBatches, LoopConfig, complete_checkpoints, make_accelerator, read_metrics, train_loop
+from trainer.losses import cmt_cm_loss, jvp_attention_context, meanflow_target, squared_l2, total_derivative_jvp
+from trainer.mid import parameter_hash
+from trainer.post import (
+    HOLD_FILE_ENV,
+    HOLD_STEP_ENV,
+    DerivativeBackendError,
+    ECTConfig,
+    ECTLoss,
+    PostConfig,
+    StoredECDLoss,
+    describe,
+    guided_target_velocity,
+    main,
+    meanflow_prediction_and_derivative,
+    paired_denoise,
+    run,
+    same_dropout,
+    store_stream,
+)
+from trainer.schedules import clamp_sigma, ect_r_from_t, sample_ect_times
+from trainer.student import FlowMapStudent
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "post.yaml"
+BATCH = 8  # batch_per_process of the tiny preset
+
+
+def tiny_unet(*, seed: int = 0, dropout: float = 0.0, attention: bool = False, channels=(8, 16)) -> UNet2DModel:
+    """A tiny 1×8×8 UNet2DModel (random weights), optionally with dropout and an attention level."""
+    torch.manual_seed(seed)
+    down, up = ["DownBlock2D", "DownBlock2D"], ["UpBlock2D", "UpBlock2D"]
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=channels, layers_per_block=1,
+                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=4, dropout=dropout)
+
+
+def save_teacher(directory: Path, unet: UNet2DModel, scheduler: DDPMScheduler | None = None) -> Path:
+    """A DDPMPipeline teacher directory (what trainer/pretrain.py exports)."""
+    DDPMPipeline(unet=unet, scheduler=scheduler or DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(
+        directory)
+    return directory
+
+
+def write_store(teacher: Teacher, url: Path, *, num_trajectories: int = 32, steps: int = 4,
+                shard_size: int = 16) -> Path:
+    """Solve the teacher's PF-ODE and write a float32 trajectory store as pipeline/generate.py does (without Ray)."""
+    spec = GenerationSpec(
+        teacher_fingerprint=teacher.fingerprint, sample_shape=tuple(teacher.sample_shape), solver="dpmpp-3m",
+        steps=steps, grid="logsnr", seed_base=0, num_trajectories=num_trajectories, shard_size=shard_size,
+        chunk_size=shard_size // 2, dtype="float32",
+    )
+    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps)
+    store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
+    for shard in range(spec.num_shards):
+        start, stop = spec.shard_bounds(shard)
+        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop))
+    return url
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny teacher, a 2-shard store of its trajectories, and a CM-form student export (mid-training's format)."""
+    root = tmp_path_factory.mktemp("post")
+    teacher_dir = save_teacher(root / "teacher", tiny_unet())
+    teacher = load_teacher(teacher_dir)
+    store = write_store(teacher, root / "store.zarr")
+    cmt_export = FlowMapStudent.from_teacher(teacher).save_pretrained(root / "cmt_export")
+    return {"teacher": teacher_dir, "store": store, "cmt": cmt_export, "root": root}
+
+
+def tiny_cfg(tiny: dict[str, Path], output_dir: Path, *overrides: str) -> PostConfig:
+    """The tiny preset pointed at the fixture's teacher, with overrides."""
+    return load_config(PostConfig, TINY_PRESET, [f"teacher={tiny['teacher']}", f"loop.output_dir={output_dir}",
+                                                 *overrides])
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    """step → loss of every metrics.jsonl record with a loss."""
+    return {record["step"]: record["loss"] for record in read_metrics(output_dir) if "loss" in record}
+
+
+class RecordingStudent(FlowMapStudent):
+    """The real student, recording the inputs and outputs of every CM-form call (for checking the loss glue)."""
+
+    calls: list
+
+    def denoise(self, x_edm, sigma_edm, labels=None):
+        out = super().denoise(x_edm, sigma_edm, labels)
+        self.calls.append((x_edm.detach().clone(), torch.as_tensor(sigma_edm).detach().clone(), out.detach().clone()))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss glue on small tensors
+
+
+def test_ect_pairs_share_noise_and_dropout_mask_and_the_loss_matches_the_hand_formula():
+    teacher = Teacher(tiny_unet(dropout=0.5), DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    student = RecordingStudent.from_teacher(teacher).train()
+    student.calls = []
+    x = torch.randn(4, 1, 8, 8)
+    sigma = torch.tensor([0.1, 0.5, 2.0, 10.0], dtype=torch.float64)
+    # Identical inputs and seed → identical outputs although dropout is active; another seed → another mask.
+    f_t, f_r = paired_denoise(student, x, sigma, x, sigma, None, dropout_seed=3)
+    assert torch.equal(f_t, f_r) and f_t.requires_grad and not f_r.requires_grad
+    with same_dropout(4, x.device):
+        assert not torch.equal(student.denoise(x, sigma).detach(), f_r)
+
+    # One ECT step with q = 2: r = t·(1 − (1 + 8·sigmoid(−t))/2) is clamped to 0 for t < ln 7, positive above.
+    ect = ECTConfig(q_start=2.0)
+    x0 = torch.rand(64, 1, 8, 8) * 2 - 1
+    student.calls = []
+    torch.manual_seed(0)
+    loss = ECTLoss(ect, (0.002, 80.0))(student, {"x0": x0}, 0)
+    (x_t, t, f_t), (x_r, r, f_r) = student.calls
+    assert torch.equal(r, ect_r_from_t(t, 2.0)) and bool((r == 0).any()) and bool((r > 0).any())
+    noise_t = (x_t - x0) / t.float().reshape(-1, 1, 1, 1)  # [B, 1, 8, 8]
+    positive = r > 0
+    noise_r = (x_r[positive] - x0[positive]) / r[positive].float().reshape(-1, 1, 1, 1)
+    assert torch.allclose(noise_t[positive], noise_r, atol=1e-4)  # the same ε for x_t and x_r
+    assert torch.equal(x_r[~positive], x0[~positive])  # r = 0: x_r is the clean sample
+    target = torch.where(positive.reshape(-1, 1, 1, 1), f_r, x0)  # ECT target: x0 where r = 0
+    c = 0.00054 * math.sqrt(64)
+    by_hand = (torch.sqrt(((f_t - target) ** 2).flatten(1).sum(1).double() + c * c) - c) / (t - r)
+    assert torch.allclose(loss.double(), by_hand, rtol=1e-5)
+
+
+def test_stored_ecd_batches_pair_consecutive_solver_points_and_the_loss_uses_them(tiny, tmp_path):
+    cfg = tiny_cfg(tiny, tmp_path, "method=ecd", f"init=cmt:{tiny['cmt']}", f"data=store:{tiny['store']}")
+    student = RecordingStudent.from_pretrained(tiny["cmt"])
+    batch = next(iter(store_stream(cfg, student, rank=0, world_size=1)))
+    store = open_store(str(tiny["store"]))
+    points = torch.from_numpy(np.concatenate([store.read_shard(s)["traj"] for s in range(store.num_shards)]))
+    alpha, sigma = torch.from_numpy(np.array(store.alpha)), torch.from_numpy(np.array(store.sigma))
+    x_edm = points.double() / alpha.reshape(1, -1, 1, 1, 1)  # [N, K+1, 1, 8, 8], EDM view of every stored point
+    sigma_edm = sigma / alpha  # [K+1]
+    for x_t, s_t, x_r, s_r in zip(batch["x_t"], batch["sigma_t"], batch["x_r"], batch["sigma_r"]):
+        distances = (x_edm - x_t.double()).flatten(2).abs().amax(dim=2)  # [N, K+1]
+        n, i = divmod(int(distances.argmin()), distances.shape[1])
+        tolerance = 1e-6 * max(1.0, x_t.abs().max().item())  # float32 rounding of the rescaled state
+        assert distances[n, i] < tolerance and i < distances.shape[1] - 1
+        assert torch.isclose(s_t.double(), sigma_edm[i], rtol=1e-6)
+        next_point = x_edm[n, i + 1]  # the NEXT point of the same trajectory
+        assert (x_r.double() - next_point).abs().max() < 1e-6 * max(1.0, next_point.abs().max().item())
+        assert torch.isclose(s_r.double(), sigma_edm[i + 1], rtol=1e-6, atol=1e-12)
+    student.calls = []
+    StoredECDLoss(cfg.ect)(student, batch, 0)
+    (seen_x_t, seen_t, _), (seen_x_r, seen_r, _) = student.calls
+    assert torch.equal(seen_x_t, batch["x_t"]) and torch.equal(seen_x_r, batch["x_r"])
+    assert torch.equal(seen_t.float(), batch["sigma_t"]) and torch.equal(seen_r.float(), batch["sigma_r"])
+
+
+def test_live_ecd_step_is_the_exact_flow_map_to_second_order_on_the_oracle():
+    teacher = make_oracle_teacher(DDPMScheduler(beta_schedule="squaredcos_cap_v2"), (1, 4, 4), 0.3, 0.5)
+    x = 0.3 + torch.randn(6, 1, 4, 4) * 2.0
+    t = torch.tensor([0.2, 0.5, 1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    errors = {}
+    for method in ("euler", "heun"):
+        for ratio in (0.9, 0.99):
+            r = t * ratio
+            step = ode_step(teacher, x, t, r, method=method)
+            exact = flow_map(x.double(), t, r, 0.3, 0.5)
+            errors[method, ratio] = (step.double() - exact).abs().max().item()
+    # local error O(Δt²) for Euler, O(Δt³) for Heun: 10× smaller Δt → ~100× / ~1000× smaller error
+    assert errors["euler", 0.99] < errors["euler", 0.9] / 50
+    assert errors["heun", 0.99] < errors["heun", 0.9] / 200 + 1e-6 and errors["heun", 0.9] < errors["euler", 0.9] / 5
+    to_zero = ode_step(teacher, x, t, torch.zeros(6), method="heun")  # r = 0: one Euler step = D(x_t, t)
+    assert torch.allclose(to_zero, teacher.denoise(x, t.numpy()), atol=1e-6)
+
+
+def test_meanflow_jvp_and_finite_difference_targets_agree_with_one_dropout_mask():
+    teacher = Teacher(tiny_unet(dropout=0.2, attention=True), DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    student = FlowMapStudent.from_teacher(teacher, second_time_input=True).train()
+    torch.nn.init.normal_(student.net.class_embedding.linear_2.weight, std=0.02)  # make u depend on r
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.rand(8, 1, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(8, 1, 8, 8, generator=generator)
+    t = 0.1 + 0.8 * torch.rand(8, generator=generator, dtype=torch.float64)
+    r = t * torch.rand(8, generator=generator, dtype=torch.float64)
+    z = (1 - t.float()).reshape(-1, 1, 1, 1) * x0 + t.float().reshape(-1, 1, 1, 1) * noise
+    v = noise - x0
+    u_jvp, du_jvp = meanflow_prediction_and_derivative(student, z, t, r, v, None, method="jvp", fd_delta=1e-4,
+                                                       dropout_seed=5)
+    with jvp_attention_context(student):  # the same kernels and memory layouts as the JVP path → the same masks
+        u_fd, du_fd = meanflow_prediction_and_derivative(student, z, t, r, v, None, method="fd", fd_delta=1e-4,
+                                                         dropout_seed=5)
+    target_jvp, target_fd = meanflow_target(v, du_jvp, t, r), meanflow_target(v, du_fd, t, r)
+    relative = ((target_jvp - target_fd).norm() / target_jvp.norm()).item()
+    assert relative <= 1e-2, relative
+    assert ((du_jvp - du_fd).norm() / du_jvp.norm()).item() <= 1e-2 and du_jvp.abs().mean() > 0.1
+    assert torch.equal(u_jvp, u_fd) and u_jvp.requires_grad and not du_jvp.requires_grad
+
+    def u_fn(z_in, r_in, t_in):
+        with same_dropout(5, z.device):
+            return student("mf", z_in, t_in, r_in)
+
+    with torch.no_grad(), jvp_attention_context(student):
+        primal, _ = total_derivative_jvp(u_fn, z, r, t, v)
+    assert torch.equal(primal, u_jvp.detach())  # the JVP's u and the trained prediction saw the same dropout mask
+
+
+class ToyConditionalVelocity(torch.nn.Module):
+    """u(z, r, t | y) = w_y·z + (t − r)/2 with a null class (id 3): a hand-checkable class-conditional MF model."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, -1.0]))
+
+    def forward(self, form, z, t, r, labels):
+        gap = (torch.as_tensor(t) - torch.as_tensor(r)).float().reshape(-1, 1, 1, 1)
+        return self.w[labels].reshape(-1, 1, 1, 1) * z + 0.5 * gap
+
+
+def test_cfg_is_folded_into_the_meanflow_target_velocity_except_for_dropped_labels(tiny, tmp_path):
+    z, v = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    labels, dropped = torch.tensor([0, 1, 2, 0]), torch.tensor([False, True, False, False])
+    guided = guided_target_velocity(ToyConditionalVelocity(), z, t, v, labels, dropped, omega=2.0, null_class=3,
+                                    dropout_seed=0)
+    by_hand = 2.0 * v + (1 - 2.0) * (-1.0 * z)  # ω·v + (1 − ω)·u(z, t, t | ∅), u(·|∅) = −z
+    assert torch.allclose(guided[~dropped], by_hand[~dropped]) and torch.equal(guided[dropped], v[dropped])
+    with pytest.raises(ConfigError, match="class-conditional student"):
+        run(tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_scale=2.0"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def _free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_meanflow_with_jvp_keep_identical_parameters(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "trainer/post.py", "--config", str(TINY_PRESET), "--method", "meanflow", "--init", "teacher",
+        "--data", f"store:{tiny['store']}", f"teacher={tiny['teacher']}", f"loop.output_dir={output_dir}",
+        "meanflow.derivative=jvp", "loop.total_steps=3", "loop.checkpoint_every_steps=0",
+        "meanflow.fraction_r_neq_t=0.5", "loop.torch_threads=none",
+    ]
+    launched = subprocess.run(command, check=False, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
+                              timeout=240)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    reports = [json.loads((output_dir / "ranks" / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    assert [report["world_size"] for report in reports] == [2, 2]
+    assert [report["derivative"] for report in reports] == ["jvp", "jvp"]
+    assert [report["skipped_steps"] for report in reports] == [0, 0]
+    assert reports[0]["parameter_sha256"] == reports[1]["parameter_sha256"]
+    torch.manual_seed(0)
+    initial = FlowMapStudent.from_teacher(load_teacher(tiny["teacher"]), second_time_input=True, seed=0)
+    assert reports[0]["parameter_sha256"] != parameter_hash(initial.net)
+    assert FlowMapStudent.from_pretrained(output_dir / "export").second_time_input
+
+
+def test_store_runs_after_cmt_never_load_the_teacher_and_live_ecd_runs_it(tiny, tmp_path):
+    for method, extra in (("ecd", ()), ("ect", ("ect.q_mode=doubling", "ect.q_start=2", "ect.double_every_steps=1"))):
+        stored = run(tiny_cfg(tiny, tmp_path / method, "--method", method, "--init", f"cmt:{tiny['cmt']}", "--data",
+                              f"store:{tiny['store']}", "teacher=none", "loop.total_steps=3", *extra))
+        assert stored.loop.final_step == 3 and stored.loop.skipped_steps == 0
+        assert stored.rank_report["teacher_in_training"] is False and stored.rank_report["teacher_forward_samples"] == 0
+        exported = FlowMapStudent.from_pretrained(tmp_path / method / "export")
+        assert parameter_hash(exported.net) != parameter_hash(FlowMapStudent.from_pretrained(tiny["cmt"]).net)
+    live = run(tiny_cfg(tiny, tmp_path / "live", "--method", "ecd", "--init", "teacher", "--data", "dataset:digits",
+                        "loop.total_steps=3", "ecd.teacher_step=euler"))
+    assert live.rank_report["teacher_in_training"] is True
+    assert live.rank_report["teacher_forward_samples"] == 3 * BATCH  # one teacher evaluation per sample and step
+
+
+def test_resume_after_sigkill_gives_bitwise_the_same_losses_and_weights(tiny, tmp_path):
+    overrides = ("--method", "meanflow", "--init", "teacher", "--data", f"store:{tiny['store']}",
+                 "meanflow.fraction_r_neq_t=0.5")
+    reference = run(tiny_cfg(tiny, tmp_path / "reference", *overrides))
+    killed_dir, hold_file = tmp_path / "killed", tmp_path / "hold"
+    command = [sys.executable, "trainer/post.py", "--config", str(TINY_PRESET), f"teacher={tiny['teacher']}",
+               f"loop.output_dir={killed_dir}", *overrides]
+    environment = {**os.environ, HOLD_STEP_ENV: "4", HOLD_FILE_ENV: str(hold_file)}
+    child = subprocess.Popen(command, cwd=REPO_ROOT, env=environment,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not hold_file.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert hold_file.exists(), f"the run never reached step 4 (exit code {child.poll()})"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert [step for step, _ in complete_checkpoints(killed_dir)] == [3]
+    resumed = run(tiny_cfg(tiny, killed_dir, *overrides))
+    assert resumed.loop.start_step == 3 and resumed.loop.final_step == 6
+    assert logged_losses(killed_dir) == logged_losses(tmp_path / "reference")
+    assert sorted(logged_losses(killed_dir)) == [1, 2, 3, 4, 5, 6]
+    assert resumed.rank_report["parameter_sha256"] == reference.rank_report["parameter_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Gaussian oracle: CMT init vs diffusion init under ECT
+
+MU, S, SHAPE = 0.3, 0.5, (1, 4, 4)
+
+
+class GaussianFlowMap(torch.nn.Module):
+    """f(x̃, σ̃) = μ + (c²/(c² + σ̃²))^β·(x̃ − μ): β = 1, c = s is the posterior mean (a perfect diffusion model's x0
+    prediction), β = ½, c = s the exact PF-ODE map Ψ_{σ̃→0}; both live in this 2-parameter family."""
+
+    num_classes = None
+
+    def __init__(self, c: float, beta: float):
+        super().__init__()
+        self.log_c = torch.nn.Parameter(torch.tensor(math.log(c), dtype=torch.float64))
+        self.beta = torch.nn.Parameter(torch.tensor(float(beta), dtype=torch.float64))
+
+    def forward(self, form: str, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+        c2 = torch.exp(2 * self.log_c)
+        return (MU + (c2 / (c2 + sigma * sigma)) ** self.beta * (x - MU)).to(x.dtype)
+
+
+def distance_to_flow_map(model: torch.nn.Module, num: int = 4096) -> float:
+    """E ‖f(x_t, t) − Ψ_{t→0}(x_t)‖² over ECT's time distribution and the data (fixed draws)."""
+    generator = torch.Generator().manual_seed(0)
+    t = clamp_sigma(sample_ect_times(num, generator=generator), 0.002, 80.0)  # [N]
+    x0 = MU + S * torch.randn(num, *SHAPE, generator=generator, dtype=torch.float64)
+    x_t = x0 + t.reshape(-1, 1, 1, 1) * torch.randn(num, *SHAPE, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        return ((model("cm", x_t, t) - flow_map(x_t, t, 0.0, MU, S)) ** 2).flatten(1).sum(1).mean().item()
+
+
+def test_on_the_gaussian_oracle_a_cmt_init_starts_closer_to_the_flow_map_than_the_diffusion_init(tmp_path):
+    # CMT-like init: a short CMT fit (CM form, squared L2) on the exact teacher's 16-step DPM-Solver++ trajectories.
+    teacher = make_oracle_teacher(DDPMScheduler(beta_schedule="squaredcos_cap_v2"), SHAPE, MU, S)
+    trajectory = solve(teacher, list(range(512)), steps=16)
+    steps = trajectory.points.shape[1] - 1
+    x_edm = trajectory.points.double() / torch.from_numpy(trajectory.alpha).reshape(1, -1, 1, 1, 1)
+    inputs = x_edm[:, :steps].flatten(0, 1)  # [N·K, *S]
+    levels = torch.from_numpy(trajectory.sigma / trajectory.alpha)[:steps].repeat(512)  # [N·K]
+    endpoints = x_edm[:, steps:].expand(-1, steps, *SHAPE).flatten(0, 1)  # [N·K, *S]
+    cmt = GaussianFlowMap(S, 1.0)  # starts at the diffusion model, as CMT does
+    optimizer = torch.optim.Adam(cmt.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = cmt_cm_loss(cmt("cm", inputs, levels), endpoints, squared_l2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert abs(cmt.beta.item() - 0.5) < 0.02 and abs(math.exp(cmt.log_c.item()) - S) < 0.03
+
+    diffusion = GaussianFlowMap(S, 1.0)
+    start = {"cmt": distance_to_flow_map(cmt), "diffusion": distance_to_flow_map(diffusion)}
+    assert start["cmt"] < start["diffusion"] / 100, start
+
+    # The same ECT run (q = 4096 fixed, pseudo-Huber, 200 steps) from both inits: the CMT start stays near Ψ, the
+    # diffusion start moves towards it but is still far behind.
+    data = MU + S * torch.randn(2048, *SHAPE, generator=torch.Generator().manual_seed(3))
+    after = {}
+    for name, model in (("cmt", cmt), ("diffusion", diffusion)):
+        cfg = LoopConfig(output_dir=str(tmp_path / name), total_steps=200, lr=1e-3, lr_schedule="constant",
+                         checkpoint_every_steps=0, log_every_steps=50, eval_every_steps=0, ema_decay=0.0,
+                         grad_clip=None, torch_threads=1)
+        batches = InMemoryBatches({"x0": data}, batch_per_process=256, seed=0, rank=0, world_size=1)
+        result = train_loop(cfg, model=model, loss_fn=ECTLoss(ECTConfig(q_start=4096.0), (0.002, 80.0)),
+                            batches=batches, accelerator=make_accelerator(cfg))
+        assert result.skipped_steps == 0
+        after[name] = distance_to_flow_map(model)
+    assert after["diffusion"] < start["diffusion"] / 2, (start, after)
+    assert after["cmt"] < after["diffusion"] / 100, (start, after)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and the CLI
+
+
+def test_init_of_another_architecture_time_convention_or_form_is_refused(tiny, tmp_path, capsys):
+    wide = FlowMapStudent.from_teacher(load_teacher(save_teacher(tmp_path / "wide", tiny_unet(channels=(16, 32)))))
+    wide_dir = wide.save_pretrained(tmp_path / "wide_export")
+    v_teacher = save_teacher(tmp_path / "v", tiny_unet(), DDPMScheduler(prediction_type="v_prediction"))
+    v_dir = FlowMapStudent.from_teacher(load_teacher(v_teacher)).save_pretrained(tmp_path / "v_export")
+    cases = [
+        (["--init", f"cmt:{wide_dir}"], "another architecture"),
+        (["--init", f"cmt:{v_dir}"], "another time convention"),
+        (["--init", f"cmt:{tiny['teacher']}"], "not a student export"),
+        (["--init", f"cmt:{tiny['cmt']}", "--method", "meanflow"], "second time input"),
+        (["--init", f"cmt:{tiny['cmt']}", "--data", "dataset:mnist"], "shape"),
+    ]
+    for extra, message in cases:
+        arguments = ["--config", str(TINY_PRESET), f"teacher={tiny['teacher']}", f"loop.output_dir={tmp_path / 'x'}",
+                     *extra]
+        assert main(arguments) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_jvp_with_an_attention_backend_without_forward_ad_is_refused_or_falls_back(tiny, tmp_path):
+    with pytest.raises(DerivativeBackendError, match="attention=sdpa"):
+        tiny_cfg(tiny, tmp_path, "--method", "meanflow", "attention=flash", "meanflow.derivative=jvp")
+    with pytest.warns(UserWarning, match="finite difference"):
+        plan = describe(tiny_cfg(tiny, tmp_path, "--method", "meanflow", "attention=flash", "meanflow.derivative=auto"))
+    assert plan["derivative"] == "fd"
+    assert describe(tiny_cfg(tiny, tmp_path, "--method", "meanflow"))["derivative"] == "jvp"
+    # Why: torch has no forward-mode formula for the flash SDPA kernel.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    student = FlowMapStudent.from_teacher(Teacher(tiny_unet(attention=True), DDPMScheduler()), second_time_input=True)
+    z, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.6], dtype=torch.float64)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(lambda z_in, t_in: student("mf", z_in, t_in, None), (z, t),
+                       (torch.ones_like(z), torch.ones_like(t)))
+
+
+def test_dry_run_prints_the_plan_and_bad_flags_name_the_fix(tiny, tmp_path, capsys):
+    output_dir = tmp_path / "never"
+    arguments = ["--config", str(TINY_PRESET), f"teacher={tiny['teacher']}", f"loop.output_dir={output_dir}"]
+    assert main([*arguments, "--method", "ecd", "--data", f"store:{tiny['store']}", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["loss"] == "StoredECDLoss" and plan["teacher_runs_during_training"] is False
+    assert plan["config"]["method"] == "ecd" and not output_dir.exists()
+    for extra, message in ((["--data", "digits"], "dataset:<name>"), (["--init", "cmt"], "cmt:<dir>"),
+                           (["--method", "sct"], "one of 'ect', 'ecd', 'meanflow'"),
+                           (["--init", "random", "teacher=none"], "pass teacher=")):
+        assert main([*arguments, *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+    with pytest.raises(ConfigError, match="double_every_steps"):
+        tiny_cfg(tiny, tmp_path, "ect.q_mode=doubling")
