@@ -242,6 +242,16 @@ class LoopResult:
     start_step: int = 0
     skipped_steps: int = 0
 
+    def summary(self) -> dict[str, Any]:
+        """The JSON line a stage CLI prints when it finishes."""
+        return {
+            "start_step": self.start_step,
+            "final_step": self.final_step,
+            "skipped_steps": self.skipped_steps,
+            "export_dir": str(self.export_dir),
+            "metrics": self.metrics,
+        }
+
 
 class JsonlTracker(GeneralTracker):
     """Accelerate tracker appending one JSON object per `log` call to `metrics.jsonl` (main process only)."""

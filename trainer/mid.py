@@ -567,15 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not PartialState().is_main_process:
         return 0
-    summary = {
-        "start_step": result.loop.start_step,
-        "final_step": result.loop.final_step,
-        "skipped_steps": result.loop.skipped_steps,
-        "export_dir": str(result.loop.export_dir),
-        "metrics": result.loop.metrics,
-        "init_metrics": result.init_metrics,
-    }
-    print(json.dumps(summary))
+    print(json.dumps({**result.loop.summary(), "init_metrics": result.init_metrics}))
     return 0
 
 

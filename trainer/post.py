@@ -352,6 +352,17 @@ def ect_times(
     return t, ect_r_from_t(t, q, k=ect.k, b=ect.b)
 
 
+def noised_ect_pair(
+    x0: Tensor, step: int, ect: ECTConfig, sigma_range: tuple[float, float]
+) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+    """This step's seed, ECT times (t, r) [B], x_t = x0 + t·ε [B, *S] and ε, all drawn from the step's own seed."""
+    seed = step_seed()
+    generator = step_generator(seed, x0.device)
+    t, r = ect_times(x0.shape[0], step, ect, sigma_range, generator)  # [B] each
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # [B, *S]
+    return seed, t, r, x0 + _column(t, x0) * noise, noise
+
+
 @dataclass
 class ECTLoss:
     """ECT on clean samples x0 (store endpoints or dataset images): x_t, x_r share ε and the dropout mask."""
@@ -363,13 +374,8 @@ class ECTLoss:
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample ECT loss [B] of one batch."""
         _hold_if_asked(step)
-        x0 = batch["x0"]  # [B, *S]
-        seed = step_seed()
-        generator = step_generator(seed, x0.device)
-        t, r = ect_times(x0.shape[0], step, self.ect, self.sigma_range, generator)  # [B] each
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # [B, *S]
-        x_t = x0 + _column(t, x0) * noise  # [B, *S]
-        x_r = x0 + _column(r, x0) * noise  # [B, *S]
+        seed, t, r, x_t, noise = noised_ect_pair(batch["x0"], step, self.ect, self.sigma_range)
+        x_r = batch["x0"] + _column(r, noise) * noise  # [B, *S], the same ε as x_t
         with attention_context(self.attention):
             return consistency_pair_loss(model, x_t, t, x_r, r, _labels(model, batch), ect=self.ect,
                                          dropout_seed=seed + 1)
@@ -408,11 +414,7 @@ class LiveECDLoss:
 
         _hold_if_asked(step)
         x0 = batch["x0"]  # [B, *S]
-        seed = step_seed()
-        generator = step_generator(seed, x0.device)
-        t, r = ect_times(x0.shape[0], step, self.ect, self.sigma_range, generator)  # [B] each
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # [B, *S]
-        x_t = x0 + _column(t, x0) * noise  # [B, *S]
+        seed, t, r, x_t, _ = noised_ect_pair(x0, step, self.ect, self.sigma_range)
         labels = _labels(model, batch)
         x_r = ode_step(self.teacher, x_t, t, r, method=self.ecd.teacher_step, labels=labels,
                        guidance_scale=self.ecd.guidance_scale).to(x0.device)  # [B, *S]
@@ -953,11 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not PartialState().is_main_process:
         return 0
     summary = {
-        "start_step": result.loop.start_step,
-        "final_step": result.loop.final_step,
-        "skipped_steps": result.loop.skipped_steps,
-        "export_dir": str(result.loop.export_dir),
-        "metrics": result.loop.metrics,
+        **result.loop.summary(),
         "init_metrics": result.init_metrics,
         "derivative": result.rank_report["derivative"],
         "teacher_forward_samples": result.rank_report["teacher_forward_samples"],

@@ -255,14 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not PartialState().is_main_process:
         return 0
-    summary = {
-        "start_step": result.start_step,
-        "final_step": result.final_step,
-        "skipped_steps": result.skipped_steps,
-        "export_dir": str(result.export_dir),
-        "metrics": result.metrics,
-    }
-    print(json.dumps(summary))
+    print(json.dumps(result.summary()))
     return 0
 
 
