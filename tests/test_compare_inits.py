@@ -1,0 +1,204 @@
+"""jobs/compare_inits.py: the quick comparison on a tiny teacher and store (outputs, compute accounting, equal
+compute, fractions, reuse on a re-run), the dry-run plan with scoped overrides, and the pure helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from jobs.compare_inits import (
+    JSON_NAME,
+    MARKDOWN_NAME,
+    PLOT_NAME,
+    QUICK,
+    SETTINGS_LOG,
+    CompareError,
+    first_crossing,
+    main,
+    parse_scoped_override,
+    run,
+)
+from pipeline.solvers import solve
+from pipeline.teacher import load_teacher
+from storage_schema import GenerationSpec, create_store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = ("ect", "meanflow")
+INITS = ("cmt", "teacher", "random")
+SEEDS = (0, 1)
+
+
+def tiny_teacher_dir(directory: Path) -> Path:
+    """A tiny random 1×8×8 DDPM teacher (digits-shaped, so FD-digits applies), saved as trainer/pretrain.py does."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(directory)
+    return directory
+
+
+def tiny_store(teacher_dir: Path, url: Path, *, num_trajectories: int = 32, steps: int = 4) -> Path:
+    """The teacher's DPM-Solver++(3M) trajectories in a 2-shard float32 store (pipeline/generate.py's bytes, no Ray)."""
+    teacher = load_teacher(teacher_dir)
+    spec = GenerationSpec(teacher_fingerprint=teacher.fingerprint, sample_shape=tuple(teacher.sample_shape),
+                          solver="dpmpp-3m", steps=steps, grid="logsnr", seed_base=0,
+                          num_trajectories=num_trajectories, shard_size=num_trajectories // 2,
+                          chunk_size=num_trajectories // 4, dtype="float32")
+    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps)
+    store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
+    for shard in range(spec.num_shards):
+        start, stop = spec.shard_bounds(shard)
+        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop))
+    return url
+
+
+def final_train_seconds(run_dir: Path) -> float:
+    """The last train_seconds a run logged, read straight from its metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return max((r for r in records if "train_seconds" in r), key=lambda r: r["step"])["train_seconds"]
+
+
+@pytest.fixture(scope="module")
+def tiny_comparison(tmp_path_factory):
+    """QUICK on a tiny teacher + store, in-process, two seeds; (config, returned JSON, output dir)."""
+    root = tmp_path_factory.mktemp("compare")
+    teacher_dir = tiny_teacher_dir(root / "teacher")
+    store = tiny_store(teacher_dir, root / "store.zarr")
+    cfg = dataclasses.replace(
+        QUICK, out=str(root / "out"), teacher=str(teacher_dir), store=str(store), launcher="inprocess",
+        mid_preset=str(REPO_ROOT / "jobs" / "tiny" / "mid.yaml"),
+        post_preset=str(REPO_ROOT / "jobs" / "tiny" / "post.yaml"),
+        mid_steps=6, cmt_post_steps=(("ect", 4), ("meanflow", 4)), max_baseline_steps=40, num_eval_samples=32,
+        generation_probe_trajectories=8, seeds=SEEDS, amortise_over=4,
+    )
+    return cfg, run(cfg), root / "out"
+
+
+def test_quick_run_writes_table_json_plot_and_settings_log_with_every_cell(tiny_comparison):
+    _, result, out = tiny_comparison
+    assert (out / PLOT_NAME).read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((out / JSON_NAME).read_text())["cells"] == result["cells"]
+    cells = {(cell["method"], cell["init"]) for cell in result["cells"]}
+    assert cells == {(method, init) for method in METHODS for init in INITS}
+    markdown = (out / MARKDOWN_NAME).read_text()
+    for method in ("ECT", "MeanFlow"):
+        for init in ("CMT", "diffusion", "random"):
+            assert f"| {method} | {init} |" in markdown
+    logged = [json.loads(line) for line in (out / SETTINGS_LOG).read_text().splitlines()]
+    assert len(logged) == len(METHODS) * len(INITS) * len(SEEDS)
+    assert all(set(row["improved"]) == {"1step", "2step"} for row in logged)
+    # One "settings tried" entry per cell (both seeds of a cell share its settings), in the JSON and the markdown.
+    tried = {(entry["method"], entry["init"]): entry for entry in result["settings_tried"]}
+    assert set(tried) == cells and all(entry["seeds"] == list(SEEDS) for entry in tried.values())
+    assert "loop.ema_warmup=true" in tried[("ect", "random")]["settings"]
+    assert "## Every setting tried" in markdown
+    for cell in result["cells"]:
+        assert cell["final_fd"]["1step"]["n"] == len(SEEDS) and cell["final_fd"]["2step"]["std"] is not None
+        # The CMT student's FD before post-training sits beside every row, and is the CMT runs' own init_eval.json.
+        cmt_cell = next(c for c in result["cells"] if c["method"] == cell["method"] and c["init"] == "cmt")
+        assert cell["cmt_student_fd"] == cmt_cell["init_fd"]
+        init_eval = json.loads((out / "runs" / cmt_cell["runs"][0] / "init_eval.json").read_text())
+        assert cell["cmt_student_fd"]["1step"]["mean"] == pytest.approx(init_eval["fd_1step"])
+
+
+def test_cmt_runs_are_charged_generation_and_mid_training_and_baselines_get_that_much_more(tiny_comparison):
+    _, result, out = tiny_comparison
+    accounting = result["accounting"]
+    generation = accounting["generation_seconds"]
+    assert generation > 0 and "estimated" in accounting["generation_source"]  # --store: re-timed now
+    assert not accounting["baselines_charged_for_generation"]  # post-training reads dataset:digits
+    for cell in result["cells"]:
+        method = accounting["methods"][cell["method"]]
+        mid_seconds = accounting["mid"][method["form"]]["seconds"]
+        mid_dir = out / "runs" / accounting["mid"][method["form"]]["run"]
+        assert mid_seconds == pytest.approx(final_train_seconds(mid_dir)) and mid_seconds > 0
+        post_seconds = [final_train_seconds(out / "runs" / name) for name in cell["runs"]]
+        curve = cell["curve"]
+        if cell["init"] == "cmt":
+            # The CMT curve starts after generation + mid-training; its last point adds the post-training time.
+            assert curve["charged_seconds"][0] == pytest.approx(generation + mid_seconds)
+            assert curve["charged_seconds_amortised"][0] == pytest.approx(generation / 4 + mid_seconds)
+            assert cell["charged_seconds"]["mean"] == pytest.approx(generation + mid_seconds + sum(post_seconds) / 2)
+            assert cell["post_steps"] == 4
+            # Steps/s and the first-steps overhead: a line through every evaluation point of the CMT runs.
+            points = [(r["step"], r["train_seconds"]) for name in cell["runs"]
+                      for r in map(json.loads, (out / "runs" / name / "metrics.jsonl").read_text().splitlines())
+                      if "fd_1step" in r]
+            slope, intercept = np.polyfit(*zip(*points), 1)
+            assert method["steps_per_second"] == pytest.approx(1 / slope)
+            assert method["startup_seconds"] == pytest.approx(max(intercept, 0.0), abs=1e-9)
+            budget = cell["charged_seconds"]["mean"]
+            assert method["baseline_budget_seconds"] == pytest.approx(budget)
+            expected_steps = round((budget - method["startup_seconds"]) * method["steps_per_second"])
+            assert method["baseline_steps"] == min(40, max(1, expected_steps))
+        else:
+            assert curve["charged_seconds"][0] == 0.0
+            assert cell["charged_seconds"]["mean"] == pytest.approx(sum(post_seconds) / 2)
+            assert cell["post_steps"] == method["baseline_steps"]
+
+
+def test_fractions_interpolate_the_cmt_curve_against_each_baseline_final_fd(tiny_comparison):
+    _, result, _ = tiny_comparison
+    assert len(result["fractions"]) == len(METHODS) * 2 * 2  # 2 baselines × 1- and 2-step
+    cells = {(cell["method"], cell["init"]): cell for cell in result["cells"]}
+    for row in result["fractions"]:
+        cmt, baseline = cells[(row["method"], "cmt")], cells[(row["method"], row["baseline"])]
+        steps = f"{row['steps']}step"
+        assert row["baseline_final_fd"] == baseline["final_fd"][steps]["mean"]
+        expected = first_crossing(cmt["curve"]["charged_seconds"], cmt["curve"][f"fd_{steps}_mean"],
+                                  row["baseline_final_fd"])
+        assert row["cmt_seconds_to_reach"] == expected
+        if expected is None:
+            assert row["fraction"] is None
+        else:
+            assert expected >= cmt["curve"]["charged_seconds"][0]  # never before generation + mid are paid
+            assert row["fraction"] == pytest.approx(expected / baseline["charged_seconds"]["mean"])
+
+
+def test_a_rerun_reuses_every_stage_and_logs_nothing_twice(tiny_comparison):
+    cfg, result, out = tiny_comparison
+    metrics_before = {path: path.read_text() for path in (out / "runs").glob("*/metrics.jsonl")}
+    again = run(cfg)
+    assert {path: path.read_text() for path in (out / "runs").glob("*/metrics.jsonl")} == metrics_before
+    assert again["accounting"]["generation_seconds"] == result["accounting"]["generation_seconds"]  # recorded
+    assert again["cells"] == result["cells"]
+    assert len((out / SETTINGS_LOG).read_text().splitlines()) == len(METHODS) * len(INITS) * len(SEEDS)
+
+
+def test_dry_run_applies_scoped_overrides_to_their_cells_only(tmp_path, capsys):
+    assert main(["--quick", "--dry-run", "--out", str(tmp_path), "--store", str(tmp_path / "store.zarr"),
+                 "--set", "ect/cmt:loop.lr=1e-4", "--set", "mid/mf:loop.lr=3e-3",
+                 "--set", "random:ect.p_mean=-0.8"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    for entry in plan["runs"]:
+        command = entry["command"]
+        is_post = command[0] == "trainer/post.py"
+        method = next((text.split("=", 1)[1] for text in command if text.startswith("method=")), None)
+        init = next((text.split("=", 1)[1] for text in command if text.startswith("init=")), "")
+        assert ("loop.lr=1e-4" in command) == (method == "ect" and init.startswith("cmt:"))
+        assert ("loop.lr=3e-3" in command) == (not is_post and "form=mf" in command)
+        assert ("ect.p_mean=-0.8" in command) == (init == "random")
+        assert ("loop.ema_warmup=true" in command) == (init == "random")
+        assert ("ect.q_mode=doubling" in command) == (method == "ect" and init in ("teacher", "random"))
+
+
+def test_first_crossing_and_override_errors():
+    assert first_crossing([10.0, 20.0, 30.0], [100.0, 60.0, 20.0], 40.0) == pytest.approx(25.0)
+    assert first_crossing([10.0, 20.0], [30.0, 60.0], 40.0) == 10.0  # already below at the first point
+    assert first_crossing([10.0, 20.0], [100.0, 90.0], 40.0) is None
+    assert parse_scoped_override("ect/cmt:loop.lr=1e-4") == ("ect/cmt", "loop.lr=1e-4")
+    assert parse_scoped_override("data=store:/x.zarr") == ("post", "data=store:/x.zarr")  # ':' inside the value
+    with pytest.raises(CompareError, match="unknown scope"):
+        parse_scoped_override("ectt:loop.lr=1e-4")
+    with pytest.raises(CompareError, match="--seeds"):
+        parse_scoped_override("loop.seed=3")
+    with pytest.raises(CompareError, match="inits must include cmt"):
+        dataclasses.replace(QUICK, inits=("teacher", "random")).validate()
