@@ -293,3 +293,25 @@ if __name__ == "__main__":
         _train_command(arguments.output_dir, arguments.stop_on_save)
     else:
         _multiprocess_command(arguments.output_dir)
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_constant_ema_holds_the_initial_weights_where_the_default_ramp_follows_the_raw_ones(tmp_path, constant):
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(NUM_FEATURES, 1).weight.detach().clone()  # the weights run_regression starts from
+    exported = {}
+
+    def keep_ema(ema_model, directory):
+        exported["weight"] = ema_model.weight.detach().clone()
+
+    cfg = loop_config(tmp_path, total_steps=1, checkpoint_every_steps=0, ema_constant=constant)
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(NUM_FEATURES, 1)
+    batches = InMemoryBatches(regression_data(), batch_per_process=BATCH_PER_PROCESS, seed=cfg.seed)
+    train_loop(cfg, model=model, loss_fn=regression_loss, batches=batches, accelerator=accelerator, export=keep_ema)
+    raw = model.weight.detach()
+    decay = 0.9 if constant else 0.0  # diffusers' EMAModel copies the raw weights at its first update
+    expected = decay * initial + (1 - decay) * raw
+    assert not torch.allclose(raw, initial), "one step moved the raw weights"
+    torch.testing.assert_close(exported["weight"], expected)

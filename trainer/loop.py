@@ -74,6 +74,10 @@ class LoopConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema_decay: float = 0.999
     ema_warmup: bool = False
+    # Constant decay from step 0: EMAModel otherwise copies the raw weights at its first update and then ramps
+    # decay as (1+n)/(10+n), so the average follows the first raw steps; a pretrained init (CMT, teacher) keeps
+    # its weights in the average only with this on.
+    ema_constant: bool = False
     checkpoint_every_steps: int
     keep_checkpoints: int = 2
     log_every_steps: int
@@ -105,6 +109,8 @@ class LoopConfig:
             raise ConfigError(
                 f"loop.warmup_steps ({self.warmup_steps}) must be below loop.total_steps ({self.total_steps})"
             )
+        if self.ema_constant and self.ema_warmup:
+            raise ConfigError("loop.ema_constant and loop.ema_warmup exclude each other: choose one")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"loop.torch_threads must be >= 1 or none, got {self.torch_threads}")
 
@@ -204,6 +210,14 @@ class InMemoryBatches:
             )
         self.epoch = int(state["epoch"])
         self.offset = int(state["offset"])
+
+
+class ConstantDecayEMA(EMAModel):
+    """diffusers' EMAModel with the same decay at every update, the first included (EMAModel returns 0 there)."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        """θ_ema ← d·θ_ema + (1 − d)·θ with d = decay from step 0, so a pretrained init stays in the average."""
+        return self.decay
 
 
 @dataclass
@@ -373,7 +387,9 @@ def train_loop(
     ema_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     trained_model = accelerator.unwrap_model(model)
-    ema = EMAModel(trained_model.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
+    ema = (ConstantDecayEMA if cfg.ema_constant else EMAModel)(
+        trained_model.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup
+    )
     progress = TrainingProgress()
     for stateful in (lr_scheduler, ema, batches, progress, *extra_checkpoint_objects):
         accelerator.register_for_checkpointing(stateful)
