@@ -490,12 +490,13 @@ def _post_data(cfg: CompareConfig, store_url: str) -> str:
 
 
 def builtin_post_overrides(method: str, init: str, total_steps: int) -> list[str]:
-    """Per-cell defaults: ECT's doubling Δt schedule for baselines, EMA warm-up for random inits."""
+    """Per-cell defaults: ECT's doubling Δt schedule for baselines; a warming-up EMA for random inits (a constant
+    decay from step 0, the preset's choice for pretrained inits, would keep the random weights in the average)."""
     settings = []
     if method == "ect" and init in BASELINES:
         settings += ["ect.q_mode=doubling", "ect.q_start=2", f"ect.double_every_steps={max(1, total_steps // 11)}"]
     if init == "random":
-        settings.append("loop.ema_warmup=true")
+        settings += ["loop.ema_constant=false", "loop.ema_warmup=true"]
     return settings
 
 
