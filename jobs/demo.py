@@ -82,8 +82,11 @@ def _final_fd(run_dir: Path) -> dict[str, float]:
 
 
 def _fd_curve(run_dir: Path, offset_seconds: float) -> list[tuple[float, float, float]]:
-    """(charged seconds, FD 1-step, FD 2-step) at every evaluation of a run, shifted by earlier stages' cost."""
-    return [
+    """(charged seconds, FD 1-step, FD 2-step) at the run's start (its init_eval.json) and every evaluation, shifted
+    by the cost of the stages before it."""
+    init_path = run_dir / "init_eval.json"
+    start = json.loads(init_path.read_text()) if init_path.exists() else None
+    return [(offset_seconds, start["fd_1step"], start["fd_2step"])] * (start is not None) + [
         (offset_seconds + record.get("train_seconds", 0.0), record["fd_1step"], record["fd_2step"])
         for record in _metrics(run_dir)
         if "fd_1step" in record
