@@ -284,3 +284,15 @@ def test_cli_flags_override_a_preset_and_unknown_preset_keys_are_named(teacher_d
     preset.write_text("teacher: x\nnum_trajectory: 3\n")
     with pytest.raises(GenerateError, match="num_trajectory.*did you mean 'num_trajectories'"):
         parse_args(["--config", str(preset)])
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "imagenet256"])
+def test_real_scale_training_presets_are_valid_configs(preset):
+    from trainer.config import load_config
+    from trainer.mid import MidConfig
+    from trainer.post import PostConfig
+
+    mid = load_config(MidConfig, REPO / "jobs" / preset / "mid.yaml", [])
+    post = load_config(PostConfig, REPO / "jobs" / preset / "post.yaml", [])
+    assert mid.form == "cm" and post.init == f"cmt:{mid.loop.output_dir}/export"
+    assert post.loop.ema_constant, "post-training from a pretrained init keeps it in the EMA"
