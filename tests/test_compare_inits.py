@@ -24,9 +24,8 @@ from jobs.compare_inits import (
     parse_scoped_override,
     run,
 )
-from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
-from storage_schema import GenerationSpec, create_store
+from tests.helpers import write_solved_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,17 +46,8 @@ def tiny_teacher_dir(directory: Path) -> Path:
 
 def tiny_store(teacher_dir: Path, url: Path, *, num_trajectories: int = 32, steps: int = 4) -> Path:
     """The teacher's DPM-Solver++(3M) trajectories in a 2-shard float32 store (pipeline/generate.py's bytes, no Ray)."""
-    teacher = load_teacher(teacher_dir)
-    spec = GenerationSpec(teacher_fingerprint=teacher.fingerprint, sample_shape=tuple(teacher.sample_shape),
-                          solver="dpmpp-3m", steps=steps, grid="logsnr", seed_base=0,
-                          num_trajectories=num_trajectories, shard_size=num_trajectories // 2,
-                          chunk_size=num_trajectories // 4, dtype="float32")
-    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps)
-    store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
-    for shard in range(spec.num_shards):
-        start, stop = spec.shard_bounds(shard)
-        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop))
-    return url
+    return write_solved_store(load_teacher(teacher_dir), url, num_trajectories=num_trajectories, steps=steps,
+                              shard_size=num_trajectories // 2, chunk_size=num_trajectories // 4)
 
 
 def final_train_seconds(run_dir: Path) -> float:

@@ -6,7 +6,6 @@ import ipaddress
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,17 +17,11 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from pipeline.generate import GenerateConfig, _connect_ray
 from storage_schema import open_store
+from tests.helpers import free_port
 from tests.test_generate import tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    """A TCP port nobody listens on right now (loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _listening_addresses(pids: set[int]) -> set[str]:
@@ -50,7 +43,7 @@ def _is_loopback(address: str) -> bool:
 def cluster():
     """A real single-node Ray cluster (`ray start --head`) in a fresh temp dir, with the venv's python on PATH."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     env = dict(
         os.environ,
         PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -61,7 +54,7 @@ def cluster():
     )
     start = [
         str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-        "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--temp-dir", temp_dir, "--disable-usage-stats",
     ]
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import warnings
@@ -19,33 +18,27 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipeline.oracle import flow_map, make_oracle_teacher, posterior_mean
 from pipeline.solvers import solve
-from pipeline.teacher import Teacher, load_teacher
-from storage_schema import GenerationSpec, create_store
+from pipeline.teacher import load_teacher
+from tests.helpers import free_port
+from tests.helpers import write_solved_store as write_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import complete_checkpoints, read_metrics
 from trainer.losses import squared_l2
-from trainer.mid import MidConfig, MidDataError, build_distance, check_stores, cm_loss, main, preload_pairs, run
+from trainer.mid import (
+    MidConfig,
+    MidDataError,
+    build_distance,
+    check_stores,
+    cm_loss,
+    main,
+    preload_pairs,
+    run,
+)
 from trainer.student import FlowMapStudent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "mid.yaml"
 DIGITS_PRESET = REPO_ROOT / "jobs" / "digits" / "mid.yaml"
-
-
-def write_store(teacher: Teacher, url: Path, *, num_trajectories: int, steps: int, shard_size: int,
-                solver: str = "dpmpp-3m", shards: list[int] | None = None, dtype: str = "float32") -> Path:
-    """Solve the teacher's PF-ODE and write a trajectory store the way pipeline/generate.py does (without Ray)."""
-    spec = GenerationSpec(
-        teacher_fingerprint=teacher.fingerprint, sample_shape=tuple(teacher.sample_shape), solver=solver,
-        steps=steps, grid="logsnr", seed_base=0, num_trajectories=num_trajectories, shard_size=shard_size,
-        chunk_size=max(1, shard_size // 2), dtype=dtype,
-    )
-    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps, solver=solver, grid="logsnr")
-    store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
-    for shard in range(spec.num_shards) if shards is None else shards:
-        start, stop = spec.shard_bounds(shard)
-        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop))
-    return url
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
@@ -132,20 +125,13 @@ def test_smoke_checkpoint_sigkill_resume_bitwise_and_export(tiny, tmp_path):
     assert not torch.equal(exported[0]["conv_in.weight"], initial["conv_in.weight"])  # training moved the weights
 
 
-def _free_port() -> int:
-    """A TCP port on localhost that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_real_processes_read_disjoint_shards_and_keep_identical_parameters(tiny, tmp_path):
     output_dir = tmp_path / "ddp"
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "trainer/mid.py",
+        "--main_process_port", str(free_port()), "trainer/mid.py",
         *tiny_args(tiny, output_dir, "form=mf", "loop.total_steps=6", "stream.pairs_per_trajectory=4"),
     ]
     launched = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300,

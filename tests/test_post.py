@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +20,24 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from pipeline.oracle import flow_map, make_oracle_teacher
 from pipeline.solvers import ode_step, solve
 from pipeline.teacher import Teacher, load_teacher
-from storage_schema import GenerationSpec, create_store, open_store
+from storage_schema import open_store
+from tests.helpers import free_port, write_solved_store
 from trainer.config import ConfigError, load_config
-from trainer.loop import InMemoryBatches, LoopConfig, complete_checkpoints, make_accelerator, read_metrics, train_loop
-from trainer.losses import cmt_cm_loss, jvp_attention_context, meanflow_target, squared_l2, total_derivative_jvp
+from trainer.loop import (
+    InMemoryBatches,
+    LoopConfig,
+    complete_checkpoints,
+    make_accelerator,
+    read_metrics,
+    train_loop,
+)
+from trainer.losses import (
+    cmt_cm_loss,
+    jvp_attention_context,
+    meanflow_target,
+    squared_l2,
+    total_derivative_jvp,
+)
 from trainer.mid import parameter_hash
 from trainer.post import (
     HOLD_FILE_ENV,
@@ -51,6 +64,11 @@ TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "post.yaml"
 BATCH = 8  # batch_per_process of the tiny preset
 
 
+def write_store(teacher, url: Path, *, num_trajectories: int = 32, steps: int = 4, shard_size: int = 16) -> Path:
+    """A float32 DPM-Solver++(3M) store of the tiny teacher (pipeline/generate.py's layout, without Ray)."""
+    return write_solved_store(teacher, url, num_trajectories=num_trajectories, steps=steps, shard_size=shard_size)
+
+
 def tiny_unet(*, seed: int = 0, dropout: float = 0.0, attention: bool = False, channels=(8, 16)) -> UNet2DModel:
     """A tiny 1×8×8 UNet2DModel (random weights), optionally with dropout and an attention level."""
     torch.manual_seed(seed)
@@ -66,22 +84,6 @@ def save_teacher(directory: Path, unet: UNet2DModel, scheduler: DDPMScheduler | 
     DDPMPipeline(unet=unet, scheduler=scheduler or DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(
         directory)
     return directory
-
-
-def write_store(teacher: Teacher, url: Path, *, num_trajectories: int = 32, steps: int = 4,
-                shard_size: int = 16) -> Path:
-    """Solve the teacher's PF-ODE and write a float32 trajectory store as pipeline/generate.py does (without Ray)."""
-    spec = GenerationSpec(
-        teacher_fingerprint=teacher.fingerprint, sample_shape=tuple(teacher.sample_shape), solver="dpmpp-3m",
-        steps=steps, grid="logsnr", seed_base=0, num_trajectories=num_trajectories, shard_size=shard_size,
-        chunk_size=shard_size // 2, dtype="float32",
-    )
-    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps)
-    store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
-    for shard in range(spec.num_shards):
-        start, stop = spec.shard_bounds(shard)
-        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop))
-    return url
 
 
 @pytest.fixture(scope="module")
@@ -256,19 +258,12 @@ def test_cfg_is_folded_into_the_meanflow_target_velocity_except_for_dropped_labe
 # Runs
 
 
-def _free_port() -> int:
-    """A TCP port on localhost that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_processes_meanflow_with_jvp_keep_identical_parameters(tiny, tmp_path):
     output_dir = tmp_path / "run"
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "trainer/post.py", "--config", str(TINY_PRESET), "--method", "meanflow", "--init", "teacher",
         "--data", f"store:{tiny['store']}", f"teacher={tiny['teacher']}", f"loop.output_dir={output_dir}",
         "meanflow.derivative=jvp", "loop.total_steps=3", "loop.checkpoint_every_steps=0",

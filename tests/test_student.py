@@ -6,7 +6,12 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import (
+    DDPMScheduler,
+    EDMEulerScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
 
 from pipeline.teacher import Teacher
 from trainer.student import FlowMapStudent, StudentLoadError
