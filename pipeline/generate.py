@@ -342,7 +342,6 @@ def _connect_ray(cfg: GenerateConfig) -> bool:
     needed = cfg.num_workers * cfg.cpus_per_worker
     ray.init(
         num_cpus=max(needed, os.cpu_count() or 1),
-        num_gpus=None if cfg.gpus_per_worker == 0 else None,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         logging_level="warning",
@@ -390,21 +389,17 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
 
 def _existing_store(url: str, spec: GenerationSpec, overwrite: bool):
     """Open an existing store at url for this spec; None when there is none (or it is to be overwritten)."""
-    try:
-        store = open_store(url, "r")
-    except NotAStoreError:
-        return None
     if overwrite:
-        return None
+        return None  # create_store(overwrite=True) replaces a store, and refuses to delete anything else
     try:
         return open_store(url, "r", expected_spec=spec)
+    except NotAStoreError:
+        return None
     except SpecMismatchError as error:
         raise GenerateError(
             f"{error}\nThe store at {url} was made from another spec and was left untouched: choose another --out, "
             f"use the cache (--cache-root, the default) or pass --overwrite to replace it"
         ) from error
-    finally:
-        del store
 
 
 def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: list[int], teacher_fingerprint: str):

@@ -583,12 +583,14 @@ class TrajectoryStore:
         selection = np.where(selection < 0, selection + points, selection).astype(np.int64)
         return int(selection) if selection.ndim == 0 else selection
 
-    def _read_range(self, start: int, stop: int, point_indices: Any) -> dict[str, np.ndarray | None]:
+    def _read_range(
+        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True
+    ) -> dict[str, np.ndarray | None]:
         """traj/seed/label of trajectories [start, stop), decoding errors raised as CorruptShardError."""
         points = self._normalised_points(point_indices)
         try:
             traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
-            seed = self._arrays[SEED][start:stop]  # [n]
+            seed = self._arrays[SEED][start:stop] if seeds else None  # [n]
             label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
         except Exception as error:
             first, last = start // self.spec.shard_size, (stop - 1) // self.spec.shard_size
@@ -621,6 +623,17 @@ class TrajectoryStore:
         self, start: int, stop: int, point_indices: Any = None, *, require_committed: bool = True
     ) -> np.ndarray:
         """traj[start:stop, point_indices] read whole chunks at a time; [n, P, *S] (or [n, *S] for an int)."""
+        self._check_range(start, stop, require_committed)
+        return self._read_range(int(start), int(stop), point_indices, seeds=False)["traj"]
+
+    def read_trajectories(self, start: int, stop: int, *, require_committed: bool = True) -> dict[str, np.ndarray | None]:
+        """traj [n, P, *S] and label [n] (or None) of trajectories [start, stop), no seeds: the streaming read."""
+        self._check_range(start, stop, require_committed)
+        block = self._read_range(int(start), int(stop), None, seeds=False)
+        return {"traj": block["traj"], "label": block["label"]}
+
+    def _check_range(self, start: int, stop: int, require_committed: bool) -> None:
+        """Refuse a range outside the store (and, when asked, one touching an uncommitted shard)."""
         n = self.spec.num_trajectories
         for name, value in (("start", start), ("stop", stop)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -629,7 +642,6 @@ class TrajectoryStore:
             raise ShardIndexError(f"need 0 <= start < stop <= {n} (the store holds {n} trajectories), got {start}, {stop}")
         if require_committed:
             self._require_committed(start // self.spec.shard_size, (stop - 1) // self.spec.shard_size + 1)
-        return self._read_range(int(start), int(stop), point_indices)["traj"]
 
     def read_chunk(
         self, index: int, point_indices: Any = None, *, require_committed: bool = True

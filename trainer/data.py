@@ -74,7 +74,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.time_convention import edm_from_native, fm_from_edm
-from storage_schema import CorruptShardError, GenerationSpec, ShardNotCommittedError, TrajectoryStore, open_store
+from storage_schema import GenerationSpec, ShardNotCommittedError, TrajectoryStore, open_store
 from trainer.config import ConfigError
 
 __all__ = [
@@ -502,16 +502,8 @@ class _Reader:
         chunk_bytes = spec.chunk_size * spec.num_points * math.prod(spec.sample_shape) * np.dtype(spec.dtype).itemsize
         stop_chunk = min(spec.shard_chunks(shard).stop, chunk + max(1, READ_BYTES // chunk_bytes))
         start, stop = spec.chunk_bounds(chunk)[0], spec.chunk_bounds(stop_chunk - 1)[1]
-        try:
-            traj = opened.array("traj")[start:stop]  # [n, K+1, *S]
-            label = opened.array("label")[start:stop] if spec.is_conditional else None  # [n]
-        except Exception as error:
-            raise CorruptShardError(
-                f"cannot decode trajectories {start}..{stop - 1} (shard {shard}) of {opened.url}: "
-                f"{type(error).__name__}: {error}; run `python -m storage_schema validate {opened.url} --deep` and "
-                "rewrite the damaged shard with write_shard(..., repair=True)"
-            ) from error
-        return store, chunk, stop_chunk, {"traj": traj, "label": label}
+        # The commit record was checked once per shard above; decoding errors arrive as CorruptShardError.
+        return store, chunk, stop_chunk, opened.read_trajectories(start, stop, require_committed=False)
 
     def _write_data(self, buffer: _ShuffleBuffer, at: np.ndarray, chunk: Mapping[str, Any]) -> None:
         """Copy the points that buffer rows `at` refer to out of a chunk read from the store."""
