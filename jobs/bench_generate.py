@@ -60,7 +60,7 @@ def run_job(args: argparse.Namespace, out: Path, env: dict[str, str]) -> tuple[f
         "--no-progress",
     ]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"generate.py failed:\n{done.stdout}\n{done.stderr}")
@@ -128,7 +128,7 @@ def main() -> int:
     started = time.perf_counter()
     teacher = load_teacher(args.teacher)
     teacher_load_seconds = time.perf_counter() - started
-    bare = dict(num=args.bare_trajectories, batch=args.batch_size, steps=args.steps)
+    bare = {"num": args.bare_trajectories, "batch": args.batch_size, "steps": args.steps}
     bare_solver_rate(teacher, seed=0, num=args.batch_size, batch=args.batch_size, steps=args.steps)  # warm-up
     rate_before, points = bare_solver_rate(teacher, seed=10**6, **bare)
     job_seconds, summary = run_job(args, workdir / "store.zarr", env)

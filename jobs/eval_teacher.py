@@ -16,8 +16,8 @@ if __name__ == "__main__":  # run by path: the project root first on sys.path (j
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
