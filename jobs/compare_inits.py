@@ -511,7 +511,7 @@ def post_plan(cfg: CompareConfig, method: str, init: str, seed: int, total_steps
                 f"loop.torch_threads={cfg.threads}", "eval_at_init=true", f"num_eval_samples={cfg.num_eval_samples}",
                 "compute_fd=true", f"fd_dataset={cfg.fd_dataset}"]
     builtin = builtin_post_overrides(method, init, total_steps)
-    chosen = [f"data={_post_data(cfg, store_url)}" if text.replace(" ", "") == f"data={STORE_TOKEN}" else text
+    chosen = [f"data=store:{store_url}" if text.replace(" ", "") == f"data={STORE_TOKEN}" else text
               for text in user_overrides(cfg, "post", method=method, init=init)]
     name = f"{method}-{init}-s{seed}-{_short_hash([cfg.post_preset, settings, builtin, chosen])}"
     overrides = (*settings, *builtin, *chosen, f"loop.output_dir={runs_dir / name}")
@@ -640,6 +640,12 @@ def step_time_fit(runs: Sequence[dict[str, Any]]) -> tuple[float, float]:
     return sum(s for s, _ in last) / sum(t for _, t in last), 0.0
 
 
+def reads_store(plan: RunPlan) -> bool:
+    """Whether a post-training run reads a trajectory store (its last `data=` setting wins), so it is charged G."""
+    data = [text for text in plan.overrides if text.startswith("data=")]
+    return bool(data) and data[-1].startswith("data=store:")
+
+
 def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges: Charges, *, store_url: str,
                    runs_dir: Path, log_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     """The CMT runs of `method`, then its baselines at equal compute; (cells, accounting, settings-log rows)."""
@@ -647,6 +653,9 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     cmt_plans = [post_plan(cfg, method, "cmt", seed, steps, store_url=store_url, cmt_export=Path(mid["export"]),
                            runs_dir=runs_dir) for seed in cfg.seeds]
     cmt_runs = [read_post_run(execute(cfg, plan, runs_dir, log_dir)) for plan in cmt_plans]
+    baseline_probe = post_plan(cfg, method, "teacher", cfg.seeds[0], 1, store_url=store_url, cmt_export=None,
+                               runs_dir=runs_dir)
+    charges = dataclasses.replace(charges, baselines_read_store=reads_store(baseline_probe))  # e.g. ecd:data=store
     cmt_seconds = [run_["train_seconds"][-1] for run_ in cmt_runs]
     rate, startup = step_time_fit(cmt_runs)
     cmt_total = charges.before_post("cmt", mid["seconds"]) + float(np.mean(cmt_seconds))
@@ -655,6 +664,7 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     baseline_steps = min(equal_steps, cfg.max_baseline_steps or equal_steps)
     accounting = {
         "form": METHOD_FORMS[method], "mid_seconds": mid["seconds"], "cmt_post_steps": steps,
+        "baselines_charged_for_generation": charges.baselines_read_store,
         "cmt_post_seconds": _mean_std(cmt_seconds), "steps_per_second": rate, "startup_seconds": startup,
         "cmt_charged_seconds": cmt_total,
         "cmt_charged_seconds_amortised": (charges.before_post("cmt", mid["seconds"], amortised=True)

@@ -192,3 +192,13 @@ def test_first_crossing_and_override_errors():
         parse_scoped_override("loop.seed=3")
     with pytest.raises(CompareError, match="inits must include cmt"):
         dataclasses.replace(QUICK, inits=("teacher", "random")).validate()
+
+
+def test_a_baseline_that_reads_the_store_is_charged_for_generation(tmp_path):
+    from jobs.compare_inits import post_plan, reads_store
+
+    cfg = dataclasses.replace(QUICK, methods=("ect", "ecd"), overrides=("ecd:data=store",))
+    plan = {method: post_plan(cfg, method, "teacher", 0, 10, store_url="/s.zarr", cmt_export=None, runs_dir=tmp_path)
+            for method in ("ect", "ecd")}
+    assert reads_store(plan["ecd"]) and "data=store:/s.zarr" in plan["ecd"].overrides
+    assert not reads_store(plan["ect"])  # QUICK's post_data is dataset:digits
