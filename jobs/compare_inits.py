@@ -895,14 +895,14 @@ def markdown_table(result: dict[str, Any]) -> str:
         "## Compute accounting",
         "",
         f"- Trajectory generation G = {_seconds(acct['generation_seconds'])} s ({acct['generation_source']}).",
-        (f"- Post-training data: {acct['post_data']}"
+        (f"- Post-training data: {acct['post_data']} unless a row's settings say otherwise"
          + (" (baselines are charged G too)." if acct["baselines_charged_for_generation"] else ".")),
         f"- Equal compute by {acct['equal_compute_by']}.",
         f"- Seconds: {acct['train_seconds']}.",
         "",
         ("| method | mid form | mid s | CMT post steps | CMT post s | steps/s | CMT charged s | CMT charged s "
-         "(amortised) | baseline steps | charged ratio baseline/CMT |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+         "(amortised) | baselines charged G | baseline steps | charged ratio baseline/CMT |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for method, row in acct["methods"].items():
         ratios = ", ".join(f"{INIT_LABELS[c['init']]} {c['charged_over_cmt']:.2f}" for c in result["cells"]
@@ -912,6 +912,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {METHOD_LABELS[method]} | {row['form']} | {_seconds(row['mid_seconds'])} | {row['cmt_post_steps']} "
             f"| {_fmt(row['cmt_post_seconds'], 2)} | {row['steps_per_second']:.2f} "
             f"| {_seconds(row['cmt_charged_seconds'])} | {_seconds(row['cmt_charged_seconds_amortised'])} "
+            f"| {'yes' if row.get('baselines_charged_for_generation') else 'no'} "
             f"| {row['baseline_steps']}{capped} | {ratios or '–'} |"
         )
     lines += ["", "## Cells where post-training did not improve on its init", ""]
