@@ -1,20 +1,19 @@
-"""Why the raw ECT loss rises while FD improves: the ECT loss at fixed draws, split from the ODE consistency error.
+"""What the ECT loss value measures: the loss at fixed draws for the diffusion init, EMA exports and raw weights.
 
-    python jobs/ect_loss_probe.py --teacher DIR [--student NAME=EXPORT_DIR ...] [--q 4096] [--num 1024]
+    python jobs/ect_loss_probe.py --teacher DIR [--student NAME=EXPORT_DIR ...] [--raw NAME=RUN_DIR ...]
+        [--q 4096] [--num 1024]
 
-For the teacher's own x0 prediction (the diffusion init) and every named student export (CM form), on the SAME
-digits images, noise, (t, r) draws and dropout-free eval mode, it prints:
+For the teacher's own x0 prediction (the diffusion init), every named student export (CM form) and the raw
+weights of every named run (its newest checkpoint, not the EMA export), on the SAME digits images, noise and
+(t, r) draws, in eval mode, it prints:
 
-- `ect`: ECT's loss d(f(x0 + t·ε, t), f(x0 + r·ε, r))/(t − r) (trainer/post.py's ECTLoss with ECT's time
-  sampler, pseudo-Huber d). x_t and x_r share ε, so x_r is NOT on x_t's PF-ODE trajectory, and even the exact
-  consistency function Ψ_{t→0} pays E d(Ψ(x_t), Ψ(x_r))/Δt ≈ ‖∂Ψ/∂x·(ε − v(x_t))‖ (ECT's conditional-velocity
-  estimate of the ODE velocity v). This term grows with ‖∂Ψ/∂x‖, i.e. as f becomes the sharp map of noise to
-  one sample that a consistency model is.
-- `ode`: the same distance with x_r = the teacher's Heun step of the PF-ODE from (x_t, t) to r (ECD's pair):
-  the model's consistency error along the teacher's own ODE, which a good consistency model drives down.
+- `ect`: ECT's loss d(f(x0 + t·ε, t), f(x0 + r·ε, r))/(t − r) (trainer/post.py's ECT pair, ECT's time sampler,
+  pseudo-Huber d). x_t and x_r share ε, so x_r stands in for x_t's PF-ODE neighbour.
+- `ode`: the same distance with x_r = the teacher's PF-ODE step from (x_t, t) to r (ECD's pair): how much f
+  changes along the teacher's own trajectory over Δt.
 
-A student that moves towards Ψ can therefore see `ect` rise while `ode` falls; printed side by side with the FD of
-each model this separates "ECT is broken" from "the loss value is not a distance to the target".
+The gap between the two columns is what ECT's shared-noise pair adds over the ODE pair. Both columns are rates of
+change of f over a tiny Δt, so they grow with how rough f is, not with how far f is from Ψ_{t→0}.
 """
 
 from __future__ import annotations
