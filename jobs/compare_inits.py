@@ -49,7 +49,7 @@ Every stage runs as its own subprocess (`trainer/mid.py`, `trainer/post.py`; acc
 The default preset (ECT, MeanFlow and ECD, 3 seeds: 27 post-training runs, 1 torch thread each) ran as
 `--methods ect` / `--methods ecd` / `--methods meanflow` invocations two at a time on the 2-core machine in about
 65 min of wall clock (2026-11-22; results and the settings tried are in README.md, "Studies"); one invocation
-running them one after another is ~1.5 h.
+running them one after another: ~1.5 h (the sum of the three invocations' wall times, an estimate).
 """
 
 from __future__ import annotations
