@@ -1,4 +1,5 @@
-"""Helpers shared by several test files: a free loopback port and a solved trajectory store written without Ray."""
+"""Helpers shared by several test files: a free loopback port, the tiny 1×8×8 UNet most tests use as a teacher, and a
+solved trajectory store written without Ray."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import UNet2DModel
 
 from pipeline.solvers import solve
 from storage_schema import GenerationSpec, create_store
@@ -16,6 +19,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def tiny_unet(*, seed: int = 0, dropout: float = 0.0, attention: bool = False, channels=(8, 16),
+              num_class_embeds: int | None = None) -> UNet2DModel:
+    """A tiny random 1×8×8 UNet2DModel (digits-shaped), optionally with dropout, an attention level or classes."""
+    torch.manual_seed(seed)
+    down, up = ["DownBlock2D", "DownBlock2D"], ["UpBlock2D", "UpBlock2D"]
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=channels, layers_per_block=1,
+                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=4, dropout=dropout,
+                       num_class_embeds=num_class_embeds)
 
 
 def write_solved_store(teacher, url: Path, *, num_trajectories: int, steps: int, shard_size: int,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 
 from jobs.compare_inits import (
     JSON_NAME,
@@ -25,7 +24,7 @@ from jobs.compare_inits import (
     run,
 )
 from pipeline.teacher import load_teacher
-from tests.helpers import write_solved_store
+from tests.helpers import tiny_unet, write_solved_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,11 +35,7 @@ SEEDS = (0, 1)
 
 def tiny_teacher_dir(directory: Path) -> Path:
     """A tiny random 1×8×8 DDPM teacher (digits-shaped, so FD-digits applies), saved as trainer/pretrain.py does."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(directory)
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(directory)
     return directory
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 
 from pipeline.oracle import flow_map, make_oracle_teacher, posterior_mean
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_unet
 from tests.helpers import write_solved_store as write_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import complete_checkpoints, read_metrics
@@ -39,15 +39,6 @@ from trainer.student import FlowMapStudent
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "mid.yaml"
 DIGITS_PRESET = REPO_ROOT / "jobs" / "digits" / "mid.yaml"
-
-
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    """The tiny teacher's network (random weights: mid-training only needs its trajectories and architecture)."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pipeline.oracle import flow_map, make_oracle_teacher
 from pipeline.solvers import ode_step, solve
 from pipeline.teacher import Teacher, load_teacher
 from storage_schema import open_store
-from tests.helpers import free_port, write_solved_store
+from tests.helpers import free_port, tiny_unet, write_solved_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import (
     InMemoryBatches,
@@ -67,16 +67,6 @@ BATCH = 8  # batch_per_process of the tiny preset
 def write_store(teacher, url: Path, *, num_trajectories: int = 32, steps: int = 4, shard_size: int = 16) -> Path:
     """A float32 DPM-Solver++(3M) store of the tiny teacher (pipeline/generate.py's layout, without Ray)."""
     return write_solved_store(teacher, url, num_trajectories=num_trajectories, steps=steps, shard_size=shard_size)
-
-
-def tiny_unet(*, seed: int = 0, dropout: float = 0.0, attention: bool = False, channels=(8, 16)) -> UNet2DModel:
-    """A tiny 1×8×8 UNet2DModel (random weights), optionally with dropout and an attention level."""
-    torch.manual_seed(seed)
-    down, up = ["DownBlock2D", "DownBlock2D"], ["UpBlock2D", "UpBlock2D"]
-    if attention:
-        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=channels, layers_per_block=1,
-                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=4, dropout=dropout)
 
 
 def save_teacher(directory: Path, unet: UNet2DModel, scheduler: DDPMScheduler | None = None) -> Path:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from pipeline.solvers import prior_noise
 from pipeline.teacher import Teacher
+from tests.helpers import tiny_unet
 from trainer.sample import SampleConfig, SampleError, main, run
 from trainer.student import FlowMapStudent
 
@@ -22,11 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_teacher(num_class_embeds: int | None = None) -> Teacher:
     """A tiny random 1×8×8 teacher."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=num_class_embeds)
-    return Teacher(unet, DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    return Teacher(tiny_unet(num_class_embeds=num_class_embeds), DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,11 @@ from diffusers import (
     DDPMScheduler,
     EDMEulerScheduler,
     FlowMatchEulerDiscreteScheduler,
-    UNet2DModel,
 )
 
 from pipeline.teacher import Teacher
+from tests.helpers import tiny_unet
 from trainer.student import FlowMapStudent, StudentLoadError
-
-
-def tiny_unet(num_class_embeds: int | None = None, seed: int = 0) -> UNet2DModel:
-    """A tiny random UNet2DModel on 1×8×8 samples (the teacher's architecture in these tests)."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, num_class_embeds=num_class_embeds,
-    )
 
 
 SCHEDULERS = {
@@ -37,7 +27,7 @@ SCHEDULERS = {
 
 def tiny_teacher(kind: str = "vp-epsilon", num_class_embeds: int | None = None) -> Teacher:
     """A Teacher around a tiny random UNet with the given schedule family / prediction type."""
-    return Teacher(tiny_unet(num_class_embeds), SCHEDULERS[kind]())
+    return Teacher(tiny_unet(num_class_embeds=num_class_embeds), SCHEDULERS[kind]())
 
 
 def edm_levels(teacher: Teacher) -> torch.Tensor:
