@@ -37,13 +37,14 @@ def raw_student(run_dir: str):
 
     from safetensors.torch import load_file
 
+    from trainer.loop import complete_checkpoints
     from trainer.student import FlowMapStudent
 
-    checkpoints = sorted(Path(run_dir, "checkpoints").glob("step_*"), key=lambda path: int(path.name[5:]))
+    checkpoints = complete_checkpoints(run_dir)
     if not checkpoints or not Path(run_dir, "export").is_dir():
-        raise SystemExit(f"--raw {run_dir}: need a run directory with export/ and checkpoints/step_*/")
+        raise SystemExit(f"--raw {run_dir}: need a run directory with export/ and a complete checkpoints/step_*/")
     student = FlowMapStudent.from_pretrained(Path(run_dir, "export"))
-    student.load_state_dict(load_file(checkpoints[-1] / "model.safetensors"))
+    student.load_state_dict(load_file(checkpoints[-1][1] / "model.safetensors"))
     return student
 
 

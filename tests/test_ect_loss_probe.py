@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from jobs.ect_loss_probe import main, probe, raw_student
 from pipeline.teacher import load_teacher
 from tests.test_compare_inits import tiny_teacher_dir
+from trainer.loop import CHECKPOINT_MARKER
 from trainer.student import FlowMapStudent
 
 DIFFUSION = "diffusion init (teacher x0)"
@@ -28,8 +29,10 @@ def teacher_and_run(tmp_path_factory):
         generator = torch.Generator().manual_seed(step)
         state = {name: (value + scale * torch.randn(value.shape, generator=generator)).contiguous()
                  for name, value in student.state_dict().items()}
-        (run_dir / "checkpoints" / f"step_{step}").mkdir(parents=True)
-        save_file(state, run_dir / "checkpoints" / f"step_{step}" / "model.safetensors")
+        checkpoint = run_dir / "checkpoints" / f"step_{step}"
+        checkpoint.mkdir(parents=True)
+        save_file(state, checkpoint / "model.safetensors")
+        (checkpoint / CHECKPOINT_MARKER).write_text("{}")  # complete, as trainer/loop.py marks it
     return teacher_dir, run_dir
 
 
