@@ -1,9 +1,16 @@
-"""Helpers shared by several test files: a free loopback port, the tiny 1×8×8 UNet most tests use as a teacher, and a
-solved trajectory store written without Ray."""
+"""Helpers shared by several test files: a free loopback port, the tiny 1×8×8 UNet most tests use as a teacher, a
+solved trajectory store written without Ray, and the suite's rules for time and tolerance.
+
+Time: tests wait for conditions (`wait_until`), never for a wall-clock budget. `HANG_LIMIT_S` bounds only hangs: it is
+far above what any step takes on a loaded 2-core machine, so reaching it means something is stuck, not slow.
+Tolerance: `assert_close` scales with the values' magnitude and the dtype's resolution, never a fixed absolute number.
+"""
 
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +19,38 @@ from diffusers import UNet2DModel
 
 from pipeline.solvers import solve
 from storage_schema import GenerationSpec, create_store
+
+
+HANG_LIMIT_S = 1800.0  # outer bound for one subprocess or one wait: catches hangs only, never slowness
+
+
+def wait_until(condition: Callable[[], object], what: str, *, limit_s: float = HANG_LIMIT_S,
+               poll_s: float = 0.05) -> object:
+    """Poll `condition()` until it returns something truthy (returned); fail naming `what` only after `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting after {limit_s:.0f} s (a hang, not slowness): {what}")
+        time.sleep(poll_s)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, ulps: float = 64.0,
+                 magnitude: float | None = None, what: str = "") -> None:
+    """|actual − expected| ≤ ulps · eps(dtype) · magnitude, elementwise maximum.
+
+    `magnitude` is the size of the largest value the computation went through (default: max |expected|, at least 1):
+    float rounding errors scale with it, so a result near 2.75 computed from terms near 150 needs magnitude=150.
+    """
+    dtype = expected.dtype if expected.is_floating_point() else torch.float32
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0) if magnitude is None else magnitude
+    tolerance = ulps * torch.finfo(dtype).eps * scale
+    error = float((actual.to(expected.dtype) - expected).abs().max()) if expected.numel() else 0.0
+    assert error <= tolerance, (
+        f"{what} max |error| {error:.3g} > {tolerance:.3g} ({ulps:g} ulps of {dtype} at magnitude {scale:.3g})"
+    )
 
 
 def free_port() -> int:

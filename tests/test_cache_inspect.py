@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.inspect import trajectory_statistics
 from storage_schema import GenerationSpec, cache_path, create_store, open_store
+from tests.helpers import HANG_LIMIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def make_store(url: str, *, num_trajectories=96, shard_size=32, chunk_size=16, s
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_LIMIT_S)
 
 
 def test_inspect_statistics_equal_numpy_over_committed_shards(tmp_path):

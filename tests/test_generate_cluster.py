@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -17,7 +18,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from pipeline.generate import GenerateConfig, _connect_ray
 from storage_schema import open_store
-from tests.helpers import free_port
+from tests.helpers import HANG_LIMIT_S, free_port, wait_until
 from tests.test_generate import tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +40,51 @@ def _is_loopback(address: str) -> bool:
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
+def _cluster_processes(temp_dir: str) -> list[psutil.Process]:
+    """The processes of the cluster whose session lives in `temp_dir` (their command lines name it)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if temp_dir in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop this cluster's processes only: `ray stop --force` would also kill every other Ray on the machine."""
+    processes = _cluster_processes(temp_dir)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=HANG_LIMIT_S / 60)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=HANG_LIMIT_S)
+
+
+def _job_agent_answers(address: str, env: dict[str, str]) -> bool:
+    """Whether the head's job agent accepts a submission: a no-op job is submitted and must succeed.
+
+    `ray start` returns before the dashboard agent has registered with the job head; until it has, a submission is
+    answered "No available agent to submit job". Any other failure is a real error and fails the test at once.
+    """
+    probe = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
+        env=env, capture_output=True, text=True, timeout=HANG_LIMIT_S,
+    )
+    if probe.returncode == 0:
+        return True
+    output = probe.stdout + probe.stderr
+    assert "No available agent" in output or "Connection refused" in output or "Cannot connect" in output, output
+    return False
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """A real single-node Ray cluster (`ray start --head`) in a fresh temp dir, with the venv's python on PATH."""
+    """A real single-node Ray cluster (`ray start --head`) in a fresh temp dir, with the venv's python on PATH.
+
+    Ready means its job agent runs a submitted job; stopping it touches only its own processes.
+    """
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     dashboard_port = free_port()
     env = dict(
@@ -57,12 +100,14 @@ def cluster():
         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--temp-dir", temp_dir, "--disable-usage-stats",
     ]
-    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, started.stdout + started.stderr
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        yield {"env": env, "address": f"http://127.0.0.1:{dashboard_port}", "temp_dir": temp_dir}
+        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=HANG_LIMIT_S)
+        assert started.returncode == 0, started.stdout + started.stderr
+        wait_until(lambda: _job_agent_answers(address, env), "the cluster's job agent accepts jobs", poll_s=1.0)
+        yield {"env": env, "address": address, "temp_dir": temp_dir}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -82,7 +127,7 @@ def test_ray_job_submit_writes_a_store_that_deep_validates(cluster, tmp_path):
         "python", "pipeline/generate.py", "--teacher", str(teacher), "--num-trajectories", "24", "--steps", "4",
         "--shard-size", "8", "--chunk-size", "8", "--batch-size", "8", "--num-workers", "2", "--out", str(out),
     ]
-    job = subprocess.run(submit, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    job = subprocess.run(submit, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert job.returncode == 0, job.stdout + job.stderr
     assert "GENERATE_SUMMARY" in job.stdout
     store = open_store(str(out))

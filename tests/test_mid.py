@@ -19,7 +19,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from pipeline.oracle import flow_map, make_oracle_teacher, posterior_mean
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
-from tests.helpers import free_port, tiny_unet
+from tests.helpers import HANG_LIMIT_S, free_port, tiny_unet
 from tests.helpers import write_solved_store as write_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import complete_checkpoints, read_metrics
@@ -98,7 +98,7 @@ def test_smoke_checkpoint_sigkill_resume_bitwise_and_export(tiny, tmp_path):
     assert [step for step, _ in complete_checkpoints(killed_dir)] == [3]
     assert not (killed_dir / "export").exists()
 
-    rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_LIMIT_S, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["start_step"] == 3 and summary["final_step"] == 8
@@ -125,7 +125,7 @@ def test_two_real_processes_read_disjoint_shards_and_keep_identical_parameters(t
         "--main_process_port", str(free_port()), "trainer/mid.py",
         *tiny_args(tiny, output_dir, "form=mf", "loop.total_steps=6", "stream.pairs_per_trajectory=4"),
     ]
-    launched = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300,
+    launched = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=HANG_LIMIT_S,
                               check=False)
     assert launched.returncode == 0, launched.stderr[-3000:]
     reports = [json.loads((output_dir / "ranks" / f"rank_{rank}.json").read_text()) for rank in range(2)]

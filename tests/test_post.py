@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from pipeline.oracle import flow_map, make_oracle_teacher
 from pipeline.solvers import ode_step, solve
 from pipeline.teacher import Teacher, load_teacher
 from storage_schema import open_store
-from tests.helpers import free_port, tiny_unet, write_solved_store
+from tests.helpers import HANG_LIMIT_S, assert_close, free_port, tiny_unet, wait_until, write_solved_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import (
     InMemoryBatches,
@@ -136,7 +135,9 @@ def test_ect_pairs_share_noise_and_dropout_mask_and_the_loss_matches_the_hand_fo
     noise_t = (x_t - x0) / t.float().reshape(-1, 1, 1, 1)  # [B, 1, 8, 8]
     positive = r > 0
     noise_r = (x_r[positive] - x0[positive]) / r[positive].float().reshape(-1, 1, 1, 1)
-    assert torch.allclose(noise_t[positive], noise_r, atol=1e-4)  # the same ε for x_t and x_r
+    # the same ε for x_t and x_r, up to float32 rounding of x_r (magnitude |x_r|) divided by r
+    rounding = 64 * torch.finfo(torch.float32).eps * x_r[positive].abs().flatten(1).amax(1).clamp(min=1.0)
+    assert bool(((noise_t[positive] - noise_r).abs().flatten(1).amax(1) <= rounding / r[positive].float()).all())
     assert torch.equal(x_r[~positive], x0[~positive])  # r = 0: x_r is the clean sample
     target = torch.where(positive.reshape(-1, 1, 1, 1), f_r, x0)  # ECT target: x0 where r = 0
     c = 0.00054 * math.sqrt(64)
@@ -184,7 +185,7 @@ def test_live_ecd_step_is_the_exact_flow_map_to_second_order_on_the_oracle():
     assert errors["euler", 0.99] < errors["euler", 0.9] / 50
     assert errors["heun", 0.99] < errors["heun", 0.9] / 200 + 1e-6 and errors["heun", 0.9] < errors["euler", 0.9] / 5
     to_zero = ode_step(teacher, x, t, torch.zeros(6), method="heun")  # r = 0: one Euler step = D(x_t, t)
-    assert torch.allclose(to_zero, teacher.denoise(x, t.numpy()), atol=1e-6)
+    assert_close(to_zero, teacher.denoise(x, t.numpy()), magnitude=float(x.abs().max()), what="Euler step to r = 0")
 
 
 def test_meanflow_jvp_and_finite_difference_targets_agree_with_one_dropout_mask():
@@ -260,7 +261,7 @@ def test_two_processes_meanflow_with_jvp_keep_identical_parameters(tiny, tmp_pat
         "meanflow.fraction_r_neq_t=0.5", "loop.torch_threads=none",
     ]
     launched = subprocess.run(command, check=False, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
-                              timeout=240)
+                              timeout=HANG_LIMIT_S)
     assert launched.returncode == 0, launched.stderr[-3000:]
     reports = [json.loads((output_dir / "ranks" / f"rank_{rank}.json").read_text()) for rank in range(2)]
     assert [report["world_size"] for report in reports] == [2, 2]
@@ -297,9 +298,7 @@ def test_resume_after_sigkill_gives_bitwise_the_same_losses_and_weights(tiny, tm
     environment = {**os.environ, HOLD_STEP_ENV: "4", HOLD_FILE_ENV: str(hold_file)}
     child = subprocess.Popen(command, cwd=REPO_ROOT, env=environment,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not hold_file.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: hold_file.exists() or child.poll() is not None, "the run reaches step 4 or exits")
     assert hold_file.exists(), f"the run never reached step 4 (exit code {child.poll()})"
     child.send_signal(signal.SIGKILL)
     child.wait()

@@ -13,6 +13,7 @@ from PIL import Image
 
 from trainer.config import load_config
 from trainer.images import grid_array, save_grid
+from tests.helpers import HANG_LIMIT_S
 from trainer.loop import complete_checkpoints, read_metrics
 from trainer.pretrain import PretrainConfig, main, run
 
@@ -23,7 +24,7 @@ TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "pretrain.yaml"
 def run_cli(output_dir: Path) -> dict:
     """`python trainer/pretrain.py --config jobs/tiny/pretrain.yaml loop.output_dir=...`, run by path; its summary."""
     command = [sys.executable, "trainer/pretrain.py", "--config", str(TINY_PRESET), f"loop.output_dir={output_dir}"]
-    finished = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert finished.returncode == 0, finished.stderr[-3000:]
     return json.loads(finished.stdout.strip().splitlines()[-1])
 

@@ -36,6 +36,7 @@ from storage_schema import (
     open_store,
 )
 from storage_schema.cli import main as cli_main
+from tests.helpers import HANG_LIMIT_S
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -392,7 +393,7 @@ def test_flipped_byte_fails_deep_validation_naming_the_shard(filled_store, capsy
     assert open_store(filled_store.url).validate(deep=False).ok
     completed = subprocess.run(
         [sys.executable, "-m", "storage_schema", "validate", filled_store.url, "--deep"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_LIMIT_S,
     )
     assert completed.returncode == 1, completed.stdout + completed.stderr
     assert "shard 1:" in completed.stdout and "shard 0:" not in completed.stdout
@@ -639,7 +640,7 @@ def test_storage_schema_imports_neither_torch_nor_ray_nor_trainer():
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'trainer', 'pipeline'}))"
     )
     completed = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_LIMIT_S
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"

@@ -7,17 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from storage_schema import ShardNotCommittedError, create_store, open_store
+from tests.helpers import HANG_LIMIT_S, wait_until
 from tests.test_storage_schema import fill_store, schedule, shard_data, small_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WAIT_TIMEOUT_S = 90.0
 
 CONCURRENT_WRITER = r"""
 import json, pathlib, sys, time
@@ -29,7 +28,7 @@ spec = GenerationSpec.from_dict(json.loads(spec_json))
 store = open_store(url, "r+", expected_spec=spec)
 ready = pathlib.Path(ready_dir)
 (ready / name).write_text("ready")
-deadline = time.monotonic() + 60
+deadline = time.monotonic() + float(sys.argv[6])  # HANG_LIMIT_S: catches a hang only
 while len(list(ready.iterdir())) < 2:  # barrier: both writers opened the store before either writes
     if time.monotonic() > deadline:
         sys.exit("the other writer never became ready")
@@ -79,10 +78,11 @@ def test_two_processes_write_disjoint_shards_concurrently(tmp_path):
     ready_dir.mkdir()
     plan = {"even": list(range(0, spec.num_shards, 2)), "odd": list(range(1, spec.num_shards, 2))}
     writers = {
-        name: _python(CONCURRENT_WRITER, url, spec.canonical_json(), ",".join(map(str, shards)), str(ready_dir), name)
+        name: _python(CONCURRENT_WRITER, url, spec.canonical_json(), ",".join(map(str, shards)), str(ready_dir), name,
+                      str(HANG_LIMIT_S))
         for name, shards in plan.items()
     }
-    outputs = {name: writer.communicate(timeout=WAIT_TIMEOUT_S) for name, writer in writers.items()}
+    outputs = {name: writer.communicate(timeout=HANG_LIMIT_S) for name, writer in writers.items()}
     for name, writer in writers.items():
         assert writer.returncode == 0, outputs[name][1]
 
@@ -104,15 +104,11 @@ def test_two_processes_write_disjoint_shards_concurrently(tmp_path):
 
 
 def _wait_for_file(path: Path, process: subprocess.Popen) -> None:
-    """Poll until `path` exists; fail early if the process exits or the timeout passes."""
-    deadline = time.monotonic() + WAIT_TIMEOUT_S
-    while not path.exists():
-        if process.poll() is not None:
-            pytest.fail(f"writer exited with {process.returncode} before the stop point: {process.stderr.read()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"writer did not reach the stop point within {WAIT_TIMEOUT_S} s")
-        time.sleep(0.01)
+    """Wait until `path` exists; fail early if the process exits first."""
+    wait_until(lambda: path.exists() or process.poll() is not None, f"{path.name} appears or the writer exits",
+               poll_s=0.01)
+    if not path.exists():
+        pytest.fail(f"writer exited with {process.returncode} before the stop point: {process.stderr.read()}")
 
 
 @pytest.mark.parametrize(
@@ -130,7 +126,7 @@ def test_writer_killed_inside_a_shard_leaves_it_uncommitted(tmp_path, mode, stop
     writer = _python(KILLED_WRITER, url, spec.canonical_json(), stop_stage, str(ready_file), mode)
     _wait_for_file(ready_file, writer)
     os.kill(writer.pid, signal.SIGKILL)
-    assert writer.wait(timeout=WAIT_TIMEOUT_S) == -signal.SIGKILL
+    assert writer.wait(timeout=HANG_LIMIT_S) == -signal.SIGKILL
 
     store = open_store(url, "r+", expected_spec=spec)
     assert 1 not in store.committed_shards() and 1 in store.missing_shards() and store.shard_digest(1) is None
