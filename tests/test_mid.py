@@ -358,3 +358,66 @@ def test_cm_trained_student_approaches_the_exact_flow_map(fine_oracle_store):
     with torch.no_grad():  # sanity of the oracle itself: posterior mean ≠ flow map away from σ̃ = 0
         x = torch.randn(4, 1, 4, 4) * 3
         assert not torch.allclose(posterior_mean(x, 2.0, MU, S), flow_map(x, 2.0, 0.0, MU, S))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Parameterisation and the preconditioning transfer
+
+
+def _distance_to_teacher(student: FlowMapStudent, teacher, store: Path) -> float:
+    """Mean ‖(f(x̃, σ̃) − D(x̃, σ̃))/c_out(σ̃)‖² over every non-final point of the store (EDM view): the distance of
+    the student's network output to the one that would reproduce the teacher's denoiser."""
+    cfg = MidConfig(loop=load_config(MidConfig, TINY_PRESET).loop, teacher="unused", stores=(str(store),))
+    pairs = preload_pairs(cfg, check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=None,
+                                            world_size=1))
+    with torch.no_grad():
+        f = student.eval().denoise(pairs["x_t"], pairs["sigma"].double())
+        target = teacher.denoise(pairs["x_t"], pairs["sigma"].double())
+        c_out = student.coefficients(pairs["sigma"].double())[3].float().reshape(-1, 1, 1, 1)
+    return float(((f - target) / c_out).pow(2).flatten(1).sum(1).mean())
+
+
+def test_transfer_steps_compute_the_hand_written_transfer_loss_then_the_cmt_loss(tiny, tmp_path):
+    from trainer.mid import TransferThenCMT
+
+    teacher = load_teacher(tiny["teacher"])
+    student = FlowMapStudent.from_teacher(teacher, parameterization="edm")
+    cfg = load_config(MidConfig, TINY_PRESET, tiny_args(tiny, tmp_path / "run")[2:])
+    batch = {key: value[:6] for key, value in preload_pairs(cfg, check_stores(
+        cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=None, world_size=1)).items()}
+    cmt = partial_cm_loss = lambda model, b, step: cm_loss(model, b, step, distance=squared_l2)  # noqa: E731
+    staged = TransferThenCMT(partial_cm_loss, 2, teacher, student)
+    with torch.no_grad():
+        sigma = batch["sigma"].double()
+        f = student.denoise(batch["x_t"], sigma)
+        c_out = -sigma * 0.5 / torch.sqrt(sigma**2 + 0.25)  # EDM's c_out with σ_d = 0.5, the ε-teacher's sign
+        by_hand = (((f - teacher.denoise(batch["x_t"], sigma)) / c_out.float().reshape(-1, 1, 1, 1)) ** 2).flatten(1).sum(1)
+        assert torch.allclose(staged(student, batch, 1), by_hand, rtol=1e-5)
+        assert torch.equal(staged(student, batch, 2), cmt(student, batch, 2))
+
+
+def test_transfer_brings_a_re_read_student_to_the_teachers_denoiser_and_the_export_records_it(tmp_path):
+    """A v-prediction teacher read through EDM's c_skip/c_out with σ_d = 0.5 needs its output doubled at high noise;
+    the transfer's regression onto the teacher's denoiser learns that (a random ε-teacher would be a bad probe: its
+    denoiser at σ̃ = 80 is 80·ε̂, which no bounded reading should reproduce)."""
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    teacher = load_teacher(tmp_path / "teacher")
+    write_store(teacher, tmp_path / "store.zarr", num_trajectories=32, steps=4, shard_size=8)
+    v_tiny = {"teacher": tmp_path / "teacher", "store": tmp_path / "store.zarr"}
+    start = _distance_to_teacher(FlowMapStudent.from_teacher(teacher, parameterization="edm"), teacher,
+                                 v_tiny["store"])
+    result = run(load_config(MidConfig, TINY_PRESET, tiny_args(
+        v_tiny, tmp_path / "run", "student.parameterization=edm", "student.transfer_steps=40", "loop.total_steps=41",
+        "loop.lr=1e-2", "loop.ema_decay=0.5", "loop.checkpoint_every_steps=0")[2:]))
+    exported = FlowMapStudent.from_pretrained(result.loop.export_dir)
+    assert exported.parameterization.name == "edm" and exported.parameterization.c_out_sign == -1.0
+    after = _distance_to_teacher(exported, teacher, v_tiny["store"])
+    assert after < 0.6 * start, (start, after)  # 40 steps halve it (7.8 → 3.6); a wrong target or sign would not
+
+
+def test_transfer_steps_that_leave_no_cmt_step_are_refused(tiny, tmp_path, capsys):
+    assert main(tiny_args(tiny, tmp_path / "run", "student.transfer_steps=6")) == 2
+    assert "student.transfer_steps=6 leaves no CMT step of loop.total_steps=6" in capsys.readouterr().err
+    assert main(tiny_args(tiny, tmp_path / "run", "student.parameterization=eps")) == 2
+    assert "must be one of 'auto', 'teacher', 'edm', got 'eps'" in capsys.readouterr().err

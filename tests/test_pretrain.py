@@ -13,7 +13,7 @@ from PIL import Image
 
 from trainer.config import load_config
 from trainer.images import grid_array, save_grid
-from tests.helpers import HANG_LIMIT_S
+from tests.helpers import HANG_LIMIT_S, assert_close
 from trainer.loop import complete_checkpoints, read_metrics
 from trainer.pretrain import PretrainConfig, main, run
 
@@ -96,3 +96,49 @@ def test_sample_grid_layout_and_pixel_mapping(tmp_path):
     path = save_grid(images, tmp_path / "grid.png")  # 8×8 tiles are upscaled to 32×32 by default
     picture = Image.open(path)
     assert picture.size == (3 * 33 + 1, 2 * 33 + 1) and picture.mode == "L"
+
+
+def test_edm_loss_is_lambda_weighted_denoiser_error_by_hand():
+    """EDM eq. 8: λ(σ̃)·mean((D_θ(x0 + σ̃ε, σ̃) − x0)²) with λ = (σ̃² + σ_d²)/(σ̃·σ_d)², D = c_skip·x̃ + c_out·F."""
+    from functools import partial
+
+    from tests.helpers import tiny_unet
+    from trainer.pretrain import EDMTrainingConfig, build_scheduler, edm_loss
+
+    cfg = load_config(PretrainConfig, TINY_PRESET, ["schedule=edm", "edm.sigma_data=0.6"])
+    scheduler, edm = build_scheduler(cfg), cfg.edm
+    assert isinstance(edm, EDMTrainingConfig) and type(scheduler).__name__ == "EDMEulerScheduler"
+    model = tiny_unet()
+    x0 = torch.rand(5, 1, 8, 8) * 2 - 1
+    torch.manual_seed(3)
+    loss = partial(edm_loss, scheduler=scheduler, edm=edm, class_conditional=False)(model, {"images": x0}, 0)
+    torch.manual_seed(3)  # the same draws, by hand
+    sigma = (torch.randn(5, dtype=torch.float64) * edm.p_std + edm.p_mean).exp()
+    noise = torch.randn_like(x0)
+    s_d = 0.6
+    x_noisy = x0 + sigma.float().reshape(-1, 1, 1, 1) * noise
+    c_in = 1 / torch.sqrt(sigma**2 + s_d**2)
+    c_skip = s_d**2 / (sigma**2 + s_d**2)
+    c_out = sigma * s_d / torch.sqrt(sigma**2 + s_d**2)
+    with torch.no_grad():
+        network = model(c_in.float().reshape(-1, 1, 1, 1) * x_noisy, (0.25 * sigma.log()).float()).sample
+    denoised = c_skip.float().reshape(-1, 1, 1, 1) * x_noisy + c_out.float().reshape(-1, 1, 1, 1) * network
+    weight = (sigma**2 + s_d**2) / (sigma * s_d) ** 2
+    by_hand = weight.float() * (denoised - x0).pow(2).flatten(1).mean(1)
+    assert torch.allclose(loss.detach(), by_hand, rtol=1e-4), (loss, by_hand)
+
+
+def test_an_edm_teacher_trains_exports_and_loads_as_an_edm_teacher(tmp_path):
+    from pipeline.teacher import load_teacher
+    from trainer.student import FlowMapStudent
+
+    overrides = [f"loop.output_dir={tmp_path}", "schedule=edm", "loop.total_steps=2", "loop.eval_every_steps=0"]
+    result = run(load_config(PretrainConfig, TINY_PRESET, overrides))
+    teacher = load_teacher(result.export_dir)
+    assert teacher.schedule.family == "edm" and teacher.sigma_edm_range == (0.002, 80.0)
+    student = FlowMapStudent.from_teacher(teacher)  # "auto": an EDM teacher's own reading is already bounded
+    assert student.parameterization.name == "teacher"
+    x, sigma = torch.randn(2, 1, 8, 8) * 3, torch.tensor([0.1, 50.0], dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(student.denoise(x, sigma), teacher.denoise(x, sigma.numpy()), magnitude=float(x.abs().max()))
+    assert main(["--config", str(TINY_PRESET), "schedule=edm", "prediction_type=v_prediction", "--dry-run"]) == 2

@@ -39,7 +39,7 @@ def edm_levels(teacher: Teacher) -> torch.Tensor:
 @pytest.mark.parametrize("kind", sorted(SCHEDULERS))
 def test_cm_form_at_init_is_the_teachers_x0_prediction(kind):
     teacher = tiny_teacher(kind)
-    student = FlowMapStudent.from_teacher(teacher)
+    student = FlowMapStudent.from_teacher(teacher, parameterization="teacher")
     sigma = edm_levels(teacher)
     x_edm = torch.randn(len(sigma), 1, 8, 8) * (1 + sigma.float()).reshape(-1, 1, 1, 1)
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_cm_form_at_init_is_the_teachers_x0_prediction(kind):
 
 def test_conditional_cm_student_matches_teacher_with_labels():
     teacher = tiny_teacher("vp-epsilon", num_class_embeds=10)
-    student = FlowMapStudent.from_teacher(teacher)
+    student = FlowMapStudent.from_teacher(teacher, parameterization="teacher")
     x = torch.randn(3, 1, 8, 8)
     labels = torch.tensor([1, 4, 9])
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_conditional_cm_student_matches_teacher_with_labels():
 @pytest.mark.parametrize("kind", sorted(SCHEDULERS))
 def test_mf_form_at_init_is_the_teachers_velocity_for_any_r(kind):
     teacher = tiny_teacher(kind)
-    student = FlowMapStudent.from_teacher(teacher, second_time_input=True)
+    student = FlowMapStudent.from_teacher(teacher, second_time_input=True, parameterization="teacher")
     tau = torch.tensor([0.05, 0.3, 0.6, 0.9], dtype=torch.float64)
     z = torch.randn(4, 1, 8, 8)
     sigma = tau / (1 - tau)
@@ -117,7 +117,7 @@ def test_boundary_condition_holds_exactly_even_for_random_init(kind):
 
 def test_boundary_is_continuous_near_zero_for_vp_epsilon():
     """c_skip → 1, c_out → 0: f(x, σ̃) → x as σ̃ → 0 (here c_out = −σ̃ exactly)."""
-    student = FlowMapStudent.from_teacher(tiny_teacher("vp-epsilon"))
+    student = FlowMapStudent.from_teacher(tiny_teacher("vp-epsilon"), parameterization="teacher")
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         gaps = [(student.denoise(x, s) - x).abs().max().item() for s in (1e-1, 1e-2, 1e-3)]
@@ -137,7 +137,7 @@ def test_random_init_differs_from_teacher_and_is_seeded():
 
 def test_one_and_two_step_sampling_match_their_definitions():
     teacher = tiny_teacher()
-    cm = FlowMapStudent.from_teacher(teacher)
+    cm = FlowMapStudent.from_teacher(teacher, parameterization="teacher")
     noise = torch.randn(3, 1, 8, 8)
     sigma_max = cm.default_sigma_max()
     x_max = noise * (1 + sigma_max**2) ** 0.5  # [3, 1, 8, 8], |x̃| up to ~4·80: float32 rounding scales with it
@@ -148,7 +148,7 @@ def test_one_and_two_step_sampling_match_their_definitions():
     fresh = torch.randn(noise.shape, generator=torch.Generator().manual_seed(0))
     assert_close(two, teacher.denoise(one + 0.5 * fresh, 0.5), what="2-step CM sample")
 
-    mf = FlowMapStudent.from_teacher(teacher, second_time_input=True)
+    mf = FlowMapStudent.from_teacher(teacher, second_time_input=True, parameterization="teacher")
     z0 = mf.sample(noise, 1)
     tau_max = sigma_max / (1 + sigma_max)
     z_t = noise * (1 + sigma_max**2) ** 0.5 / (1 + sigma_max)

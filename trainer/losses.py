@@ -265,6 +265,17 @@ def cmt_cm_loss(f_pred: Tensor, x0_target: Tensor, distance: Distance) -> Tensor
     return distance(f_pred, x0_target)  # [B]
 
 
+def preconditioning_transfer_loss(f_pred: Tensor, denoised: Tensor, c_out: TimeLike) -> Tensor:
+    """‖(f_θ(x̃, σ̃) − D(x̃, σ̃))/c_out(σ̃)‖² per sample: the student's network output regressed onto the output that
+    would make f equal the teacher's denoiser D under the student's own c_skip, c_out (EDM eq. 8's unit-weight form,
+    λ(σ̃) = 1/c_out²). Used to re-read a teacher's network through another parameterisation before CMT."""
+    _check_same_shape(f_pred, denoised, "f_pred and denoised")
+    scale = _per_sample(c_out, f_pred.shape[0], "c_out", f_pred)  # [B]
+    if bool((scale == 0).any()):
+        raise ValueError("preconditioning_transfer_loss needs c_out != 0 (σ̃ > 0) for every sample")
+    return _sum_squares((f_pred - denoised) / _broadcast_to(scale, f_pred))  # [B]
+
+
 def cmt_mf_loss(h_pred: Tensor, x_i: Tensor, x_j: Tensor, t_i: TimeLike, t_j: TimeLike) -> Tensor:
     """CMT mid-training loss, MF form (Ψ_{t→s}): ‖h_θ(x_i, t_i, t_j) − (x_i − x_j)/(t_i − t_j)‖² per sample.
 

@@ -10,7 +10,12 @@ weighting or JVP (`trainer/losses.py`):
 - form "cm" (Ψ_{t→0}, EDM view):  L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})        (CMT eq. for the CM form)
 - form "mf" (Ψ_{t→s}, flow view): L = E_{i>j} ‖u_θ(x̂_{t_i}, t_j, t_i) − (x̂_{t_i} − x̂_{t_j})/(t_i − t_j)‖²
 
-The student (`trainer.student.FlowMapStudent`) starts from the teacher's weights (init="teacher") or fresh ones.
+The student (`trainer.student.FlowMapStudent`) starts from the teacher's weights (init="teacher") or fresh ones, and
+reads the network through `student.parameterization` (`trainer.parameterization`: "auto" keeps the teacher's own
+c_skip/c_out unless they are unbounded, as for ε-prediction teachers, and then takes EDM's). With
+`student.transfer_steps` = N > 0 the first N steps are a preconditioning transfer instead of CMT: the student regresses
+onto the teacher's denoiser at the stores' points, ‖(f_θ(x̃, σ̃) − D(x̃, σ̃))/c_out(σ̃)‖² (the teacher is kept in memory
+and runs under no_grad for those steps only).
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl, samples/step_<N>_{1,2}step.png (EMA
 1- and 2-step samples; FD-<dataset> of each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store
 shards this rank read and a sha256 of its final parameters), init_eval.json (eval_at_init) and export/, a
@@ -45,6 +50,7 @@ from accelerate.utils import set_seed
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.student_options import StudentOptions, build_student
 
 RANKS_DIR = "ranks"
 INIT_EVAL_FILE = "init_eval.json"
@@ -91,6 +97,7 @@ class MidConfig:
     lpips_weights: str | None = None  # local LPIPS-VGG weights file (never downloaded)
     lpips_resize_to: int | None = 224
     init: Literal["teacher", "random"] = "teacher"
+    student: StudentOptions = field(default_factory=StudentOptions)
     batch_per_process: int = 128
     stream: StreamOptions = field(default_factory=StreamOptions)
     allow_incomplete: bool = False  # train on the committed shards of an unfinished store
@@ -121,6 +128,11 @@ class MidConfig:
             raise ConfigError("stream.points_per_trajectory is for form=cm; form=mf takes stream.pairs_per_trajectory")
         if self.distance != "pseudo_huber" and self.pseudo_huber_c is not None:
             raise ConfigError("pseudo_huber_c is only used with distance=pseudo_huber; drop it")
+        if self.student.transfer_steps >= self.loop.total_steps:
+            raise ConfigError(
+                f"student.transfer_steps={self.student.transfer_steps} leaves no CMT step of loop.total_steps="
+                f"{self.loop.total_steps}: use fewer transfer steps or more total steps"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -288,6 +300,39 @@ def mf_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int
     _hold_if_asked(step)
     u = model("mf", batch["z_t"], batch["t"], batch["r"], batch.get("labels"))  # [B, *S]
     return cmt_mf_loss(u, batch["z_t"], batch["z_r"], batch["t"], batch["r"])  # [B]
+
+
+@dataclass
+class TransferThenCMT:
+    """The stage's loss: the preconditioning transfer for the first `transfer_steps` steps, then the CMT loss.
+
+    Transfer: ‖(f_θ(x̃, σ̃) − D_teacher(x̃, σ̃))/c_out(σ̃)‖² at the batch's trajectory points (EDM view; MF batches are
+    read at (z_t, t) as x̃ = z/(1 − τ), σ̃ = τ/(1 − τ), r = t), the teacher under no_grad.
+    """
+
+    cmt_loss: Any
+    transfer_steps: int
+    teacher: Any
+    student: Any  # the unwrapped FlowMapStudent, for its c_out (the same module the loop trains)
+
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Per-sample loss [B] of `step`."""
+        if step >= self.transfer_steps:
+            return self.cmt_loss(model, batch, step)
+        from pipeline.time_convention import edm_from_fm
+        from trainer.losses import preconditioning_transfer_loss
+
+        _hold_if_asked(step)
+        if "x_t" in batch:
+            x_edm, sigma = batch["x_t"], batch["sigma"].to(torch.float64)  # [B, *S], [B]
+        else:
+            x_edm, sigma = edm_from_fm(batch["z_t"], batch["t"].to(torch.float64))  # [B, *S], [B]
+        labels = batch.get("labels")
+        with torch.no_grad():
+            denoised = self.teacher.denoise(x_edm, sigma, labels=labels)  # [B, *S]
+        f = model("cm", x_edm, sigma, labels)  # [B, *S]
+        c_out = self.student.coefficients(sigma)[3]  # [B]
+        return preconditioning_transfer_loss(f, denoised.to(f.dtype), c_out)  # [B]
 
 
 def _hold_if_asked(step: int) -> None:
@@ -477,15 +522,15 @@ def run(cfg: MidConfig) -> MidResult:
     if accelerator.is_main_process:
         save_resolved(cfg, output_dir)
     from pipeline.teacher import load_teacher
-    from trainer.student import FlowMapStudent
 
     teacher = load_teacher(cfg.teacher, device=accelerator.device)
     infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
                          world_size=accelerator.num_processes)
     set_seed(cfg.loop.seed)  # identical initial weights on every rank and every run
-    student = FlowMapStudent.from_teacher(teacher, second_time_input=cfg.form == "mf", init=cfg.init,
-                                          seed=cfg.loop.seed)
-    del teacher
+    student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init,
+                            seed=cfg.loop.seed)
+    if cfg.student.transfer_steps == 0:
+        del teacher
     evaluate = StudentEvaluator(cfg, output_dir / "samples")
     init_metrics: dict[str, float] = {}
     if cfg.eval_at_init and accelerator.is_main_process and not (output_dir / INIT_EVAL_FILE).exists():
@@ -497,6 +542,8 @@ def run(cfg: MidConfig) -> MidResult:
         loss_fn = partial(cm_loss, distance=build_distance(cfg, accelerator.device))
     else:
         loss_fn = mf_loss
+    if cfg.student.transfer_steps > 0:
+        loss_fn = TransferThenCMT(loss_fn, cfg.student.transfer_steps, teacher, student)
     result = train_loop(
         cfg.loop,
         model=student,
@@ -521,13 +568,12 @@ def run(cfg: MidConfig) -> MidResult:
 def describe(cfg: MidConfig) -> dict[str, Any]:
     """What a run of `cfg` would do, for --dry-run: resolved config, stores, student size, samples per epoch."""
     from pipeline.teacher import load_teacher
-    from trainer.student import FlowMapStudent
 
     teacher = load_teacher(cfg.teacher)
     world_size = PartialState().num_processes
     infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
                          world_size=world_size)
-    student = FlowMapStudent.from_teacher(teacher, second_time_input=cfg.form == "mf", init=cfg.init)
+    student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init, seed=cfg.loop.seed)
     per_trajectory = []
     for info in infos:
         k = info.num_points - 1
@@ -544,6 +590,8 @@ def describe(cfg: MidConfig) -> dict[str, Any]:
         "training_samples_per_epoch": samples,
         "steps_per_epoch": samples // (cfg.batch_per_process * world_size),
         "student": {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
+                    "parameterization": student.parameterization.describe(),
+                    "transfer_steps": cfg.student.transfer_steps,
                     "parameters": sum(p.numel() for p in student.parameters()),
                     "teacher_fingerprint": student.teacher_fingerprint},
         "output_dir": cfg.loop.output_dir,

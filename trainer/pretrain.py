@@ -1,4 +1,11 @@
-"""Stage 1, pre-training: a diffusers UNet2DModel trained with the ε-prediction DDPM loss (the teacher).
+"""Stage 1, pre-training: a diffusers UNet2DModel teacher, in DDPM form or in EDM form.
+
+- ``schedule: ddpm``: a DDPMScheduler VP schedule and the simple DDPM loss with an ε, v or x0 target
+  (Ho et al. 2020, eq. 14; v: Salimans & Ho 2022).
+- ``schedule: edm``: EDM's preconditioned denoiser D = c_skip·x̃ + c_out·F(c_in·x̃, ¼·ln σ̃) under diffusers'
+  EDMEulerScheduler, EDM's log-normal σ̃ sampling (ln σ̃ ~ N(P_mean, P_std²)) and loss weighting λ(σ̃) = 1/c_out²
+  (Karras et al. 2022, eqs. 7-8 and Table 1): the family of the CMT authors' CIFAR teachers. Its c_out is bounded by
+  σ_data, so students built from it are well-conditioned with the teacher's own reading.
 
     python trainer/pretrain.py --config jobs/digits/pretrain.yaml [key=value ...] [--dry-run]
     accelerate launch trainer/pretrain.py --config jobs/digits/pretrain.yaml
@@ -30,7 +37,7 @@ from typing import Literal
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
 from trainer.datasets import ImageDataset, load_dataset
@@ -64,6 +71,22 @@ class UNetConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EDMTrainingConfig:
+    """EDM form (schedule: edm): σ_data, the σ̃ range of the exported scheduler and the log-normal training σ̃."""
+
+    sigma_data: float = 0.5  # EDM's CIFAR-10 value
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    p_mean: float = -1.2  # ln σ̃ ~ N(p_mean, p_std²) (EDM Table 1)
+    p_std: float = 1.2
+
+    def __post_init__(self) -> None:
+        """Reject values EDM's formulas cannot take."""
+        if not (self.sigma_data > 0 and 0 < self.sigma_min < self.sigma_max and self.p_std > 0):
+            raise ConfigError("edm needs sigma_data > 0, 0 < sigma_min < sigma_max and p_std > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """Stage-1 settings: data, UNet size, DDPM noise schedule, evaluation sampling and the shared loop."""
 
@@ -72,9 +95,11 @@ class PretrainConfig:
     image_size: int | None = None
     batch_per_process: int = 128
     model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: Literal["ddpm", "edm"] = "ddpm"
     num_train_timesteps: int = 1000
-    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"  # ddpm only
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"  # ddpm only
+    edm: EDMTrainingConfig = field(default_factory=EDMTrainingConfig)  # edm only
     sample_steps: int = 16
     sample_solver: str = "dpmpp-3m"
     sample_grid: str = "logsnr"
@@ -91,6 +116,11 @@ class PretrainConfig:
             raise ConfigError("num_eval_samples and num_grid_images must be >= 1")
         if self.sample_steps < 1:
             raise ConfigError(f"sample_steps must be >= 1, got {self.sample_steps}")
+        if self.schedule == "edm" and self.prediction_type != "epsilon":
+            raise ConfigError(
+                f"prediction_type={self.prediction_type} is a DDPM setting: schedule=edm trains EDM's preconditioned "
+                "denoiser (no prediction type to choose); drop prediction_type or use schedule=ddpm"
+            )
 
 
 def build_unet(cfg: PretrainConfig, data: ImageDataset) -> UNet2DModel:
@@ -120,8 +150,13 @@ def build_unet(cfg: PretrainConfig, data: ImageDataset) -> UNet2DModel:
     )
 
 
-def build_scheduler(cfg: PretrainConfig) -> DDPMScheduler:
-    """The DDPM noise schedule the model is trained under (and exported with)."""
+def build_scheduler(cfg: PretrainConfig) -> DDPMScheduler | EDMEulerScheduler:
+    """The noise schedule the model is trained under (and exported with): DDPM's VP or EDM's (EDM preconditioning)."""
+    if cfg.schedule == "edm":
+        return EDMEulerScheduler(
+            sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, sigma_data=cfg.edm.sigma_data,
+            num_train_timesteps=cfg.num_train_timesteps, prediction_type="epsilon",  # diffusers' name for EDM's c_out
+        )
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -152,12 +187,36 @@ def ddpm_loss(
     return (prediction - target).pow(2).flatten(1).mean(dim=1)  # [B]
 
 
+def edm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, *, scheduler: EDMEulerScheduler,
+    edm: EDMTrainingConfig, class_conditional: bool,
+) -> torch.Tensor:
+    """Per-sample EDM loss λ(σ̃)·‖D_θ(x0 + σ̃ε, σ̃) − x0‖²/d with λ = 1/c_out² (Karras et al. 2022, eq. 8 + Table 1).
+
+    Written in the network's output space as ‖F_θ(c_in·x̃, c_noise) − (x0 − c_skip·x̃)/c_out‖²/d, which is the same
+    number; ln σ̃ ~ N(P_mean, P_std²); c_in, c_noise, c_skip, c_out are the exported scheduler's own.
+    """
+    from pipeline.teacher import NoiseSchedule, edm_preconditioning
+
+    x0 = batch["images"]  # [B, C, H, W]
+    ln_sigma = torch.randn(x0.shape[0], device=x0.device, dtype=torch.float64) * edm.p_std + edm.p_mean  # [B]
+    sigma = ln_sigma.exp()  # [B]
+    noise = torch.randn_like(x0)  # [B, C, H, W]
+    c_in, c_noise, c_skip, c_out = edm_preconditioning(NoiseSchedule.from_scheduler(scheduler), "epsilon", sigma)
+    column = lambda values: values.to(x0.dtype).reshape(-1, 1, 1, 1)  # noqa: E731  [B] → [B, 1, 1, 1]
+    x_noisy = x0 + column(sigma) * noise  # [B, C, H, W], x̃ = x0 + σ̃·ε
+    class_labels = batch["labels"] if class_conditional else None
+    prediction = model(column(c_in) * x_noisy, c_noise.to(x0.dtype), class_labels=class_labels).sample  # [B, C, H, W]
+    target = (x0 - column(c_skip) * x_noisy) / column(c_out)  # [B, C, H, W]
+    return (prediction - target).pow(2).flatten(1).mean(dim=1)  # [B]
+
+
 @dataclass
 class SampleEvaluator:
     """Eval hook: EMA samples with the shared PF-ODE solver → PNG grid and FD-<dataset>."""
 
     cfg: PretrainConfig
-    scheduler: DDPMScheduler
+    scheduler: DDPMScheduler | EDMEulerScheduler
     num_classes: int
     samples_dir: Path
     _metric: object = None
@@ -181,7 +240,8 @@ class SampleEvaluator:
 
 @torch.no_grad()
 def sample_images(
-    model: torch.nn.Module, scheduler: DDPMScheduler, cfg: PretrainConfig, *, num_samples: int, num_classes: int
+    model: torch.nn.Module, scheduler: DDPMScheduler | EDMEulerScheduler, cfg: PretrainConfig, *, num_samples: int,
+    num_classes: int,
 ) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] from `cfg.sample_steps` steps of `cfg.sample_solver` (seeds eval_seed + i)."""
     from pipeline.solvers import solve
@@ -196,8 +256,10 @@ def sample_images(
     return teacher.decode(trajectory.points[:, -1]).clamp(-1, 1)  # [N, C, H, W]
 
 
-def export_pipeline(ema_model: torch.nn.Module, directory: Path, *, scheduler: DDPMScheduler) -> None:
-    """Save the EMA UNet with its scheduler as a diffusers DDPMPipeline (safetensors) into `directory`."""
+def export_pipeline(
+    ema_model: torch.nn.Module, directory: Path, *, scheduler: DDPMScheduler | EDMEulerScheduler
+) -> None:
+    """Save the EMA UNet with its scheduler as a diffusers DDPMPipeline directory (safetensors) into `directory`."""
     DDPMPipeline(unet=ema_model, scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
 
 
@@ -215,10 +277,14 @@ def run(cfg: PretrainConfig) -> LoopResult:
         {"images": data.images, "labels": data.labels}, batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed
     )
     evaluate = SampleEvaluator(cfg, scheduler, data.num_classes, output_dir / "samples")
+    if cfg.schedule == "edm":
+        loss_fn = partial(edm_loss, scheduler=scheduler, edm=cfg.edm, class_conditional=cfg.model.class_conditional)
+    else:
+        loss_fn = partial(ddpm_loss, scheduler=scheduler, class_conditional=cfg.model.class_conditional)
     return train_loop(
         cfg.loop,
         model=model,
-        loss_fn=partial(ddpm_loss, scheduler=scheduler, class_conditional=cfg.model.class_conditional),
+        loss_fn=loss_fn,
         batches=batches,
         accelerator=accelerator,
         evaluate=evaluate,

@@ -3,17 +3,20 @@
 Two readings of the same network F (the teacher's architecture, by default the teacher's weights):
 
 - CM form, Ψ_{t→0} in the EDM view (x̃ = x0 + σ̃·ε):  f_θ(x̃, σ̃) = c_skip(σ̃)·x̃ + c_out(σ̃)·F(c_in(σ̃)·x̃, c_noise(σ̃)),
-  with the teacher's own preconditioning (`pipeline.teacher.edm_preconditioning`), so c_skip → 1 and c_out → 0 as
-  σ̃ → 0 (the consistency boundary condition; f(x̃, 0) = x̃ is enforced exactly) and, at init from the teacher,
-  f IS the teacher's x0 prediction D(x̃, σ̃).
+  with the teacher's c_in and c_noise and the c_skip, c_out of the student's parameterisation
+  (`trainer.parameterization`): the teacher's own (at init from the teacher f IS the teacher's x0 prediction
+  D(x̃, σ̃)) or EDM's bounded one (the default for ε-prediction teachers, whose own c_out = −σ̃ amplifies network
+  errors up to 80×). Both have c_skip → 1 and c_out → 0 as σ̃ → 0 (the consistency boundary condition; f(x̃, 0) = x̃
+  is enforced exactly).
 - MF form, Ψ_{t→r} in the flow-matching view (z = (1 − τ)·x0 + τ·ε, τ ∈ [0, 1]): the average velocity
   u_θ(z, r, t), with Ψ_{t→r}(z) = z − (t − r)·u_θ(z, r, t). The instantaneous velocity v = ε̂ − x̂0 follows from
-  the same D: v = (z − D)/τ. A second time input carries (t − r) through a `class_embed_type="timestep"`
+  the same f: v = (z − f)/τ. A second time input carries (t − r) through a `class_embed_type="timestep"`
   embedding (scaled like the model's timestep input: (t − r)·num_train_timesteps) whose last linear layer
   starts at zero, so at init u(z, r, t) = v(z, t) for every r.
 
 Exports (`save_pretrained`) hold `unet/` (diffusers safetensors), `scheduler/` (the teacher's schedule) and
-`student.json` (format version, time convention, prediction type, second time input, teacher fingerprint).
+`student.json` (format version, time convention, prediction type, parameterisation, second time input, teacher
+fingerprint). Exports of format 1 (before parameterisations existed) load as the teacher's own reading, with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.teacher import NoiseSchedule, Teacher, edm_preconditioning
+from pipeline.teacher import NoiseSchedule, Teacher
+from trainer.parameterization import DEFAULT_SIGMA_DATA, PARAMETERIZATION_NAMES, Parameterization, resolve_parameterization
 
 __all__ = [
     "DEFAULT_CM_INTERMEDIATE_SIGMA",
@@ -41,7 +46,8 @@ __all__ = [
     "StudentLoadError",
 ]
 
-STUDENT_FORMAT_VERSION = 1
+STUDENT_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1: before parameterisations (always the teacher's own reading)
 STUDENT_TIME_CONVENTION = "cm: EDM view (x̃ = x0 + σ̃·ε, σ̃ ≥ 0); mf: flow-matching view (z = (1−τ)·x0 + τ·ε, τ ∈ [0,1])"
 STUDENT_FILE = "student.json"
 NET_DIR = "unet"
@@ -97,6 +103,7 @@ class FlowMapStudent(nn.Module):
         teacher_fingerprint: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
         num_classes: int | None = None,
+        parameterization: Parameterization | None = None,
     ):
         """Wrap `net` (trained under `scheduler`'s schedule with `prediction_type`); see :meth:`from_teacher`."""
         super().__init__()
@@ -104,6 +111,7 @@ class FlowMapStudent(nn.Module):
         self.scheduler = scheduler
         self.schedule = NoiseSchedule.from_scheduler(scheduler)
         self.prediction_type = str(prediction_type)
+        self.parameterization = parameterization or Parameterization("teacher")
         self.second_time_input = bool(second_time_input)
         self.teacher_fingerprint = teacher_fingerprint
         config = getattr(net, "config", None)
@@ -130,8 +138,14 @@ class FlowMapStudent(nn.Module):
         second_time_input: bool = False,
         init: Literal["teacher", "random"] = "teacher",
         seed: int = 0,
+        parameterization: str | Parameterization = "auto",
+        sigma_data: float = DEFAULT_SIGMA_DATA,
     ) -> FlowMapStudent:
         """A student with the teacher's architecture: the teacher's weights (init="teacher") or fresh ones ("random").
+
+        `parameterization` ("auto" | "teacher" | "edm", or a resolved `Parameterization`) chooses how the network's
+        output is read (see `trainer.parameterization`); "auto" keeps the teacher's own reading unless its c_out is
+        unbounded (ε-prediction VP teachers), where it takes EDM's with `sigma_data`.
 
         With `second_time_input` the net gains a (t − r) embedding (UNet2DModel `class_embed_type="timestep"`)
         whose last linear layer is zero-initialised, so the student's u(z, r, t) starts equal to the teacher's
@@ -139,6 +153,10 @@ class FlowMapStudent(nn.Module):
         """
         if init not in ("teacher", "random"):
             raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
+        if not isinstance(parameterization, Parameterization):
+            parameterization = resolve_parameterization(
+                str(parameterization), teacher.schedule, teacher.prediction_type, sigma_data=sigma_data
+            )
         from diffusers import UNet2DModel
 
         source = teacher.model
@@ -190,6 +208,7 @@ class FlowMapStudent(nn.Module):
             teacher_fingerprint=teacher.fingerprint,
             sample_shape=tuple(teacher.sample_shape),
             num_classes=teacher.num_classes,
+            parameterization=parameterization,
         )
 
     # ------------------------------------------------------------------------------------------------------
@@ -227,7 +246,7 @@ class FlowMapStudent(nn.Module):
         sigma = _per_sample_times(sigma_edm, batch, x_edm.device)  # [B] float64
         at_boundary = sigma <= 0  # [B]
         safe_sigma = torch.where(at_boundary, torch.ones_like(sigma), sigma)  # [B], keeps c_noise finite
-        c_in, c_noise, c_skip, c_out = edm_preconditioning(self.schedule, self.prediction_type, safe_sigma)
+        c_in, c_noise, c_skip, c_out = self.coefficients(safe_sigma)
         out = self._call_net(
             x_edm * _column(c_in, x_edm), c_noise.to(torch.float32), self._labels(labels, batch, x_edm.device), None
         )  # [B, C, *S]
@@ -237,8 +256,9 @@ class FlowMapStudent(nn.Module):
     def velocity(self, z: Tensor, t: Any, r: Any = None, labels: Any = None) -> Tensor:
         """MF form u_θ(z, r, t) in the flow-matching view (r = None means r = t: the instantaneous velocity ε̂ − x̂0).
 
-        v = (z − D(x̃, σ̃))/τ with σ̃ = τ/(1 − τ), x̃ = z/(1 − τ); written as v = a_z·z + a_F·F(b_in·z, c_noise) with
-        float64 coefficients (flow-matching teachers: v = F(z, τ·T) exactly, also at τ = 1). Needs t > 0.
+        v = (z − f(x̃, σ̃))/τ with σ̃ = τ/(1 − τ), x̃ = z/(1 − τ); written as v = a_z·z + a_F·F(b_in·z, c_noise) with
+        float64 coefficients (flow-matching teachers read the teacher's way: v = F(z, τ·T) exactly, also at τ = 1).
+        Needs t > 0.
         """
         batch = z.shape[0]
         tau = _per_sample_times(t, batch, z.device)  # [B] float64
@@ -247,17 +267,21 @@ class FlowMapStudent(nn.Module):
             r_times = tau if r is None else _per_sample_times(r, batch, z.device)  # [B]
             gap = ((tau - r_times) * self.schedule.num_train_timesteps).to(torch.float32)  # [B], (t − r)·T
         labels = self._labels(labels, batch, z.device)
-        if self.schedule.family == "flow":
+        if self.schedule.family == "flow" and self.parameterization.name == "teacher":
             timesteps = (tau * self.schedule.num_train_timesteps).to(torch.float32)  # [B]
             return self._call_net(z, timesteps, labels, gap).to(z.dtype)
         sigma = tau / (1.0 - tau)  # [B], σ̃
-        c_in, c_noise, c_skip, c_out = edm_preconditioning(self.schedule, self.prediction_type, sigma)
+        c_in, c_noise, c_skip, c_out = self.coefficients(sigma)
         one_minus_tau = 1.0 - tau  # [B]
         b_in = c_in / one_minus_tau  # [B], z → c_in·x̃
         a_z = (1.0 - c_skip / one_minus_tau) / tau  # [B]
         a_f = -c_out / tau  # [B]
         out = self._call_net(z * _column(b_in, z), c_noise.to(torch.float32), labels, gap)  # [B, C, *S]
         return _column(a_z, z) * z + _column(a_f, z) * out.to(z.dtype)  # [B, *S]
+
+    def coefficients(self, sigma_edm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_in, c_noise, c_skip, c_out), float64 [B], of this student's parameterisation at EDM levels σ̃ [B]."""
+        return self.parameterization.coefficients(self.schedule, self.prediction_type, sigma_edm)
 
     def forward(self, form: Literal["cm", "mf"], *args: Any, **kwargs: Any) -> Tensor:
         """Dispatch through __call__ (so DDP / accelerate wrappers see a forward): "cm" → denoise, "mf" → velocity."""
@@ -340,6 +364,7 @@ class FlowMapStudent(nn.Module):
             "time_convention": STUDENT_TIME_CONVENTION,
             "net_class": type(self.net).__name__,
             "prediction_type": self.prediction_type,
+            "parameterization": self.parameterization.to_dict(),
             "schedule_family": self.schedule.family,
             "second_time_input": self.second_time_input,
             "second_time_scale": self.schedule.num_train_timesteps,
@@ -385,11 +410,13 @@ class FlowMapStudent(nn.Module):
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as error:
             raise StudentLoadError(f"{meta_file} is not valid JSON ({error}); re-export the student") from error
-        if meta.get("kind") != "FlowMapStudent" or meta.get("format_version") != STUDENT_FORMAT_VERSION:
+        if meta.get("kind") != "FlowMapStudent" or meta.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise StudentLoadError(
                 f"{meta_file} holds format {meta.get('kind')!r} v{meta.get('format_version')!r}; this code reads "
-                f"FlowMapStudent v{STUDENT_FORMAT_VERSION}: re-export with this version of the project"
+                f"FlowMapStudent v{'/v'.join(map(str, READABLE_FORMAT_VERSIONS))}: re-export with this version of the "
+                "project"
             )
+        parameterization = _recorded_parameterization(meta, directory)
         if meta.get("time_convention") != STUDENT_TIME_CONVENTION:
             raise StudentLoadError(
                 f"{directory} uses another time convention ({meta.get('time_convention')!r}); this code expects "
@@ -418,7 +445,28 @@ class FlowMapStudent(nn.Module):
             teacher_fingerprint=meta.get("teacher_fingerprint"),
             sample_shape=tuple(meta["sample_shape"]),
             num_classes=meta.get("num_classes"),
+            parameterization=parameterization,
         )
         if student.schedule.family != meta.get("schedule_family"):
             raise StudentLoadError(f"{directory}: scheduler family differs from student.json; re-export the student")
         return student
+
+
+def _recorded_parameterization(meta: dict[str, Any], directory: Path) -> Parameterization:
+    """The parameterisation student.json records; format 1 exports predate them and read the teacher's way."""
+    if meta.get("format_version") == 1:
+        warnings.warn(
+            f"{directory} is a format-1 student export, written before parameterisations were recorded: it is read "
+            "with the teacher's own c_skip/c_out (parameterization 'teacher'), which is what wrote it. Re-export it "
+            "(load and save_pretrained) to record this and silence the warning",
+            stacklevel=3,
+        )
+        return Parameterization("teacher")
+    recorded = meta.get("parameterization")
+    try:
+        return Parameterization.from_dict(recorded)
+    except ValueError as error:
+        raise StudentLoadError(
+            f"{directory}/{STUDENT_FILE} records parameterization {recorded!r}, which this code cannot read ({error}; "
+            f"known: {', '.join(name for name in PARAMETERIZATION_NAMES if name != 'auto')}): re-export the student"
+        ) from error
