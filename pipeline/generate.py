@@ -601,7 +601,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     parser.add_argument("--num-trajectories", type=int, default=keep)
     parser.add_argument("--solver", default=keep, help="ddim | euler | heun | dpmpp-2m | dpmpp-3m (default) | flow-euler")
     parser.add_argument("--steps", type=int, default=keep, help="K solver steps (the store keeps K+1 points; default 16)")
-    parser.add_argument("--grid", default=keep, help="scheduler | karras | logsnr (default)")
+    parser.add_argument("--grid", default=keep, help="scheduler | karras | logsnr (default) | cmt-authors")
     parser.add_argument("--sigma-max", type=float, default=keep)
     parser.add_argument("--sigma-min", type=float, default=keep)
     parser.add_argument("--seed", type=int, default=keep, help="seed base: sample i uses seed+i (default 0)")

@@ -16,15 +16,20 @@ dpmpp-2m/3m    DPMSolverMultistepScheduler,           VP (1/√(1+σ̃²), σ̃�
 flow-euler     FlowMatchEulerDiscreteScheduler        FM (1−τ, τ)               vp, edm, flow
 =============  =====================================  ========================  =========================
 
-Grids (K steps → K+1 levels ending at σ = 0):
+Grids (K steps → K+1 levels; all but ``cmt-authors`` end at σ = 0):
 
 - ``scheduler``: the solver scheduler's own ``set_timesteps(K)`` spacing on the teacher's schedule (teacher's
   ``timestep_spacing``, ``use_karras_sigmas`` etc. honoured). For an EDM teacher the levels of its own EDM
   scheduler are used. Not available where the solver's scheduler cannot run the teacher's schedule natively
   (e.g. ``euler`` on a flow-matching teacher, whose first level is σ̃ = ∞).
 - ``karras``: σ_i = (σ_max^{1/ρ} + i/(K−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, ρ = 7 (EDM eq. 5).
-- ``logsnr``: uniform in log-SNR λ = −2·ln σ̃ between σ_max and σ_min (the CMT CIFAR recipe: 16 DPM-Solver++
-  steps, σ̃ = 80 → 0.002).
+- ``logsnr``: K levels uniform in log-SNR λ = −2·ln σ̃ from σ_max down to σ_min, then a last step to σ = 0 (the
+  endpoint is the solver's own x̂0 at σ = 0).
+- ``cmt-authors``: the CMT authors' CIFAR recipe exactly (sony/cmt ``DPMSolverLoss``: ``get_time_steps('logSNR', 80,
+  0.002, N=16)`` and ``sample(method='multistep', order=3, lower_order_final=True)``): K + 1 levels uniform in log-SNR
+  from σ_max to σ_min with NO σ = 0 point, so the last recorded state (the regression target) lies at σ̃ = σ_min and the
+  store's α/σ say so; step orders 1, 2, 3, …, 3, 2, 1 (the last step first order, the one before second order, for any
+  K). DPM-Solver++ (``dpmpp-3m``; ``dpmpp-2m`` gives 1, 2, …, 2, 1) only.
 
 ``sigma_max``/``sigma_min`` are EDM-view levels σ̃ (defaults 80 and 0.002) and are clamped to what the teacher's
 schedule represents: a DDPM linear schedule (β 1e-4…0.02, T = 1000) spans σ̃ ∈ [0.0100, 157], so the CMT
@@ -57,7 +62,8 @@ __all__ = [
 ]
 
 SOLVERS = ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "flow-euler")
-GRIDS = ("scheduler", "karras", "logsnr")
+GRIDS = ("scheduler", "karras", "logsnr", "cmt-authors")
+ENDS_AT_SIGMA_MIN = ("cmt-authors",)  # grids whose last level is σ_min, not 0
 DEFAULT_SIGMA_MAX = 80.0
 DEFAULT_SIGMA_MIN = 0.002
 KARRAS_RHO = 7.0
@@ -109,6 +115,7 @@ class _Plan:
     record_after: np.ndarray  # bool [J]: whether the state after step j is a recorded (full-step) point
     alpha: np.ndarray  # float64 [K+1]
     sigma: np.ndarray  # float64 [K+1]
+    second_order_step: int | None = None  # multistep index whose update is capped at second order (cmt-authors)
 
 
 def _fresh(cls: type, teacher: Teacher, **overrides: Any) -> Any:
@@ -145,6 +152,8 @@ def _custom_levels(
             f"sigma_max ({smax:g}) must exceed sigma_min ({smin:g}) after clamping to the teacher's schedule "
             f"[{lo:.6g}, {hi:.6g}]: pass sigma_max > sigma_min inside it"
         )
+    if grid in ENDS_AT_SIGMA_MIN:
+        return np.exp(np.linspace(np.log(smax), np.log(smin), steps + 1))  # [K+1], uniform in log-SNR, no σ = 0
     if grid == "karras":
         ramp = np.linspace(0.0, 1.0, steps)
         levels = (smax ** (1 / KARRAS_RHO) + ramp * (smin ** (1 / KARRAS_RHO) - smax ** (1 / KARRAS_RHO))) ** KARRAS_RHO
@@ -276,9 +285,12 @@ def _dpm_plan(teacher: Teacher, steps: int, order: int, levels: np.ndarray | Non
             f"DPMSolverMultistepScheduler produced {len(scheduler.timesteps)} timesteps for K={steps}: use K ≤ "
             f"{scheduler.config.num_train_timesteps} or a karras/logsnr grid"
         )
-    sigmas = scheduler.sigmas.double().cpu().numpy()  # [K+1], EDM levels
+    sigmas = scheduler.sigmas.double().cpu().numpy()  # [K+1], the EDM levels the scheduler steps between
     alpha, sigma = vp_alpha_sigma(sigmas)
-    return _Plan(scheduler, "vp", alpha[:-1], sigma[:-1], np.ones(steps, bool), alpha, sigma)
+    # final_sigmas_type="zero" makes diffusers take a first-order last step for any K; the authors' recipe also caps
+    # the step before it at second order, which diffusers does only for K < 15 (lower_order_second)
+    second_order_step = steps - 2 if levels is not None and levels[-1] > 0 and order == 3 and steps >= 3 else None
+    return _Plan(scheduler, "vp", alpha[:-1], sigma[:-1], np.ones(steps, bool), alpha, sigma, second_order_step)
 
 
 def _flow_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Plan:
@@ -325,6 +337,11 @@ def _plan(teacher: Teacher, steps: Any, solver: str, grid: str, sigma_max: Any, 
         raise SolverError(
             f"solver {solver!r} cannot drive a {family} schedule ({type(teacher.scheduler).__name__}); solvers "
             f"supported for this teacher: {', '.join(able)}"
+        )
+    if grid in ENDS_AT_SIGMA_MIN and solver not in ("dpmpp-2m", "dpmpp-3m"):
+        raise SolverError(
+            f"grid={grid!r} is the CMT authors' DPM-Solver++ recipe (ending at σ_min, orders …, 2, 1): use solver "
+            f"dpmpp-3m (or dpmpp-2m), or grid 'logsnr' with {solver}"
         )
     if solver == "ddim":
         if grid != "scheduler" or sigma_max is not None or sigma_min is not None:
@@ -407,6 +424,8 @@ def solve(
         t = timesteps[j]
         if hasattr(scheduler, "scale_model_input"):
             scheduler.scale_model_input(x, t)  # the scheduler's own bookkeeping; the teacher scales its own input
+        if j == plan.second_order_step:
+            scheduler.lower_order_nums = min(scheduler.lower_order_nums, 1)  # diffusers' own order counter
         denoised = teacher.denoise_native(
             x, plan.eval_alpha[j], plan.eval_sigma[j], labels=label_tensor, guidance_scale=guidance_scale
         )  # [B, *S], x̂0

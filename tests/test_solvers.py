@@ -172,8 +172,8 @@ def test_time_grid_is_what_solve_records(solver):
     assert np.all(np.diff(sigma / alpha) < 0)
 
 
-def test_logsnr_grid_is_the_cmt_recipe_clamped_to_the_vp_schedule():
-    """16 DPM-Solver++ steps uniform in log-SNR from σ̃ = 80 to 0.002, clamped to the DDPM table's 0.0100."""
+def test_logsnr_grid_is_uniform_in_log_snr_clamped_to_the_vp_schedule_then_zero():
+    """16 levels uniform in log-SNR from σ̃ = 80 to 0.002 (clamped to the DDPM table's 0.0100), then σ = 0."""
     teacher = make_oracle_teacher(DDPMScheduler(), SHAPE, MU, S)
     alpha, sigma = time_grid(teacher, 16, "dpmpp-3m", "logsnr")
     levels = sigma[:-1] / alpha[:-1]  # [16], EDM view
@@ -184,6 +184,40 @@ def test_logsnr_grid_is_the_cmt_recipe_clamped_to_the_vp_schedule():
         time_grid(teacher, 16, "dpmpp-3m", "logsnr", sigma_min=0.002)
     edm_alpha, edm_sigma = time_grid(make_oracle_teacher(EDMEulerScheduler(), SHAPE), 16, "euler", "logsnr")
     assert np.allclose(edm_alpha, 1.0) and edm_sigma[15] == pytest.approx(0.002, rel=1e-6)
+
+
+def _dpmpp_first_order(x_s, sigma_s, sigma_t, denoised_s):
+    """DPM-Solver++ first-order step in the EDM view: x̃_t = e^{−h}·x̃_s + (1 − e^{−h})·D_s, h = λ_t − λ_s, λ = −ln σ̃."""
+    decay = sigma_t / sigma_s  # e^{−h}
+    return decay * x_s + (1 - decay) * denoised_s
+
+
+def test_cmt_authors_grid_is_the_authors_levels_and_step_orders_in_closed_form():
+    """17 levels uniform in log-SNR from 80 to 0.002 with no σ = 0 point; the last step is first order and the one
+    before it second order (sony/cmt: multistep order 3, lower_order_final), checked with the exact Gaussian denoiser."""
+    teacher = make_oracle_teacher(EDMEulerScheduler(), SHAPE, MU, S)
+    steps = 16
+    alpha, sigma = time_grid(teacher, steps, "dpmpp-3m", "cmt-authors")
+    levels = sigma / alpha  # [17], EDM view
+    closed_form = np.exp(np.linspace(np.log(80.0), np.log(0.002), steps + 1))
+    assert len(levels) == steps + 1 and levels[-1] > 0
+    assert np.allclose(levels, closed_form, rtol=1e-6)  # the scheduler holds its levels in float32
+    trajectory = solve(teacher, [0, 1, 2], steps=steps, solver="dpmpp-3m", grid="cmt-authors")
+    assert np.array_equal(trajectory.sigma, sigma) and np.array_equal(trajectory.alpha, alpha)
+    x_edm = trajectory.points.double() / torch.from_numpy(alpha).reshape(1, -1, 1, 1, 1)  # [3, 17, *S]
+    denoise = lambda i: MU + S**2 / (S**2 + levels[i] ** 2) * (x_edm[:, i] - MU)  # noqa: E731  exact D at point i
+    last = _dpmpp_first_order(x_edm[:, -2], levels[-2], levels[-1], denoise(steps - 1))
+    assert torch.allclose(x_edm[:, -1], last, rtol=1e-4, atol=1e-5 * float(x_edm[:, -2].abs().max()))
+    h = np.log(levels[-3] / levels[-2])  # λ_{K−1} − λ_{K−2}
+    r0 = np.log(levels[-4] / levels[-3]) / h
+    d1 = (denoise(steps - 2) - denoise(steps - 3)) / r0
+    second = _dpmpp_first_order(x_edm[:, -3], levels[-3], levels[-2], denoise(steps - 2)) + 0.5 * (
+        1 - levels[-2] / levels[-3]) * d1
+    assert torch.allclose(x_edm[:, -2], second, rtol=1e-4, atol=1e-5 * float(x_edm[:, -3].abs().max()))
+    third_order = solve(teacher, [0, 1, 2], steps=steps, solver="dpmpp-3m", grid="logsnr")  # contrast: 3M to σ = 0
+    assert not torch.allclose(third_order.points[:, -2], trajectory.points[:, -2])
+    with pytest.raises(SolverError, match="CMT authors' DPM-Solver\\+\\+ recipe.*dpmpp-3m"):
+        time_grid(teacher, steps, "euler", "cmt-authors")
 
 
 def test_scheduler_grid_of_an_edm_teacher_is_its_own_schedule():
