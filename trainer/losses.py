@@ -164,11 +164,12 @@ class LPIPSDistance(nn.Module):
     time and fetches the VGG trunk from the internet, and torchvision from PyPI does not import beside this
     project's torch build. The computation follows LPIPS v0.1 (input shift/scale, channel unit-normalisation,
     linear layers, spatial mean, sum over the five taps). Single-channel images are repeated to RGB.
-    `resize_to` bilinearly resizes both inputs to a square side first (consistency models resize CIFAR-10 to
-    224; VGG's five taps need a side of at least 16). The network is frozen; gradients flow to the inputs.
+    `resize_to` bilinearly resizes both inputs to a square side first (None, the default: the images' own
+    resolution, as the CMT authors use it; iCT/ECT resize CIFAR-10 to 224; VGG's five taps need a side of at least
+    16). The network is frozen; gradients flow to the inputs.
     """
 
-    def __init__(self, weights_path: str | Path | None, *, resize_to: int | None = 224):
+    def __init__(self, weights_path: str | Path | None, *, resize_to: int | None = None):
         super().__init__()
         if weights_path is None or str(weights_path) == "":
             raise ValueError(f"LPIPSDistance needs `weights_path`, got none.\n{LPIPS_WEIGHTS_HELP}")
@@ -224,7 +225,8 @@ class LPIPSDistance(nn.Module):
             images = F.interpolate(images, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False)
         if min(images.shape[-2:]) < _LPIPS_MIN_SIDE:
             raise ValueError(f"LPIPS needs images of side >= {_LPIPS_MIN_SIDE}, got {tuple(images.shape[-2:])}; "
-                             f"pass resize_to (e.g. 224, as consistency models do for CIFAR-10)")
+                             f"pass resize_to (lpips_resize_to=... in the stage config; e.g. 224, as iCT/ECT do "
+                             f"for CIFAR-10)")
         return images
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:

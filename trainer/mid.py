@@ -95,7 +95,7 @@ class MidConfig:
     distance: Literal["squared_l2", "pseudo_huber", "lpips"] = "squared_l2"
     pseudo_huber_c: float | None = None  # None: iCT's 0.00054·√d
     lpips_weights: str | None = None  # local LPIPS-VGG weights file (never downloaded)
-    lpips_resize_to: int | None = 224
+    lpips_resize_to: int | None = None  # the authors compare at the images' own resolution; 224 resizes as iCT does
     init: Literal["teacher", "random"] = "teacher"
     student: StudentOptions = field(default_factory=StudentOptions)
     batch_per_process: int = 128

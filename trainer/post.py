@@ -19,8 +19,10 @@ Methods (losses from `trainer/losses.py`, time sampling from `trainer/schedules.
 
 Data: `store:` streams the trajectory stores (`trainer.data`): ect / meanflow take the solver's clean endpoints x̂_0
 (mode "endpoints"), ecd consecutive points (mode "ecd"). `dataset:` uses real images (`trainer.datasets`).
-Init: `cmt:<dir>` (a mid-training export, `FlowMapStudent.from_pretrained`), `teacher` (the diffusion model's
-weights: its x0 prediction is f, its velocity is u at r = t), `random` (the teacher's architecture, fresh weights).
+Init: `cmt:<dir>` (a mid-training export, `FlowMapStudent.from_pretrained`, read with the parameterisation it
+records), `teacher` (the diffusion model itself: the teacher's weights AND its own c_skip/c_out, so f is its x0
+prediction and u at r = t its velocity), `random` (the teacher's architecture, fresh weights, read the way "auto" picks
+in `trainer.parameterization`).
 
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl (loss, skipped_steps, fd_1step, fd_2step),
 samples/step_<N>_{1,2}step.png, ranks/rank_<r>.json (parameter sha256 of each rank, teacher forward count),
@@ -636,8 +638,11 @@ def build_student(cfg: PostConfig, teacher: Any, device: torch.device) -> Any:
         except StudentLoadError as error:
             raise InitError(f"--init {cfg.init}: {error}") from error
         return student.train()
+    # init=teacher is the diffusion model itself (its own c_skip/c_out: the student IS its denoiser); a random init
+    # takes the well-conditioned reading "auto" picks (trainer.parameterization)
     return FlowMapStudent.from_teacher(teacher, second_time_input=cfg.method == "meanflow", init=cfg.init,
-                                       seed=cfg.loop.seed).to(device).train()
+                                       seed=cfg.loop.seed,
+                                       parameterization="teacher" if cfg.init == "teacher" else "auto").to(device).train()
 
 
 def _configure_attention(cfg: PostConfig, student: Any, device: torch.device) -> None:
