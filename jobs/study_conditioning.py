@@ -1,0 +1,247 @@
+"""Which student parameterisation makes a well-conditioned few-step generator, for which teacher (README "Studies").
+
+    python jobs/study_conditioning.py --teacher eps=runs/digits_eps/export --teacher v=runs/digits_v/export \
+        --teacher edm=runs/digits/pretrain/export [--variants own auto edm-1.0 ...] [--seeds 0 1 2] [--jobs 2]
+
+For every teacher: its digits store (pipeline/generate.py, the demo's spec: 4,096 trajectories, 16 DPM-Solver++(3M)
+steps on the log-SNR grid; a cache hit when it exists), then CMT mid-training (trainer/mid.py --config
+jobs/digits/mid.yaml) in the CM and MF forms for every student variant and seed, each scored by FD-digits of 1,000
+1- and 2-step samples at init, every `--eval-every` steps and at the end. The final EMA exports are scored again on
+`--redraws` other draws of the evaluation noise, so the FD's own noise is reported beside the seed-to-seed spread.
+
+Variants (student.* overrides of trainer/mid.py; `trainer.parameterization` explains the readings):
+  own                 the teacher's own c_skip/c_out (for an ε-prediction teacher c_out = −σ̃: ill-conditioned)
+  auto                the default: the teacher's own where bounded, EDM's (σ_d = 0.5) for ε-teachers
+  edm-1.0             EDM's reading with σ_d = 1 (for an ε-teacher: the v-prediction reading of its network)
+  auto+transfer       "auto" after `--transfer-steps` steps of preconditioning transfer (counted in the run's steps)
+  edm-1.0+transfer    likewise for σ_d = 1
+Variants that resolve to the same reading for a teacher are run once (for v and EDM teachers "auto" is "own").
+
+Writes <out>/study.json and <out>/study.md (and every run under <out>/runs); re-running skips finished runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run by path: the project root first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.compare_inits import CompareConfig, _finished, _metrics, _short_hash, launch_training, make_store
+
+MID_PRESET = "jobs/digits/mid.yaml"
+VARIANTS = {
+    "own": ("student.parameterization=teacher",),
+    "auto": ("student.parameterization=auto",),
+    "edm-1.0": ("student.parameterization=edm", "student.sigma_data=1.0"),
+    "auto+transfer": ("student.parameterization=auto", "TRANSFER"),
+    "edm-1.0+transfer": ("student.parameterization=edm", "student.sigma_data=1.0", "TRANSFER"),
+}
+REDRAW_SEED_STRIDE = 100_003  # evaluation noise seeds of re-draw k start at k·stride (the runs use seed 0)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One mid-training run: teacher, variant, form, seed and its trainer/mid.py overrides."""
+
+    teacher: str
+    variant: str
+    form: str
+    seed: int
+    overrides: tuple[str, ...]
+    reading: str  # the resolved parameterisation (+ transfer), for deduplication and the table
+
+
+def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
+    """The parameterisation a variant's overrides resolve to for this teacher, e.g. "edm(σ_d=0.5) + transfer 200"."""
+    from pipeline.teacher import load_teacher
+    from trainer.parameterization import resolve_parameterization
+
+    options = dict(text.split("=", 1) for text in overrides if text.startswith("student."))
+    teacher = load_teacher(teacher_dir)
+    reading = resolve_parameterization(options.get("student.parameterization", "auto"), teacher.schedule,
+                                       teacher.prediction_type,
+                                       sigma_data=float(options.get("student.sigma_data", 0.5)))
+    transfer = int(options.get("student.transfer_steps", 0))
+    return reading.describe() + (f" + transfer {transfer}" if transfer else "")
+
+
+def plan_cells(args: argparse.Namespace) -> list[Cell]:
+    """Every (teacher, variant, form, seed) run, variants deduplicated per teacher by their resolved reading."""
+    cells = []
+    for name, teacher_dir in args.teacher:
+        seen: set[str] = set()
+        for variant in args.variants:
+            overrides = tuple(f"student.transfer_steps={args.transfer_steps}" if text == "TRANSFER" else text
+                              for text in VARIANTS[variant])
+            reading = resolved_reading(teacher_dir, overrides)
+            if reading in seen:
+                continue
+            seen.add(reading)
+            for form in args.forms:
+                for seed in args.seeds:
+                    cells.append(Cell(name, variant, form, seed, overrides, reading))
+    return cells
+
+
+def run_cell(cell: Cell, teacher_dir: str, store_url: str, args: argparse.Namespace, runs_dir: Path) -> Path:
+    """Train one cell (unless finished); its run directory."""
+    settings = [f"teacher={teacher_dir}", f"stores=[{store_url}]", f"form={cell.form}", f"loop.seed={cell.seed}",
+                f"loop.total_steps={args.mid_steps}", f"loop.eval_every_steps={args.eval_every}",
+                "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1", f"loop.torch_threads={args.threads}",
+                "eval_at_init=true", f"num_eval_samples={args.num_eval_samples}", *cell.overrides]
+    name = f"{cell.teacher}-{cell.variant}-{cell.form}-s{cell.seed}-{_short_hash([MID_PRESET, settings])}"
+    run_dir = runs_dir / name
+    if not _finished(run_dir, args.mid_steps):
+        print(f"[study_conditioning] {name}: {args.mid_steps} steps", flush=True)
+        launch_training("mid", MID_PRESET, [*settings, f"loop.output_dir={run_dir}"], runs_dir.parent / "logs" /
+                        f"{name}.log", "subprocess")
+    return run_dir
+
+
+def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, list[float]]:
+    """FD-digits of the export's 1- and 2-step samples on `redraws` fresh draws of the evaluation noise."""
+    from trainer.config import load_config
+    from trainer.metrics import FDMetric
+    from trainer.mid import MidConfig, student_samples
+    from trainer.student import FlowMapStudent
+
+    cache = export_dir.parent / "fd_redraws.json"
+    if cache.exists() and len(json.loads(cache.read_text())["fd_1step"]) == redraws:
+        return json.loads(cache.read_text())
+    student = FlowMapStudent.from_pretrained(export_dir).eval()
+    metric = FDMetric("digits")
+    scores: dict[str, list[float]] = {"fd_1step": [], "fd_2step": []}
+    for k in range(1, redraws + 1):
+        cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={k * REDRAW_SEED_STRIDE}",
+                                                  f"num_eval_samples={num_samples}"])
+        for steps in (1, 2):
+            scores[f"fd_{steps}step"].append(float(metric(student_samples(student, cfg, steps))))
+    cache.write_text(json.dumps(scores))
+    return scores
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def read_cell(run_dir: Path, redraws: int, num_samples: int) -> dict[str, Any]:
+    """A finished run's FD at init, along training, at the end, and on re-drawn evaluation noise."""
+    init = json.loads((run_dir / "init_eval.json").read_text())
+    curve = [{"step": r["step"], "fd_1step": r["fd_1step"], "fd_2step": r["fd_2step"]}
+             for r in _metrics(run_dir) if "fd_1step" in r]
+    return {"init": init, "curve": curve, "final": curve[-1], "redraws": fd_redraws(run_dir / "export", redraws, num_samples)}
+
+
+def teacher_fd(teacher_dir: str) -> float | None:
+    """The teacher's own FD-digits at 16 DPM-Solver++ steps, as logged by trainer/pretrain.py (None if absent)."""
+    metrics = _metrics(Path(teacher_dir).parent)
+    scored = [record["FD-digits"] for record in metrics if "FD-digits" in record]
+    return float(scored[-1]) if scored else None
+
+
+def summarise(cells: Sequence[Cell], results: dict[Cell, dict[str, Any]], args: argparse.Namespace) -> dict:
+    """Per (teacher, variant, form): FD at init, at the first evaluation and at the end, over seeds and re-draws."""
+    rows = []
+    groups: dict[tuple[str, str, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.teacher, cell.variant, cell.form), []).append(cell)
+    for (teacher, variant, form), members in groups.items():
+        runs = [results[cell] for cell in members]
+        row = {"teacher": teacher, "variant": variant, "form": form, "reading": members[0].reading,
+               "seeds": [cell.seed for cell in members]}
+        for steps in (1, 2):
+            key = f"fd_{steps}step"
+            row[f"init_{key}"] = runs[0]["init"][key]
+            row[f"early_{key}"] = _mean_std([run["curve"][0][key] for run in runs])
+            row["early_step"] = runs[0]["curve"][0]["step"]
+            row[f"final_{key}"] = _mean_std([run["final"][key] for run in runs])
+            row[f"redraw_{key}"] = _mean_std(runs[0]["redraws"][key])  # seed 0's export on fresh noise
+        rows.append(row)
+    return {"mid_steps": args.mid_steps, "transfer_steps": args.transfer_steps,
+            "teachers": {name: {"dir": path, "fd_16step": teacher_fd(path)} for name, path in args.teacher},
+            "rows": rows}
+
+
+def _fmt(stat: dict[str, float]) -> str:
+    """mean ± std (n > 1) or the value."""
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}" if stat["n"] > 1 else f"{stat['mean']:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    """The study's table: one row per (teacher, variant, form)."""
+    lines = [f"FD-digits of 1,000 samples after {summary['mid_steps']} CMT steps (mean ± std over seeds; "
+             "re-draw: seed 0's export on 5 other draws of the evaluation noise).", "",
+             "| teacher (16-step FD) | student reading | form | init 1/2-step | "
+             "early 1/2-step | final 1-step | final 2-step | re-draw 1-step | re-draw 2-step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        fd16 = summary["teachers"][row["teacher"]]["fd_16step"]
+        teacher = f"{row['teacher']} ({fd16:.1f})" if fd16 is not None else row["teacher"]
+        lines.append(
+            f"| {teacher} | {row['variant']}: {row['reading']} | {row['form']} | "
+            f"{row['init_fd_1step']:.1f} / {row['init_fd_2step']:.1f} | "
+            f"{_fmt(row['early_fd_1step'])} / {_fmt(row['early_fd_2step'])} (step {row['early_step']}) | "
+            f"{_fmt(row['final_fd_1step'])} | {_fmt(row['final_fd_2step'])} | "
+            f"{_fmt(row['redraw_fd_1step'])} | {_fmt(row['redraw_fd_2step'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _named_path(text: str) -> tuple[str, str]:
+    """NAME=DIR → (NAME, absolute DIR)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=DIR, e.g. eps=runs/digits_eps/export")
+    return name, str(Path(path).resolve())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", type=_named_path, action="append", required=True, help="NAME=DIR, repeatable")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--forms", nargs="+", default=["cm", "mf"], choices=["cm", "mf"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--mid-steps", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--transfer-steps", type=int, default=200)
+    parser.add_argument("--redraws", type=int, default=5)
+    parser.add_argument("--num-eval-samples", type=int, default=1000)
+    parser.add_argument("--num-trajectories", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--out", default="runs/study_conditioning")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    runs_dir = out / "runs"
+    stores = {}
+    for name, teacher_dir in args.teacher:
+        spec = CompareConfig(teacher=teacher_dir, threads=args.threads, num_trajectories=args.num_trajectories)
+        stores[name] = make_store(spec, out / "logs" / name)["url"]
+    cells = plan_cells(args)
+    teachers = dict(args.teacher)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        run_dirs = dict(zip(cells, pool.map(
+            lambda cell: run_cell(cell, teachers[cell.teacher], stores[cell.teacher], args, runs_dir), cells)))
+    results = {cell: read_cell(run_dirs[cell], args.redraws, args.num_eval_samples) for cell in cells}
+    summary = summarise(cells, results, args)
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    (out / "study.md").write_text(markdown(summary))
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
