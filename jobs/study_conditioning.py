@@ -170,7 +170,8 @@ def summarise(cells: Sequence[Cell], results: dict[Cell, dict[str, Any]], args: 
             row[f"final_{key}"] = _mean_std([run["final"][key] for run in runs])
             row[f"redraw_{key}"] = _mean_std(runs[0]["redraws"][key])  # seed 0's export on fresh noise
         rows.append(row)
-    return {"mid_steps": args.mid_steps, "transfer_steps": args.transfer_steps,
+    return {"mid_steps": args.mid_steps, "transfer_steps": args.transfer_steps, "redraws": args.redraws,
+            "num_eval_samples": args.num_eval_samples,
             "teachers": {name: {"dir": path, "fd_16step": teacher_fd(path)} for name, path in args.teacher},
             "rows": rows}
 
@@ -182,8 +183,9 @@ def _fmt(stat: dict[str, float]) -> str:
 
 def markdown(summary: dict) -> str:
     """The study's table: one row per (teacher, variant, form)."""
-    lines = [f"FD-digits of 1,000 samples after {summary['mid_steps']} CMT steps (mean ± std over seeds; "
-             "re-draw: seed 0's export on 5 other draws of the evaluation noise).", "",
+    lines = [f"FD-digits of {summary['num_eval_samples']:,} samples after {summary['mid_steps']} CMT steps (mean ± "
+             f"std over seeds; re-draw: seed 0's export on {summary['redraws']} other draws of the evaluation noise).",
+             "",
              "| teacher (16-step FD) | student reading | form | init 1/2-step | "
              "early 1/2-step | final 1-step | final 2-step | re-draw 1-step | re-draw 2-step |",
              "|---|---|---|---|---|---|---|---|---|"]
