@@ -15,7 +15,10 @@ Variants (student.* overrides of trainer/mid.py; `trainer.parameterization` expl
   edm-1.0             EDM's reading with σ_d = 1 (for an ε-teacher: the v-prediction reading of its network)
   auto+transfer       "auto" after `--transfer-steps` steps of preconditioning transfer (counted in the run's steps)
   edm-1.0+transfer    likewise for σ_d = 1
-Variants that resolve to the same reading for a teacher are run once (for v and EDM teachers "auto" is "own").
+  auto+clip           "auto" with the gradient clipping the digits preset had before (loop.grad_clip=1.0; the
+                      authors clip nothing, the preset's default now)
+  auto+ema-constant   "auto" with the authors' EMA: a constant 0.999 decay from the teacher's weights
+Variants that resolve to the same settings for a teacher are run once (for v and EDM teachers "auto" is "own").
 
 Writes <out>/study.json and <out>/study.md (and every run under <out>/runs); re-running skips finished runs.
 """
@@ -46,6 +49,8 @@ VARIANTS = {
     "edm-1.0": ("student.parameterization=edm", "student.sigma_data=1.0"),
     "auto+transfer": ("student.parameterization=auto", "TRANSFER"),
     "edm-1.0+transfer": ("student.parameterization=edm", "student.sigma_data=1.0", "TRANSFER"),
+    "auto+clip": ("student.parameterization=auto", "loop.grad_clip=1.0"),
+    "auto+ema-constant": ("student.parameterization=auto", "loop.ema_constant=true"),
 }
 REDRAW_SEED_STRIDE = 100_003  # evaluation noise seeds of re-draw k start at k·stride (the runs use seed 0)
 
@@ -59,7 +64,7 @@ class Cell:
     form: str
     seed: int
     overrides: tuple[str, ...]
-    reading: str  # the resolved parameterisation (+ transfer), for deduplication and the table
+    reading: str  # the resolved parameterisation (+ transfer, + other overrides), for deduplication and the table
 
 
 def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
@@ -73,7 +78,8 @@ def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
                                        teacher.prediction_type,
                                        sigma_data=float(options.get("student.sigma_data", 0.5)))
     transfer = int(options.get("student.transfer_steps", 0))
-    return reading.describe() + (f" + transfer {transfer}" if transfer else "")
+    others = [text for text in overrides if not text.startswith("student.")]
+    return reading.describe() + (f" + transfer {transfer}" if transfer else "") + "".join(f", {o}" for o in others)
 
 
 def plan_cells(args: argparse.Namespace) -> list[Cell]:
