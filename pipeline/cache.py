@@ -1,32 +1,34 @@
 """Manage cached trajectory stores: `python -m pipeline.cache list|show|rm`.
 
 Stores live at `<cache root>/<cache key>.zarr` (cache root: --cache-root, else $CMT_CACHE_DIR/trajectories,
-else ~/.cache/cmt-pipeline/trajectories). Removing a store needs `--yes`.
+else ~/.cache/cmt-pipeline/trajectories; local directories and fsspec URLs alike). Removing a store needs `--yes`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.paths import trajectory_cache_root
+import fsspec
+
+from pipeline.paths import join, location, trajectory_cache_root
 from storage_schema import StoreError, open_store
 
 
-def _size_on_disk(path: Path) -> int:
-    """Bytes of every file below path."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _filesystem(root: str):
+    """The fsspec filesystem and path of a cache root (local directory or URL)."""
+    return fsspec.core.url_to_fs(root)
 
 
-def entry(path: Path) -> dict[str, Any]:
-    """One cached store: key, spec summary, size on disk and completeness (or the problem opening it)."""
-    row: dict[str, Any] = {"key": path.name.removesuffix(".zarr"), "path": str(path), "bytes": _size_on_disk(path)}
+def entry(root: str, name: str) -> dict[str, Any]:
+    """One cached store: key, spec summary, size and completeness (or the problem opening it)."""
+    fs, path = _filesystem(root)
+    url = join(root, name)
+    row: dict[str, Any] = {"key": name.removesuffix(".zarr"), "path": url, "bytes": fs.du(f"{path.rstrip('/')}/{name}")}
     try:
-        store = open_store(str(path), "r")
+        store = open_store(url, "r")
     except StoreError as error:
         row["error"] = str(error)
         return row
@@ -46,16 +48,23 @@ def entry(path: Path) -> dict[str, Any]:
     return row
 
 
-def list_stores(root: Path) -> list[dict[str, Any]]:
-    """Every `*.zarr` directory directly under the cache root, oldest first."""
-    if not root.is_dir():
+def _store_names(root: str) -> list[str]:
+    """Names of the `*.zarr` entries directly under the cache root, sorted."""
+    fs, path = _filesystem(root)
+    if not fs.isdir(path):
         return []
-    return [entry(p) for p in sorted(root.glob("*.zarr"), key=lambda p: p.stat().st_mtime)]
+    return sorted(name for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+                  if name.endswith(".zarr"))
 
 
-def _find(root: Path, key: str) -> Path:
-    """The store whose key starts with `key` (a unique prefix is enough)."""
-    matches = [p for p in root.glob("*.zarr") if p.name.startswith(key)]
+def list_stores(root: str) -> list[dict[str, Any]]:
+    """Every `*.zarr` store directly under the cache root, by key."""
+    return [entry(root, name) for name in _store_names(root)]
+
+
+def _find(root: str, key: str) -> str:
+    """The name of the store whose key starts with `key` (a unique prefix is enough)."""
+    matches = [name for name in _store_names(root) if name.startswith(key)]
     if len(matches) != 1:
         found = "no store" if not matches else f"{len(matches)} stores"
         raise SystemExit(f"error: {found} in {root} match key {key!r}; run `python -m pipeline.cache list` for the keys")
@@ -65,7 +74,7 @@ def _find(root: Path, key: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-root", type=Path, default=None)
+    parser.add_argument("--cache-root", default=None, help="directory or URL (default $CMT_CACHE_DIR/trajectories)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list cached stores")
@@ -75,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove.add_argument("key")
     remove.add_argument("--yes", action="store_true", help="confirm the deletion")
     args = parser.parse_args(argv)
-    root = args.cache_root or trajectory_cache_root()
+    try:
+        root = location(args.cache_root, named="--cache-root") if args.cache_root else trajectory_cache_root()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     if args.command == "list":
         rows = list_stores(root)
@@ -92,19 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{row['solver']}/{row['grid']}  {row['dtype']}  {row['bytes'] / 2**20:8.1f} MiB  teacher {row['teacher']}"
             )
         return 0
-    path = _find(root, args.key)
+    name = _find(root, args.key)
     if args.command == "show":
         try:
-            print(json.dumps(open_store(str(path), "r").describe(), indent=2, default=str))
+            print(json.dumps(open_store(join(root, name), "r").describe(), indent=2, default=str))
         except StoreError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         return 0
     if not args.yes:
-        print(f"error: refusing to delete {path} without --yes", file=sys.stderr)
+        print(f"error: refusing to delete {join(root, name)} without --yes", file=sys.stderr)
         return 2
-    shutil.rmtree(path)
-    print(f"removed {path}")
+    fs, path = _filesystem(root)
+    fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
+    print(f"removed {join(root, name)}")
     return 0
 
 

@@ -31,7 +31,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.paths import cache_root, trajectory_cache_root
+from pipeline.paths import (
+    CACHE_ENV_VAR,
+    LocationError,
+    cache_location,
+    is_url,
+    join,
+    location,
+    read_text,
+    trajectory_cache_root,
+    write_text,
+)
+from pipeline.precision import PRECISIONS, check_name
 from storage_schema import (
     GenerationSpec,
     NotAStoreError,
@@ -58,6 +69,10 @@ class GenerateConfig:
 
     teacher: str
     num_trajectories: int
+    revision: str | None = None  # branch, tag, commit or refs/pr/N of a hub id
+    scheduler: str | None = None  # scheduler directory for a bare model directory
+    precision: str | None = None  # fp32 | tf32 | bf16 | fp16; None: gpu_precision on GPU workers, fp32 on CPU ones
+    gpu_precision: str = "fp32"  # the preset's choice for GPU workers
     solver: str = "dpmpp-3m"
     steps: int = 16
     grid: str = "logsnr"
@@ -84,8 +99,9 @@ class GenerateConfig:
     # Planning only (--dry-run where the teacher cannot be loaded, e.g. a hub id on an offline machine):
     sample_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
-    forward_samples_per_gpu_s: float | None = None  # teacher network evaluations per GPU-second, for GPU-hour estimates
-    throughput_source: str | None = None  # where that figure comes from (a measurement, or a stated assumption)
+    forward_samples_per_gpu_s: float | None = None  # measured network evaluations per GPU-second at the precision
+    throughput_source: str | None = None  # where that measurement comes from
+    gpu: dict | None = None  # name, peak_tflops {precision: TFLOP/s}, peak_source, utilization, utilization_source
 
 
 @dataclass(frozen=True)
@@ -128,16 +144,11 @@ def _check_labels_option(cfg: GenerateConfig, num_classes: int | None) -> None:
     labels_for(np.arange(1), cfg.labels, num_classes, cfg.seed)
 
 
-def _is_local(url: str) -> bool:
-    """True for plain filesystem paths and file:// URLs (which other nodes of a cluster cannot see)."""
-    return "://" not in url or url.startswith("file://")
-
-
 def _check_writable(url: str) -> None:
     """Refuse a local output location that cannot be created or written, before any teacher work."""
-    if not _is_local(url):
+    if is_url(url):
         return
-    path = Path(url.removeprefix("file://")).expanduser()
+    path = Path(url)
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -157,37 +168,37 @@ class TeacherIdentity:
     num_classes: int | None
 
 
-def _directory_stamp(path: Path) -> str | None:
-    """sha256 of (name, size, mtime_ns) of every file under a local teacher directory; None for hub ids."""
-    if not path.is_dir():
-        return None
+def _directory_stamp(path: Path) -> str:
+    """sha256 of (name, size, mtime_ns) of every file under a teacher directory (or of one file)."""
     digest = hashlib.sha256(str(path.resolve()).encode())
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
         stat = file.stat()
-        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def teacher_identity(source: str) -> TeacherIdentity:
+def teacher_identity(source: str, revision: str | None = None, scheduler: str | None = None) -> TeacherIdentity:
     """Fingerprint, sample shape and classes of a teacher, memoised by its files' stamps (loads it only on a miss).
 
-    A cache-hit re-run therefore never imports torch or reads weights. The workers re-check the fingerprint of the
-    teacher they load, so a stale memo can never write a store under the wrong key.
+    Local directories and hub snapshots alike are stamped by their files, so a cache-hit re-run never imports torch
+    or reads weights. The workers re-check the fingerprint of the teacher they load, so a stale memo can never write
+    a store under the wrong key.
     """
-    stamp = _directory_stamp(Path(source).expanduser())
-    memo = cache_root() / "teachers" / f"{stamp}.json" if stamp else None
-    if memo is not None and memo.is_file():
-        known = json.loads(memo.read_text())
+    from pipeline.teacher_files import locate_teacher, scheduler_config_file
+
+    stamps = [_directory_stamp(locate_teacher(source, revision=revision, weights=False).root), str(revision)]
+    if scheduler is not None:
+        stamps.append(_directory_stamp(scheduler_config_file(scheduler)))
+    memo = cache_location("teachers", hashlib.sha256("\0".join(stamps).encode()).hexdigest() + ".json")
+    known = read_text(memo)
+    if known is not None:
+        known = json.loads(known)
         return TeacherIdentity(known["fingerprint"], tuple(known["sample_shape"]), known["num_classes"])
     from pipeline.teacher import load_teacher
 
-    teacher = load_teacher(source)
+    teacher = load_teacher(source, revision=revision, scheduler=scheduler)
     identity = TeacherIdentity(teacher.fingerprint, tuple(int(s) for s in teacher.sample_shape), teacher.num_classes)
-    if memo is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        temporary = memo.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(dataclasses.asdict(identity)))
-        os.replace(temporary, memo)
+    write_text(memo, json.dumps(dataclasses.asdict(identity)))
     return identity
 
 
@@ -200,7 +211,7 @@ ESTIMATED_COMPRESSION = {"float16": 0.83, "float32": 0.79}
 def _identity_for(cfg: GenerateConfig) -> TeacherIdentity:
     """The teacher's identity; a dry run of a teacher that cannot be loaded here plans with the declared shape."""
     try:
-        return teacher_identity(cfg.teacher)
+        return teacher_identity(cfg.teacher, cfg.revision, cfg.scheduler)
     except Exception as error:  # noqa: BLE001 - only a dry run with a declared shape may go on without the teacher
         if not (cfg.dry_run and cfg.sample_shape):
             raise
@@ -209,8 +220,17 @@ def _identity_for(cfg: GenerateConfig) -> TeacherIdentity:
         return TeacherIdentity(UNRESOLVED_FINGERPRINT, tuple(cfg.sample_shape), cfg.num_classes)
 
 
-def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity) -> GenerationSpec:
-    """The store's generation spec for this job and teacher (the cache key is derived from it)."""
+def resolve_precision(cfg: GenerateConfig) -> tuple[str, str]:
+    """(teacher precision, where it came from): --precision, else the preset's gpu_precision on GPUs, else fp32."""
+    if cfg.precision is not None:
+        return check_name(cfg.precision), "--precision (or the preset's precision)"
+    if cfg.gpus_per_worker > 0:
+        return check_name(cfg.gpu_precision), "gpu_precision: the preset's choice for GPU workers"
+    return "fp32", "default for CPU workers (--gpus-per-worker 0)"
+
+
+def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity, precision: str = "fp32") -> GenerationSpec:
+    """The store's generation spec for this job, teacher and teacher precision (the cache key is derived from it)."""
     grid_params = tuple(
         (name, float(value)) for name, value in (("sigma_max", cfg.sigma_max), ("sigma_min", cfg.sigma_min)) if value is not None
     )
@@ -230,6 +250,7 @@ def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity) -> GenerationSpec:
         num_classes=teacher.num_classes,
         label_plan=None if teacher.num_classes is None else (cfg.labels or "uniform"),
         grid_params=grid_params,
+        teacher_precision=precision,
     )
 
 
@@ -245,13 +266,22 @@ class ShardWorker:
     def __init__(self, job: dict[str, Any], url: str):
         import torch
 
+        from pipeline import precision
         from pipeline.attention import configure_attention
         from pipeline.teacher import load_teacher
 
         torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
-        device = "cuda" if job["gpus_per_worker"] > 0 and torch.cuda.is_available() else "cpu"
+        device = "cuda" if job["gpus_per_worker"] > 0 else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise GenerateError(
+                f"the worker was given a GPU (--gpus-per-worker {job['gpus_per_worker']}) but its torch "
+                f"{torch.__version__} sees no CUDA device: install a CUDA build of torch on the workers"
+            )
+        precision.check_device(job["precision"], device)
+        precision.apply(job["precision"], device)
         self.job = job
-        self.teacher = load_teacher(job["teacher"], device=device)
+        self.teacher = load_teacher(job["teacher"], revision=job["revision"], scheduler=job["scheduler"], device=device,
+                                    dtype=precision.compute_dtype(job["precision"]))
         if self.teacher.fingerprint != job["fingerprint"]:
             raise GenerateError(
                 f"teacher {job['teacher']} changed on disk since the job started "
@@ -259,13 +289,6 @@ class ShardWorker:
             )
         self.attention_backend = configure_attention(self.teacher.model, device)
         self.store = open_store(url, "r+")
-        self.forward_samples = 0
-        self.teacher.model.register_forward_hook(self._count_forward)
-
-    def _count_forward(self, module, args, kwargs_or_output, *rest) -> None:
-        """Forward hook: count network evaluations, one per sample in the batch."""
-        sample = args[0] if args else None
-        self.forward_samples += int(sample.shape[0]) if sample is not None else 0
 
     def generate_shard(self, index: int) -> dict[str, Any]:
         """Solve the PF-ODE for every trajectory of shard `index` and write the shard (commit last)."""
@@ -273,7 +296,7 @@ class ShardWorker:
 
         from pipeline.solvers import solve
 
-        started, forward_before = time.perf_counter(), self.forward_samples
+        started, forward_before = time.perf_counter(), self.teacher.forward_samples
         spec = self.store.spec
         start, stop = spec.shard_bounds(index)
         indices = np.arange(start, stop)
@@ -313,7 +336,7 @@ class ShardWorker:
             "trajectories": len(indices),
             "seconds": time.perf_counter() - started,
             "write_seconds": time.perf_counter() - solved,
-            "forward_samples": self.forward_samples - forward_before,
+            "forward_samples": self.teacher.forward_samples - forward_before,
             "digest": digest,
             "pid": os.getpid(),
             "attention": self.attention_backend,
@@ -349,12 +372,25 @@ def _connect_ray(cfg: GenerateConfig) -> bool:
     return True
 
 
-def _check_cluster_can_see(url: str) -> None:
-    """On a multi-node cluster, refuse a local output path that other nodes cannot reach."""
+def _check_cluster(cfg: GenerateConfig, url: str) -> None:
+    """Before any actor starts: some node must fit one worker's CPUs and GPUs, and every node must see the output."""
     import ray
 
     alive = [node for node in ray.nodes() if node.get("Alive")]
-    if len(alive) > 1 and _is_local(url):
+    fits = [n for n in alive if n["Resources"].get("CPU", 0) >= cfg.cpus_per_worker
+            and n["Resources"].get("GPU", 0) >= cfg.gpus_per_worker]
+    if not fits:
+        nodes = "; ".join(
+            f"{n.get('NodeManagerAddress', '?')}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU"
+            for n in alive
+        )
+        raise GenerateError(
+            f"each worker asks for --cpus-per-worker {cfg.cpus_per_worker} and --gpus-per-worker "
+            f"{cfg.gpus_per_worker:g}, but no node of the Ray cluster has that much (nodes: {nodes}); no actor was "
+            "started. Pass --gpus-per-worker 0 to run the teacher on CPUs, lower --cpus-per-worker, or join a cluster "
+            "with GPUs (--ray-address)"
+        )
+    if len(alive) > 1 and not is_url(url):
         raise GenerateError(
             f"the Ray cluster has {len(alive)} nodes but the output {url} is a local path that other nodes cannot "
             f"reach: pass --out or --cache-root as a shared filesystem path visible on every node, or an object-store "
@@ -362,13 +398,33 @@ def _check_cluster_can_see(url: str) -> None:
         )
 
 
-def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence[int], state: str) -> dict[str, Any]:
-    """The job's plan: shards, bytes, teacher evaluations (what --dry-run prints)."""
+def _forward_cost(cfg: GenerateConfig) -> tuple[int | None, str]:
+    """(MACs of one network forward of one sample, where that number comes from), counted from the teacher's config."""
+    from pipeline.cost import forward_macs
+    from pipeline.teacher_files import locate_teacher
+
+    try:
+        files = locate_teacher(cfg.teacher, revision=cfg.revision, weights=False)
+        config = files.model_config()
+        macs = forward_macs(config.get("_class_name"), config)
+    except Exception as error:  # noqa: BLE001 - a plan without the teacher's config says why its cost is unknown
+        return None, f"unknown: the teacher's config is not available here ({str(error).splitlines()[0]})"
+    return macs, (f"counted: torch.utils.flop_counter over one forward of {config.get('_class_name')} built from "
+                  f"{files.model_dir / 'config.json'} on the meta device")
+
+
+def _plan(
+    cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence[int], state: str, precision_source: str
+) -> dict[str, Any]:
+    """The job's plan: shards, bytes, teacher evaluations and their cost, each number with its source."""
+    from pipeline.cost import cost_plan
+
     points = spec.steps + 1
     per_traj_raw = points * int(np.prod(spec.sample_shape)) * np.dtype(spec.dtype).itemsize
     missing_traj = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
     forward = int(missing_traj * forward_evaluations_per_trajectory(spec.solver, spec.steps, spec.guidance_scale))
-    gpu_hours = forward / cfg.forward_samples_per_gpu_s / 3600 if cfg.forward_samples_per_gpu_s else None
+    macs, macs_source = _forward_cost(cfg)
+    workers = min(cfg.num_workers, max(1, len(missing)))
     return {
         "url": url,
         "cache_key": spec.cache_key() + (" (provisional: teacher not loaded)" if spec.teacher_fingerprint == UNRESOLVED_FINGERPRINT else ""),
@@ -380,10 +436,12 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
         "uncompressed_bytes_to_write": int(missing_traj * per_traj_raw),
         "estimated_stored_bytes": int(missing_traj * per_traj_raw * ESTIMATED_COMPRESSION[spec.dtype]),
         "teacher_forward_samples": forward,
-        "workers": min(cfg.num_workers, max(1, len(missing))),
-        "estimated_gpu_hours": gpu_hours,
-        "estimated_wall_hours": gpu_hours / max(1.0, cfg.num_workers * cfg.gpus_per_worker) if gpu_hours else None,
-        "throughput_source": cfg.throughput_source,
+        "workers": workers,
+        **cost_plan(
+            forward, macs=macs, macs_source=macs_source, precision=spec.teacher_precision,
+            precision_source=precision_source, gpu=cfg.gpu, gpus=cfg.num_workers * cfg.gpus_per_worker,
+            measured=cfg.forward_samples_per_gpu_s, measured_source=cfg.throughput_source,
+        ),
     }
 
 
@@ -409,6 +467,9 @@ def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: li
 
     job = {
         "teacher": str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
+        "revision": cfg.revision,
+        "scheduler": None if cfg.scheduler is None else str(Path(cfg.scheduler).resolve()),
+        "precision": spec.teacher_precision,
         "fingerprint": teacher_fingerprint,
         "batch_size": cfg.batch_size,
         "cpus_per_worker": cfg.cpus_per_worker,
@@ -458,6 +519,26 @@ def _root_message(error: BaseException) -> str:
     return str(cause) if cause is not None else str(error).strip().splitlines()[-1]
 
 
+def output_url(cfg: GenerateConfig, spec: GenerationSpec) -> str:
+    """Where the store goes: --out, else <--cache-root or $CMT_CACHE_DIR/trajectories>/<cache key>.zarr."""
+    if cfg.out:
+        return location(cfg.out, named="--out")
+    root = location(cfg.cache_root, named="--cache-root") if cfg.cache_root else trajectory_cache_root()
+    return cache_path(root, spec)
+
+
+def _create_store(cfg: GenerateConfig, spec: GenerationSpec, url: str) -> None:
+    """Create the (empty) store with the teacher's time grid; the teacher must still match the spec's fingerprint."""
+    from pipeline.solvers import time_grid
+    from pipeline.teacher import load_teacher
+
+    teacher = load_teacher(cfg.teacher, revision=cfg.revision, scheduler=cfg.scheduler)
+    if teacher.fingerprint != spec.teacher_fingerprint:
+        raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
+    alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
+    create_store(url, spec, alpha, sigma, overwrite=cfg.overwrite)
+
+
 def run(cfg: GenerateConfig) -> GenerateResult:
     """Generate (or resume, or find cached) the trajectory store for cfg; raise GenerateError on any failure."""
     started = time.perf_counter()
@@ -465,42 +546,40 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
     if cfg.num_workers < 1 or cfg.batch_size < 1:
         raise GenerateError("--num-workers and --batch-size must be at least 1")
+    precision, precision_source = resolve_precision(cfg)
     identity = _identity_for(cfg)
     _check_labels_option(cfg, identity.num_classes)
-    spec = build_spec(cfg, identity)
-    url = cfg.out or cache_path(cfg.cache_root or str(trajectory_cache_root()), spec)
-    _check_writable(url)
+    spec = build_spec(cfg, identity, precision)
     try:
-        store = _existing_store(url, spec, cfg.overwrite)
-    except ImportError as error:  # e.g. s3fs/gcsfs missing for an object-store URL
+        url = output_url(cfg, spec)
+    except LocationError as error:  # a dry run still plans where the filesystem package is missing
         if not cfg.dry_run:
-            raise GenerateError(f"cannot open {url}: {error}; install the fsspec backend for this URL") from error
-        store, unknown = None, f"unknown ({error})"
+            raise
+        root = cfg.cache_root or join(os.environ.get(CACHE_ENV_VAR, ""), "trajectories")
+        url, unknown, store = cfg.out or cache_path(root, spec), f"unknown ({error})", None
     else:
-        unknown = None
+        _check_writable(url)
+        store, unknown = _existing_store(url, spec, cfg.overwrite), None
     missing = list(range(spec.num_shards)) if store is None else store.missing_shards()
-    state = unknown or ("new" if store is None else ("complete" if not missing else "partial"))
-    plan = _plan(cfg, spec, url, missing, state)
     if cfg.dry_run:
+        state = unknown or ("new" if store is None else ("complete" if not missing else "partial"))
+        plan = _plan(cfg, spec, url, missing, state, precision_source)
         return GenerateResult(url, False, True, (), 0, 0, time.perf_counter() - started, {"plan": plan})
     if not missing:
         summary = _finish(url, started, cache_hit=True, results=[])
         return GenerateResult(url, True, False, (), 0, 0, summary["seconds"], summary)
-    if store is None:
-        from pipeline.solvers import time_grid
-        from pipeline.teacher import load_teacher
+    if cfg.gpus_per_worker <= 0:
+        from pipeline.precision import check_device
 
-        teacher = load_teacher(cfg.teacher)
-        if teacher.fingerprint != spec.teacher_fingerprint:
-            raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
-        alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
-        create_store(url, spec, alpha, sigma, overwrite=cfg.overwrite)
-        del teacher
+        check_device(precision, "cpu")
     ray_started = time.perf_counter()
     owns_ray = _connect_ray(cfg)
-    shards_started = time.perf_counter()
+    ray_seconds = time.perf_counter() - ray_started
     try:
-        _check_cluster_can_see(url)
+        _check_cluster(cfg, url)
+        if store is None:
+            _create_store(cfg, spec, url)
+        shards_started = time.perf_counter()
         results, failures = _run_shards(cfg, spec, url, missing, spec.teacher_fingerprint)
     finally:
         if owns_ray:
@@ -514,7 +593,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             f"and re-running the same command retries only the failed ones:\n{lines}"
         )
     summary = _finish(url, started, cache_hit=False, results=results)
-    summary.update(_timings(results, ray_seconds=shards_started - ray_started, shards_started=shards_started))
+    summary.update(_timings(results, ray_seconds=ray_seconds, shards_started=shards_started))
     return GenerateResult(
         url,
         False,
@@ -559,6 +638,7 @@ def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str
         "worker_trajectories_per_s": trajectories / solve_seconds if solve_seconds else None,
         "worker_write_fraction": sum(r["write_seconds"] for r in results) / solve_seconds if solve_seconds else None,
         "attention": sorted({r["attention"] for r in results}),
+        "teacher_precision": store.spec.teacher_precision,
         "worker_pids": sorted({r["pid"] for r in results}),
         "bytes_stored": info.get("bytes_stored"),
         "compression_ratio": info.get("compression_ratio"),
@@ -598,6 +678,10 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     keep = argparse.SUPPRESS  # flags not given stay absent, so a preset's value is not overridden by a default
     parser.add_argument("--config", default=None, help="YAML preset of these options (flags given here override it)")
     parser.add_argument("--teacher", default=keep, help="diffusers pipeline/model directory or hub id")
+    parser.add_argument("--revision", default=keep, help="hub ids: branch, tag, commit or refs/pr/N (default main)")
+    parser.add_argument("--scheduler", default=keep, help="scheduler directory, for a model directory without one")
+    parser.add_argument("--precision", default=keep, choices=list(PRECISIONS),
+                        help="teacher precision (default: fp32 on CPU workers, the preset's gpu_precision on GPUs)")
     parser.add_argument("--num-trajectories", type=int, default=keep)
     parser.add_argument("--solver", default=keep, help="ddim | euler | heun | dpmpp-2m | dpmpp-3m (default) | flow-euler")
     parser.add_argument("--steps", type=int, default=keep, help="K solver steps (the store keeps K+1 points; default 16)")
@@ -617,7 +701,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     parser.add_argument("--gpus-per-worker", type=float, default=keep)
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--out", default=keep, help="store URL: a path or an fsspec URL (s3://..., gs://...)")
-    out.add_argument("--cache-root", default=keep, help=f"cache directory or URL (default {trajectory_cache_root()})")
+    out.add_argument("--cache-root", default=keep, help="cache directory or URL (default $CMT_CACHE_DIR/trajectories)")
     parser.add_argument("--overwrite", action="store_true", default=keep, help="replace a store made from another spec")
     parser.add_argument("--dry-run", action="store_true", default=keep, help="print the plan and write nothing")
     parser.add_argument("--ray-address", default=keep, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")

@@ -109,9 +109,10 @@ def test_training_below_accuracy_floor_fails_loudly_and_caches_nothing(tmp_path,
 
 def test_cache_dir_defaults_to_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("CMT_CACHE_DIR", str(tmp_path))
-    assert metrics.default_cache_dir() == tmp_path
+    assert metrics.default_cache_dir() == str(tmp_path)
     monkeypatch.delenv("CMT_CACHE_DIR")
-    assert metrics.default_cache_dir() == Path("~/.cache/cmt-pipeline").expanduser()
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert metrics.default_cache_dir() == str(Path("~/.cache/cmt-pipeline").expanduser())
 
 
 def test_fd_orders_real_noisy_and_pure_noise(digits_metric):
