@@ -70,6 +70,11 @@ def gpu_throughput(
     )
 
 
+def _rounded(value: float | None) -> float | None:
+    """`value` to 4 significant digits (None stays None): plans state estimates, not measurements."""
+    return None if value is None else float(f"{value:.4g}")
+
+
 def cost_plan(
     forward_samples: int, *, macs: int | None, macs_source: str, precision: str, precision_source: str,
     gpu: dict[str, Any] | None, gpus: float, measured: float | None = None, measured_source: str | None = None,
@@ -80,7 +85,7 @@ def cost_plan(
         "teacher_precision_source": precision_source,
         "forward_gmacs": None if macs is None else round(macs / 1e9, 3),
         "forward_gmacs_source": macs_source,
-        "teacher_tflop_total": None if macs is None else round(2 * macs * forward_samples / 1e12, 1),
+        "teacher_pflop_total": None if macs is None else _rounded(2 * macs * forward_samples / 1e15),
     }
     if gpus <= 0:
         return plan | {"forward_samples_per_gpu_s": None, "throughput_source": "workers run on CPUs (--gpus-per-worker 0)",
@@ -88,8 +93,8 @@ def cost_plan(
     rate, source = gpu_throughput(macs, precision, gpu, measured, measured_source)
     gpu_hours = forward_samples / rate / 3600 if rate else None
     return plan | {
-        "forward_samples_per_gpu_s": None if rate is None else round(rate, 1),
+        "forward_samples_per_gpu_s": _rounded(rate),
         "throughput_source": source,
-        "estimated_gpu_hours": None if gpu_hours is None else round(gpu_hours, 2),
-        "estimated_wall_hours": None if gpu_hours is None else round(gpu_hours / gpus, 3),
+        "estimated_gpu_hours": _rounded(gpu_hours),
+        "estimated_wall_hours": _rounded(None if gpu_hours is None else gpu_hours / gpus),
     }
