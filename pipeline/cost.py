@@ -50,6 +50,20 @@ def forward_macs(class_name: str, config: dict[str, Any]) -> int:
     return macs
 
 
+def teacher_forward_macs(source: str, revision: str | None = None) -> tuple[int | None, str]:
+    """(MACs of one forward of one sample of a teacher's network, where that number comes from); configs only."""
+    from pipeline.teacher_files import locate_teacher
+
+    try:
+        files = locate_teacher(source, revision=revision, weights=False)
+        config = files.model_config()
+        macs = forward_macs(config.get("_class_name"), config)
+    except Exception as error:  # noqa: BLE001 - a plan without the teacher's config says why its cost is unknown
+        return None, f"unknown: the teacher's config is not available here ({str(error).splitlines()[0]})"
+    return macs, (f"counted: torch.utils.flop_counter over one forward of {config.get('_class_name')} built from "
+                  f"{files.model_dir / 'config.json'} on the meta device")
+
+
 def gpu_throughput(
     macs: int | None, precision: str, gpu: dict[str, Any] | None, measured: float | None, measured_source: str | None
 ) -> tuple[float | None, str]:

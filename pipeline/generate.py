@@ -398,32 +398,17 @@ def _check_cluster(cfg: GenerateConfig, url: str) -> None:
         )
 
 
-def _forward_cost(cfg: GenerateConfig) -> tuple[int | None, str]:
-    """(MACs of one network forward of one sample, where that number comes from), counted from the teacher's config."""
-    from pipeline.cost import forward_macs
-    from pipeline.teacher_files import locate_teacher
-
-    try:
-        files = locate_teacher(cfg.teacher, revision=cfg.revision, weights=False)
-        config = files.model_config()
-        macs = forward_macs(config.get("_class_name"), config)
-    except Exception as error:  # noqa: BLE001 - a plan without the teacher's config says why its cost is unknown
-        return None, f"unknown: the teacher's config is not available here ({str(error).splitlines()[0]})"
-    return macs, (f"counted: torch.utils.flop_counter over one forward of {config.get('_class_name')} built from "
-                  f"{files.model_dir / 'config.json'} on the meta device")
-
-
 def _plan(
     cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence[int], state: str, precision_source: str
 ) -> dict[str, Any]:
     """The job's plan: shards, bytes, teacher evaluations and their cost, each number with its source."""
-    from pipeline.cost import cost_plan
+    from pipeline.cost import cost_plan, teacher_forward_macs
 
     points = spec.steps + 1
     per_traj_raw = points * int(np.prod(spec.sample_shape)) * np.dtype(spec.dtype).itemsize
     missing_traj = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
     forward = int(missing_traj * forward_evaluations_per_trajectory(spec.solver, spec.steps, spec.guidance_scale))
-    macs, macs_source = _forward_cost(cfg)
+    macs, macs_source = teacher_forward_macs(cfg.teacher, cfg.revision)
     workers = min(cfg.num_workers, max(1, len(missing)))
     return {
         "url": url,
@@ -728,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.dry_run:
-        print(json.dumps(result.summary["plan"], indent=2))
+        print(json.dumps(result.summary["plan"], indent=2, ensure_ascii=False))
     else:
         if result.cache_hit:
             print(f"cache hit: {result.url} is complete; no teacher work done")
