@@ -82,6 +82,33 @@ def test_mid_training_streams_from_an_s3_store_exactly_as_from_disk(teacher_dir,
     assert logged_losses(s3_dir) == logged_losses(local_dir)  # the same batches: floats compared exactly
 
 
+def test_the_cache_cli_lists_shows_and_removes_stores_under_an_s3_cache_root(teacher_dir, s3_server):
+    root = f"{new_bucket()}/trajectories"
+    teacher = load_teacher(teacher_dir)
+    for name, shards in (("complete", None), ("partial", [1])):
+        write_solved_store(teacher, f"{root}/{name}.zarr", num_trajectories=16, steps=2, shard_size=8, shards=shards)
+
+    def cache(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cache", "--cache-root", root, *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=HANG_LIMIT_S)
+
+    listed = cache("--json", "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["key"]: row for row in json.loads(listed.stdout)}
+    assert {key: row["shards"] for key, row in rows.items()} == {"complete": "2/2", "partial": "1/2"}
+    assert rows["complete"]["path"] == f"{root}/complete.zarr"
+    assert rows["complete"]["bytes"] == open_store(f"{root}/complete.zarr").describe()["bytes_stored"]
+    shown = cache("show", "comp")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["shards_committed"] == 2, shown.stderr
+    def stores_on_s3() -> set[str]:
+        return {path.split("/", 1)[0] for path in object_digests(root)}
+
+    assert cache("rm", "partial").returncode == 2 and stores_on_s3() == {"complete.zarr", "partial.zarr"}
+    removed = cache("rm", "partial", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert stores_on_s3() == {"complete.zarr"}
+
+
 def _generate(args: list[str]) -> subprocess.CompletedProcess:
     """`python pipeline/generate.py ARGS` as a user types it."""
     return subprocess.run([sys.executable, str(REPO / "pipeline" / "generate.py"), *args], cwd=REPO,
