@@ -36,6 +36,7 @@ from storage_schema import (
     GenerationSpec,
     NotAStoreError,
     SpecMismatchError,
+    StoreError,
     cache_path,
     create_store,
     open_store,
@@ -410,6 +411,16 @@ def _existing_store(url: str, spec: GenerationSpec, overwrite: bool):
         ) from error
 
 
+def _unreachable_message(url: str, error: Exception) -> str:
+    """Why the output location could not be opened, and what the user sets to fix it."""
+    return (
+        f"cannot open {url} ({type(error).__name__}: {error}); nothing was written. Install the fsspec backend for "
+        f"this URL (s3://: pip install -e '.[s3]') and give it credentials and an endpoint the standard way (S3: "
+        f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, plus AWS_ENDPOINT_URL for an S3-compatible server), "
+        f"or choose another --out / --cache-root"
+    )
+
+
 def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: list[int], teacher_fingerprint: str):
     """Dispatch the missing shards to Ray actors and wait with a live progress bar; returns (results, failures)."""
     import ray
@@ -483,10 +494,12 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     _check_writable(url)
     try:
         store = _existing_store(url, spec, cfg.overwrite)
-    except ImportError as error:  # e.g. s3fs/gcsfs missing for an object-store URL
+    except (GenerateError, StoreError):
+        raise
+    except Exception as error:  # noqa: BLE001 - the location cannot be reached: no backend, credentials or endpoint
         if not cfg.dry_run:
-            raise GenerateError(f"cannot open {url}: {error}; install the fsspec backend for this URL") from error
-        store, unknown = None, f"unknown ({error})"
+            raise GenerateError(_unreachable_message(url, error)) from error
+        store, unknown = None, f"unknown ({type(error).__name__}: {error})"
     else:
         unknown = None
     missing = list(range(spec.num_shards)) if store is None else store.missing_shards()

@@ -109,6 +109,21 @@ def test_the_cache_cli_lists_shows_and_removes_stores_under_an_s3_cache_root(tea
     assert stores_on_s3() == {"complete.zarr"}
 
 
+def test_an_s3_output_without_credentials_is_refused_in_cli_words_and_a_dry_run_still_plans(teacher_dir, tmp_path):
+    no_credentials = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    no_credentials.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+                          AWS_EC2_METADATA_DISABLED="true")
+    args = [sys.executable, str(REPO / "pipeline" / "generate.py"), *_cli_args(teacher_dir, "s3://nowhere/x.zarr")]
+    refused = subprocess.run(args, cwd=REPO, env=no_credentials, capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    assert refused.returncode == 1 and "cannot open s3://nowhere/x.zarr" in refused.stderr, refused.stderr
+    assert "AWS_ACCESS_KEY_ID" in refused.stderr and "nothing was written" in refused.stderr
+    planned = subprocess.run([*args, "--dry-run"], cwd=REPO, env=no_credentials, capture_output=True, text=True,
+                             timeout=HANG_LIMIT_S)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["store_state"].startswith("unknown (NoCredentialsError") and plan["shards_to_write"] == 3
+
+
 def _generate(args: list[str]) -> subprocess.CompletedProcess:
     """`python pipeline/generate.py ARGS` as a user types it."""
     return subprocess.run([sys.executable, str(REPO / "pipeline" / "generate.py"), *args], cwd=REPO,
