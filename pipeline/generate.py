@@ -49,7 +49,8 @@ SHARD_HOLD_PREFIX = "shard-hold "
 # ("solved", the default: after solving the shard, before writing it; or a write stage of storage_schema's
 # write_shard, e.g. "traj_written": half-written) until the file $CMT_GENERATE_HOLD_FILE exists, and prints
 # "shard-hold <shard> pid=<pid> node=<Ray node id>" first, so a test can kill that process or node exactly there.
-HOLD_SHARD_ENV, HOLD_STAGE_ENV, HOLD_FILE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_STAGE", "CMT_GENERATE_HOLD_FILE"
+HOLD_SHARD_ENV, HOLD_STAGE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_STAGE"
+HOLD_FILE_ENV = "CMT_GENERATE_HOLD_FILE"
 SOLVED_STAGE = "solved"
 
 

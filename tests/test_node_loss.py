@@ -57,7 +57,7 @@ def cluster(tmp_path, s3_server):
     release = tmp_path / "release"
     env = dict(
         os.environ,
-        RAY_TMPDIR=temp_dir,  # the cluster's files, its "current cluster" file included, not /tmp/ray (any ray.init reads it)
+        RAY_TMPDIR=temp_dir,  # its files, "current cluster" file included, not in /tmp/ray where any ray.init() looks
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
         RAY_DEDUP_LOGS="0",  # every worker's hold line reaches the driver as printed, none folded into "repeated"
@@ -78,7 +78,7 @@ def cluster(tmp_path, s3_server):
 
 
 def _node_processes(node_id: str) -> list[psutil.Process]:
-    """Every process of one Ray node: its raylet (found by node id) and all the raylet's descendants (workers, agents)."""
+    """Every process of one Ray node: its raylet (found by node id) and the raylet's descendants (workers, agents)."""
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or [""]
         if f"--node_id={node_id}" in " ".join(cmdline) and cmdline[0].endswith("raylet"):

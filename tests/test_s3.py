@@ -52,7 +52,8 @@ def solved(teacher_dir, tmp_path_factory, s3_server) -> dict[str, str]:
 
 def local_digests(path: Path) -> dict[str, str]:
     """sha256 of every file of a local store, keyed by its path relative to the store."""
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
+    files = (f for f in path.rglob("*") if f.is_file())
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def test_an_s3_store_holds_the_same_objects_as_on_disk_and_validates_deep_from_the_cli(solved):
