@@ -36,16 +36,22 @@ from storage_schema import (
     GenerationSpec,
     NotAStoreError,
     SpecMismatchError,
+    StoreError,
     cache_path,
     create_store,
     open_store,
 )
+from storage_schema.store import set_write_stage_hook
 
 SUMMARY_PREFIX = "GENERATE_SUMMARY "
 SHARD_HOLD_PREFIX = "shard-hold "
-# Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops after solving it, before
-# writing, until the file $CMT_GENERATE_HOLD_FILE exists, so a test can kill it exactly mid-shard.
-HOLD_SHARD_ENV, HOLD_FILE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_FILE"
+# Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops at $CMT_GENERATE_HOLD_STAGE
+# ("solved", the default: after solving the shard, before writing it; or a write stage of storage_schema's
+# write_shard, e.g. "traj_written": half-written) until the file $CMT_GENERATE_HOLD_FILE exists, and prints
+# "shard-hold <shard> pid=<pid> node=<Ray node id>" first, so a test can kill that process or node exactly there.
+HOLD_SHARD_ENV, HOLD_STAGE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_STAGE"
+HOLD_FILE_ENV = "CMT_GENERATE_HOLD_FILE"
+SOLVED_STAGE = "solved"
 
 
 class GenerateError(RuntimeError):
@@ -259,6 +265,8 @@ class ShardWorker:
             )
         self.attention_backend = configure_attention(self.teacher.model, device)
         self.store = open_store(url, "r+")
+        if HOLD_SHARD_ENV in os.environ:
+            set_write_stage_hook(_hold_if_asked)
         self.forward_samples = 0
         self.teacher.model.register_forward_hook(self._count_forward)
 
@@ -305,7 +313,7 @@ class ShardWorker:
                 f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}; the shard was not written. "
                 f"Check the teacher's weights and the solver settings"
             )
-        _hold_if_asked(index)
+        _hold_if_asked(SOLVED_STAGE, index)
         solved = time.perf_counter()
         digest = self.store.write_shard(index, traj, seeds, labels)
         return {
@@ -320,11 +328,13 @@ class ShardWorker:
         }
 
 
-def _hold_if_asked(index: int) -> None:
-    """Test hook: wait (polling for a file, never a fixed sleep) before writing the shard named by the environment."""
-    if os.environ.get(HOLD_SHARD_ENV) != str(index):
+def _hold_if_asked(stage: str, index: int) -> None:
+    """Test hook: at the shard and stage named by the environment, wait (polling for a file, never a fixed sleep)."""
+    if os.environ.get(HOLD_SHARD_ENV) != str(index) or os.environ.get(HOLD_STAGE_ENV, SOLVED_STAGE) != stage:
         return
-    print(f"{SHARD_HOLD_PREFIX}{index} pid={os.getpid()}", flush=True)
+    import ray
+
+    print(f"{SHARD_HOLD_PREFIX}{index} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}", flush=True)
     while not os.path.exists(os.environ[HOLD_FILE_ENV]):
         time.sleep(0.05)
 
@@ -402,6 +412,16 @@ def _existing_store(url: str, spec: GenerationSpec, overwrite: bool):
         ) from error
 
 
+def _unreachable_message(url: str, error: Exception) -> str:
+    """Why the output location could not be opened, and what the user sets to fix it."""
+    return (
+        f"cannot open {url} ({type(error).__name__}: {error}); nothing was written. Install the fsspec backend for "
+        f"this URL (s3://: pip install -e '.[s3]') and give it credentials and an endpoint the standard way (S3: "
+        f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, plus AWS_ENDPOINT_URL for an S3-compatible server), "
+        f"or choose another --out / --cache-root"
+    )
+
+
 def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: list[int], teacher_fingerprint: str):
     """Dispatch the missing shards to Ray actors and wait with a live progress bar; returns (results, failures)."""
     import ray
@@ -414,11 +434,14 @@ def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: li
         "cpus_per_worker": cfg.cpus_per_worker,
         "gpus_per_worker": cfg.gpus_per_worker,
     }
+    # A lost worker (its process or its whole node) is restarted up to --max-task-retries times, and its unfinished
+    # shards are retried on the restarted actor: with max_task_retries=-1 a task follows its actor's restarts. A finite
+    # task budget is spent on "actor unavailable" errors in the seconds before Ray declares a lost node dead.
     actor_class = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
         max_restarts=cfg.max_task_retries,
-        max_task_retries=cfg.max_task_retries,
+        max_task_retries=-1,
     )
     workers = [actor_class.remote(job, url) for _ in range(min(cfg.num_workers, len(missing)))]
     queue = list(missing)
@@ -472,10 +495,12 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     _check_writable(url)
     try:
         store = _existing_store(url, spec, cfg.overwrite)
-    except ImportError as error:  # e.g. s3fs/gcsfs missing for an object-store URL
+    except (GenerateError, StoreError):
+        raise
+    except Exception as error:  # noqa: BLE001 - the location cannot be reached: no backend, credentials or endpoint
         if not cfg.dry_run:
-            raise GenerateError(f"cannot open {url}: {error}; install the fsspec backend for this URL") from error
-        store, unknown = None, f"unknown ({error})"
+            raise GenerateError(_unreachable_message(url, error)) from error
+        store, unknown = None, f"unknown ({type(error).__name__}: {error})"
     else:
         unknown = None
     missing = list(range(spec.num_shards)) if store is None else store.missing_shards()
@@ -621,7 +646,8 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     parser.add_argument("--overwrite", action="store_true", default=keep, help="replace a store made from another spec")
     parser.add_argument("--dry-run", action="store_true", default=keep, help="print the plan and write nothing")
     parser.add_argument("--ray-address", default=keep, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
-    parser.add_argument("--max-task-retries", type=int, default=keep)
+    parser.add_argument("--max-task-retries", type=int, default=keep,
+                        help="restarts of a lost worker (process or node), whose unfinished shards are retried (default 3)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=keep)
     args = vars(parser.parse_args(argv))
     fields = read_preset(args.pop("config")) if args.get("config") else {}

@@ -99,6 +99,9 @@ def cluster():
         str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--temp-dir", temp_dir, "--disable-usage-stats",
+        # Ray's fixed default (52365) is taken whenever another cluster runs on this machine; the job agent's HTTP
+        # service is then disabled and every submission waits for an agent that never comes.
+        "--dashboard-agent-listen-port", str(free_port()),
     ]
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
