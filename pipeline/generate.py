@@ -20,10 +20,10 @@ if __name__ == "__main__":  # run by path: put the project root, not pipeline/ (
 # Read by Ray when it is first imported: a cluster this process starts binds loopback only (127.0.0.1).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import argparse
 import dataclasses
 import hashlib
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.generate_options import GenerateConfig, GenerateError, parse_args, resolve_defaults
 from pipeline.paths import cache_root, trajectory_cache_root
 from storage_schema import (
     GenerationSpec,
@@ -46,46 +47,6 @@ SHARD_HOLD_PREFIX = "shard-hold "
 # Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops after solving it, before
 # writing, until the file $CMT_GENERATE_HOLD_FILE exists, so a test can kill it exactly mid-shard.
 HOLD_SHARD_ENV, HOLD_FILE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_FILE"
-
-
-class GenerateError(RuntimeError):
-    """A generation job that cannot run as asked; the message names the problem and the fix."""
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Everything that defines one generation job (the store's spec plus how to run it)."""
-
-    teacher: str
-    num_trajectories: int
-    solver: str = "dpmpp-3m"
-    steps: int = 16
-    grid: str = "logsnr"
-    sigma_max: float | None = None
-    sigma_min: float | None = None
-    seed: int = 0
-    labels: str | None = None
-    guidance: float | None = None
-    dtype: str = "float16"
-    codec: str = "blosc-zstd-shuffle"
-    shard_size: int = 256
-    chunk_size: int = 64
-    batch_size: int = 256
-    num_workers: int = 1
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0
-    out: str | None = None
-    cache_root: str | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    ray_address: str | None = None
-    max_task_retries: int = 3
-    progress: bool = True
-    # Planning only (--dry-run where the teacher cannot be loaded, e.g. a hub id on an offline machine):
-    sample_shape: tuple[int, ...] | None = None
-    num_classes: int | None = None
-    forward_samples_per_gpu_s: float | None = None  # teacher network evaluations per GPU-second, for GPU-hour estimates
-    throughput_source: str | None = None  # where that figure comes from (a measurement, or a stated assumption)
 
 
 @dataclass(frozen=True)
@@ -329,6 +290,19 @@ def _hold_if_asked(index: int) -> None:
         time.sleep(0.05)
 
 
+def _keep_local_token_in_memory() -> None:
+    """Give a cluster this job starts its own auth token in this process's environment, inherited by its processes.
+
+    Without one, Ray 2.60's `ray.init` writes a new token to ~/.ray/auth_token, and that file turns token auth on for
+    every later `ray start --head` of the user, whose `ray job submit` then fails without RAY_AUTH_MODE=token. An
+    explicit RAY_AUTH_MODE=disabled, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH of the user is left alone.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 def _connect_ray(cfg: GenerateConfig) -> bool:
     """Join the cluster named by --ray-address / RAY_ADDRESS, or start a loopback-only local one (returns True)."""
     import ray
@@ -339,6 +313,7 @@ def _connect_ray(cfg: GenerateConfig) -> bool:
     if address:
         ray.init(address=address, logging_level="warning")
         return False
+    _keep_local_token_in_memory()
     needed = cfg.num_workers * cfg.cpus_per_worker
     ray.init(
         num_cpus=max(needed, os.cpu_count() or 1),
@@ -371,6 +346,7 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
     gpu_hours = forward / cfg.forward_samples_per_gpu_s / 3600 if cfg.forward_samples_per_gpu_s else None
     return {
         "url": url,
+        "spec": spec.to_dict(),
         "cache_key": spec.cache_key() + (" (provisional: teacher not loaded)" if spec.teacher_fingerprint == UNRESOLVED_FINGERPRINT else ""),
         "store_state": state,
         "shards_total": spec.num_shards,
@@ -458,9 +434,29 @@ def _root_message(error: BaseException) -> str:
     return str(cause) if cause is not None else str(error).strip().splitlines()[-1]
 
 
+def _schedule(cfg: GenerateConfig, spec: GenerationSpec) -> tuple[np.ndarray, np.ndarray]:
+    """α and σ [K+1] of the job's time grid on its teacher; a combination the teacher cannot run is refused."""
+    from pipeline.solvers import SolverError, time_grid
+    from pipeline.teacher import load_teacher
+
+    teacher = load_teacher(cfg.teacher)
+    if teacher.fingerprint != spec.teacher_fingerprint:
+        raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
+    try:
+        return time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
+    except SolverError as error:
+        raise GenerateError(
+            f"--solver {cfg.solver} --grid {cfg.grid} --steps {cfg.steps} cannot run on the teacher {cfg.teacher}: "
+            f"{error}"
+        ) from error
+
+
 def run(cfg: GenerateConfig) -> GenerateResult:
     """Generate (or resume, or find cached) the trajectory store for cfg; raise GenerateError on any failure."""
     started = time.perf_counter()
+    cfg, notes = resolve_defaults(cfg)
+    for note in notes:
+        print(note, file=sys.stderr)
     if cfg.num_trajectories < 1:
         raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
     if cfg.num_workers < 1 or cfg.batch_size < 1:
@@ -482,20 +478,14 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     state = unknown or ("new" if store is None else ("complete" if not missing else "partial"))
     plan = _plan(cfg, spec, url, missing, state)
     if cfg.dry_run:
+        if store is None and spec.teacher_fingerprint != UNRESOLVED_FINGERPRINT:
+            _schedule(cfg, spec)  # refuses a solver/grid/steps the teacher cannot run, as the real run would
         return GenerateResult(url, False, True, (), 0, 0, time.perf_counter() - started, {"plan": plan})
     if not missing:
         summary = _finish(url, started, cache_hit=True, results=[])
         return GenerateResult(url, True, False, (), 0, 0, summary["seconds"], summary)
     if store is None:
-        from pipeline.solvers import time_grid
-        from pipeline.teacher import load_teacher
-
-        teacher = load_teacher(cfg.teacher)
-        if teacher.fingerprint != spec.teacher_fingerprint:
-            raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
-        alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
-        create_store(url, spec, alpha, sigma, overwrite=cfg.overwrite)
-        del teacher
+        create_store(url, spec, *_schedule(cfg, spec), overwrite=cfg.overwrite)
     ray_started = time.perf_counter()
     owns_ray = _connect_ray(cfg)
     shards_started = time.perf_counter()
@@ -565,74 +555,6 @@ def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str
         "shards": f"{len(store.committed_shards())}/{store.num_shards}",
         "seconds": time.perf_counter() - started,
     }
-
-
-def _option_name(field_name: str) -> str:
-    """`num_trajectories` → `--num-trajectories`."""
-    return "--" + field_name.replace("_", "-")
-
-
-def read_preset(path: str) -> dict[str, Any]:
-    """A YAML preset of GenerateConfig fields (dashes or underscores); unknown keys are an error naming the closest."""
-    import difflib
-
-    import yaml
-
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
-    known = {f.name for f in dataclasses.fields(GenerateConfig)}
-    preset = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise GenerateError(f"{path}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(known))}")
-        preset[name] = tuple(value) if isinstance(value, list) else value
-    return preset
-
-
-def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
-    """Command-line flags → GenerateConfig: built-in defaults, then the --config preset, then explicit flags."""
-    parser = argparse.ArgumentParser(prog="pipeline/generate.py", description=__doc__.split("\n\n")[0])
-    keep = argparse.SUPPRESS  # flags not given stay absent, so a preset's value is not overridden by a default
-    parser.add_argument("--config", default=None, help="YAML preset of these options (flags given here override it)")
-    parser.add_argument("--teacher", default=keep, help="diffusers pipeline/model directory or hub id")
-    parser.add_argument("--num-trajectories", type=int, default=keep)
-    parser.add_argument("--solver", default=keep, help="ddim | euler | heun | dpmpp-2m | dpmpp-3m (default) | flow-euler")
-    parser.add_argument("--steps", type=int, default=keep, help="K solver steps (the store keeps K+1 points; default 16)")
-    parser.add_argument("--grid", default=keep, help="scheduler | karras | logsnr (default) | cmt-authors")
-    parser.add_argument("--sigma-max", type=float, default=keep)
-    parser.add_argument("--sigma-min", type=float, default=keep)
-    parser.add_argument("--seed", type=int, default=keep, help="seed base: sample i uses seed+i (default 0)")
-    parser.add_argument("--labels", default=keep, help="conditional teachers: 'uniform' or class ids '3,7'")
-    parser.add_argument("--guidance", type=float, default=keep, help="classifier-free guidance scale")
-    parser.add_argument("--dtype", default=keep, choices=["float16", "float32"])
-    parser.add_argument("--codec", default=keep, help="blosc-zstd-shuffle (default) | zstd | blosc-lz4-shuffle | ...")
-    parser.add_argument("--shard-size", type=int, default=keep, help="trajectories per shard (default 256)")
-    parser.add_argument("--chunk-size", type=int, default=keep, help="trajectories per chunk (default 64)")
-    parser.add_argument("--batch-size", type=int, default=keep, help="trajectories per solver batch (default 256)")
-    parser.add_argument("--num-workers", type=int, default=keep)
-    parser.add_argument("--cpus-per-worker", type=int, default=keep)
-    parser.add_argument("--gpus-per-worker", type=float, default=keep)
-    out = parser.add_mutually_exclusive_group()
-    out.add_argument("--out", default=keep, help="store URL: a path or an fsspec URL (s3://..., gs://...)")
-    out.add_argument("--cache-root", default=keep, help=f"cache directory or URL (default {trajectory_cache_root()})")
-    parser.add_argument("--overwrite", action="store_true", default=keep, help="replace a store made from another spec")
-    parser.add_argument("--dry-run", action="store_true", default=keep, help="print the plan and write nothing")
-    parser.add_argument("--ray-address", default=keep, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
-    parser.add_argument("--max-task-retries", type=int, default=keep)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=keep)
-    args = vars(parser.parse_args(argv))
-    fields = read_preset(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    fields.update({name.replace("-", "_"): value for name, value in args.items()})
-    for required in ("teacher", "num_trajectories"):
-        if required not in fields:
-            parser.error(f"{_option_name(required)} is required (on the command line or in the --config preset)")
-    if fields.get("out") is not None and fields.get("cache_root") is not None and "out" in args and "cache_root" not in args:
-        fields["cache_root"] = None  # an explicit --out wins over a preset's cache root
-    return GenerateConfig(**fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
