@@ -33,13 +33,21 @@ import numpy as np
 
 from pipeline.generate_options import GenerateConfig, GenerateError, parse_args, resolve_defaults
 from pipeline.paths import cache_root, trajectory_cache_root
+from pipeline.shard_dispatch import DispatchOutcome, ShardDispatcher, is_no_space
 from storage_schema import (
+    CREATE,
+    ClaimRecord,
     GenerationSpec,
     NotAStoreError,
+    ShardClaims,
     SpecMismatchError,
+    StoreError,
+    TrajectoryStore,
     cache_path,
     create_store,
+    open_or_create_store,
     open_store,
+    store_claims,
 )
 
 SUMMARY_PREFIX = "GENERATE_SUMMARY "
@@ -220,6 +228,7 @@ class ShardWorker:
             )
         self.attention_backend = configure_attention(self.teacher.model, device)
         self.store = open_store(url, "r+")
+        self.claims = self.store.claims(owner=job["claims_owner"])  # the driver's claims; the driver keeps them alive
         self.forward_samples = 0
         self.teacher.model.register_forward_hook(self._count_forward)
 
@@ -268,7 +277,7 @@ class ShardWorker:
             )
         _hold_if_asked(index)
         solved = time.perf_counter()
-        digest = self.store.write_shard(index, traj, seeds, labels)
+        digest = self.store.write_shard(index, traj, seeds, labels, claims=self.claims)
         return {
             "index": index,
             "trajectories": len(indices),
@@ -363,25 +372,25 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
     }
 
 
-def _existing_store(url: str, spec: GenerationSpec, overwrite: bool):
-    """Open an existing store at url for this spec; None when there is none (or it is to be overwritten)."""
-    if overwrite:
-        return None  # create_store(overwrite=True) replaces a store, and refuses to delete anything else
+def _existing_store(url: str, spec: GenerationSpec, overwrite: bool) -> tuple[TrajectoryStore | None, bool]:
+    """The store of this spec already at url (None when there is none), and whether a store of another spec that lies
+    there is to be replaced (--overwrite)."""
     try:
-        return open_store(url, "r", expected_spec=spec)
+        return open_store(url, "r", expected_spec=spec), False
     except NotAStoreError:
-        return None
+        return None, False
     except SpecMismatchError as error:
+        if overwrite:
+            return None, True
         raise GenerateError(
             f"{error}\nThe store at {url} was made from another spec and was left untouched: choose another --out, "
             f"use the cache (--cache-root, the default) or pass --overwrite to replace it"
         ) from error
 
 
-def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: list[int], teacher_fingerprint: str):
-    """Dispatch the missing shards to Ray actors and wait with a live progress bar; returns (results, failures)."""
+def _start_actors(cfg: GenerateConfig, url: str, count: int, teacher_fingerprint: str, claims_owner: str) -> list[Any]:
+    """`count` ShardWorker actors, each loading the teacher once; Ray restarts one that dies and retries its task."""
     import ray
-    from tqdm import tqdm
 
     job = {
         "teacher": str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
@@ -389,6 +398,7 @@ def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: li
         "batch_size": cfg.batch_size,
         "cpus_per_worker": cfg.cpus_per_worker,
         "gpus_per_worker": cfg.gpus_per_worker,
+        "claims_owner": claims_owner,
     }
     actor_class = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_worker,
@@ -396,42 +406,19 @@ def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: li
         max_restarts=cfg.max_task_retries,
         max_task_retries=cfg.max_task_retries,
     )
-    workers = [actor_class.remote(job, url) for _ in range(min(cfg.num_workers, len(missing)))]
-    queue = list(missing)
-    in_flight: dict[Any, tuple[int, Any]] = {}
-
-    def submit(worker) -> None:
-        index = queue.pop(0)
-        in_flight[worker.generate_shard.remote(index)] = (index, worker)
-
-    for worker in workers:
-        for _ in range(2):
-            if queue:
-                submit(worker)
-    total = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
-    results, failures = [], []
-    bar = tqdm(total=total, unit="traj", desc="trajectories", disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        index, worker = in_flight.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except Exception as error:  # noqa: BLE001 - a failed shard is reported, the others go on
-            failures.append({"index": index, "error": _root_message(error)})
-        else:
-            results.append({**result, "finished_at": time.perf_counter()})
-            bar.update(result["trajectories"])
-        bar.set_postfix(shards=f"{len(results)}/{len(missing)}", failed=len(failures))
-        if queue:
-            submit(worker)
-    bar.close()
-    return results, failures
+    return [actor_class.remote(job, url) for _ in range(count)]
 
 
-def _root_message(error: BaseException) -> str:
-    """The innermost message of a (Ray-wrapped) exception."""
-    cause = getattr(error, "cause", None)
-    return str(cause) if cause is not None else str(error).strip().splitlines()[-1]
+def _run_shards(cfg: GenerateConfig, store: TrajectoryStore, claims: ShardClaims, missing: list[int]) -> DispatchOutcome:
+    """Write the missing shards this run can claim on Ray actors, wait for the ones other runs hold; live progress bar."""
+    from tqdm import tqdm
+
+    actors = _start_actors(cfg, store.url, min(cfg.num_workers, len(missing)), store.spec.teacher_fingerprint,
+                           claims.owner)
+    total = sum(store.shard_bounds(i)[1] - store.shard_bounds(i)[0] for i in missing)
+    with tqdm(total=total, unit="traj", desc="trajectories", disable=not cfg.progress, file=sys.stderr,
+              mininterval=1.0) as bar:
+        return ShardDispatcher(store, claims, actors, bar).run(missing)
 
 
 def _schedule(cfg: GenerateConfig, spec: GenerationSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -467,15 +454,15 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     url = cfg.out or cache_path(cfg.cache_root or str(trajectory_cache_root()), spec)
     _check_writable(url)
     try:
-        store = _existing_store(url, spec, cfg.overwrite)
+        store, replace = _existing_store(url, spec, cfg.overwrite)
     except ImportError as error:  # e.g. s3fs/gcsfs missing for an object-store URL
         if not cfg.dry_run:
             raise GenerateError(f"cannot open {url}: {error}; install the fsspec backend for this URL") from error
-        store, unknown = None, f"unknown ({error})"
+        store, replace, unknown = None, False, f"unknown ({error})"
     else:
         unknown = None
     missing = list(range(spec.num_shards)) if store is None else store.missing_shards()
-    state = unknown or ("new" if store is None else ("complete" if not missing else "partial"))
+    state = unknown or ("replace" if replace else "new" if store is None else "complete" if not missing else "partial")
     plan = _plan(cfg, spec, url, missing, state)
     if cfg.dry_run:
         if store is None and spec.teacher_fingerprint != UNRESOLVED_FINGERPRINT:
@@ -484,26 +471,47 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     if not missing:
         summary = _finish(url, started, cache_hit=True, results=[])
         return GenerateResult(url, True, False, (), 0, 0, summary["seconds"], summary)
-    if store is None:
-        create_store(url, spec, *_schedule(cfg, spec), overwrite=cfg.overwrite)
-    ray_started = time.perf_counter()
-    owns_ray = _connect_ray(cfg)
-    shards_started = time.perf_counter()
     try:
-        _check_cluster_can_see(url)
-        results, failures = _run_shards(cfg, spec, url, missing, spec.teacher_fingerprint)
-    finally:
-        if owns_ray:
-            import ray
+        return _generate(cfg, spec, url, replace, started)
+    except OSError as error:
+        if not is_no_space(error):
+            raise
+        raise GenerateError(_no_space_message(cfg, spec, url, "the store's metadata or claims")) from error
 
-            ray.shutdown()
-    if failures:
-        lines = "\n".join(f"  shard {f['index']}: {f['error']}" for f in sorted(failures, key=lambda f: f["index"]))
+
+def _generate(cfg: GenerateConfig, spec: GenerationSpec, url: str, replace: bool, started: float) -> GenerateResult:
+    """Create or join the store (next to other runs of the same spec), write the shards nobody holds, wait for the rest."""
+    with store_claims(url).keep_alive() as claims:
+        if replace:  # --overwrite: the store of another spec that lies at url goes
+            create_store(url, spec, *_schedule(cfg, spec), overwrite=True)
+        store = open_or_create_store(url, spec, lambda: _schedule(cfg, spec), claims=claims,
+                                     on_wait=lambda claim: print(_creation_wait_message(url, claim), file=sys.stderr))
+        missing = store.missing_shards()
+        ray_started = shards_started = time.perf_counter()
+        outcome = DispatchOutcome()
+        if missing:
+            owns_ray = _connect_ray(cfg)
+            shards_started = time.perf_counter()
+            try:
+                _check_cluster_can_see(url)
+                outcome = _run_shards(cfg, store, claims, missing)
+            finally:
+                if owns_ray:
+                    import ray
+
+                    ray.shutdown()
+    results = outcome.results
+    if outcome.no_space:
+        shards = sorted(failure["index"] for failure in outcome.failures)
+        raise GenerateError(_no_space_message(cfg, spec, url, f"shard(s) {', '.join(map(str, shards))}"))
+    if outcome.failures:
+        lines = "\n".join(f"  shard {f['index']}: {f['error']}" for f in sorted(outcome.failures, key=lambda f: f["index"]))
         raise GenerateError(
-            f"{len(failures)} of {len(missing)} shards failed; the {len(results)} that succeeded are committed in {url} "
-            f"and re-running the same command retries only the failed ones:\n{lines}"
+            f"{len(outcome.failures)} of {len(missing)} shards failed; the {len(results)} that succeeded are committed "
+            f"in {url} and re-running the same command retries only the failed ones:\n{lines}"
         )
-    summary = _finish(url, started, cache_hit=False, results=results)
+    summary = _finish(url, started, cache_hit=False, results=results, claims=claims)
+    summary["shards_joined"] = sorted(outcome.joined)
     summary.update(_timings(results, ray_seconds=shards_started - ray_started, shards_started=shards_started))
     return GenerateResult(
         url,
@@ -514,6 +522,28 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         sum(r["forward_samples"] for r in results),
         summary["seconds"],
         summary,
+    )
+
+
+def _creation_wait_message(url: str, claim: ClaimRecord) -> str:
+    """What a run says while another run creates the store it joins."""
+    return (f"waiting: another generate run ({claim.describe()}) is creating the store at {url}; this run joins it "
+            f"when it is ready (or creates it itself if that run dies)")
+
+
+def _no_space_message(cfg: GenerateConfig, spec: GenerationSpec, url: str, what: str) -> str:
+    """The error for a full device: where, what is kept, how much space is still needed, and the fix."""
+    try:
+        store = open_store(url, "r", expected_spec=spec)
+        committed, missing = store.committed_shards(), store.missing_shards()
+    except StoreError:
+        committed, missing = [], list(range(spec.num_shards))
+    needed = _plan(cfg, spec, url, missing, "partial")["estimated_stored_bytes"]
+    return (
+        f"no space left on device while writing {what} of the store {url}. The {len(committed)} shards committed "
+        f"before are kept and valid; nothing half-written counts as committed. Free space where the store lives (the "
+        f"{len(missing)} missing shards need about {needed / 2**20:.1f} MiB) and re-run the same command: it writes "
+        f"only the missing shards"
     )
 
 
@@ -530,14 +560,17 @@ def _timings(results: list[dict[str, Any]], *, ray_seconds: float, shards_starte
     }
 
 
-def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Consolidate metadata, deep-validate, and summarise the store; raise when validation finds a problem."""
+def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str, Any]],
+            claims: ShardClaims | None = None) -> dict[str, Any]:
+    """Consolidate metadata, deep-validate, drop the claims of a complete store, and summarise; raise on a problem."""
     store = open_store(url, "r+" if not cache_hit else "r")
     if not cache_hit:
         store.consolidate()
     report = store.validate(deep=not cache_hit)
     if not report.ok:
         raise GenerateError(f"store {url} failed validation:\n  " + "\n  ".join(report.problems))
+    if claims is not None and store.is_complete:
+        claims.remove({str(index) for index in range(store.num_shards)} | {CREATE})
     info = store.describe()
     solve_seconds = sum(r["seconds"] for r in results)
     trajectories = sum(r["trajectories"] for r in results)

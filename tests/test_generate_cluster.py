@@ -119,8 +119,9 @@ def _readme_cluster(home: Path):
     start = [
         str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
         "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]
+    ]  # ports of their own: Ray's fixed defaults (agent 52365, client 10001) clash with any other cluster here
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         token = subprocess.run(["bash", "-c", _readme_cluster_lines()[1]], env=env, capture_output=True, text=True,
@@ -206,12 +207,14 @@ def test_a_local_cluster_started_by_the_driver_binds_loopback_only():
         ray.shutdown()
 
 
+@pytest.mark.slow  # a job on a real cluster (and a second cluster): over 30 s on 2 loaded cores
 def test_readme_submit_line_works_as_typed_from_a_home_with_a_ray_token(cluster, saved_teacher):
     job = _run_readme_submit_line(cluster, saved_teacher)
     assert job.returncode == 0, job.stdout + job.stderr
     _assert_one_complete_cached_store(cluster)
 
 
+@pytest.mark.slow  # a job on a real cluster (and a second cluster): over 30 s on 2 loaded cores
 def test_a_local_run_leaves_no_ray_state_in_the_home_and_readme_lines_work_after_it(saved_teacher, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
