@@ -511,6 +511,7 @@ def _generate(cfg: GenerateConfig, spec: GenerationSpec, url: str, replace: bool
             f"in {url} and re-running the same command retries only the failed ones:\n{lines}"
         )
     summary = _finish(url, started, cache_hit=False, results=results, claims=claims)
+    summary["shards_written"] = sorted(result["index"] for result in results)
     summary["shards_joined"] = sorted(outcome.joined)
     summary.update(_timings(results, ray_seconds=shards_started - ray_started, shards_started=shards_started))
     return GenerateResult(
