@@ -541,7 +541,7 @@ def _no_space_message(cfg: GenerateConfig, spec: GenerationSpec, url: str, what:
         committed, missing = [], list(range(spec.num_shards))
     needed = _plan(cfg, spec, url, missing, "partial")["estimated_stored_bytes"]
     return (
-        f"no space left on device while writing {what} of the store {url}. The {len(committed)} shards committed "
+        f"no space left on device while writing {what} of the store {url}. The {len(committed)} shard(s) committed "
         f"before are kept and valid; nothing half-written counts as committed. Free space where the store lives (the "
         f"{len(missing)} missing shards need about {needed / 2**20:.1f} MiB) and re-run the same command: it writes "
         f"only the missing shards"
