@@ -203,3 +203,21 @@ def test_an_interrupted_creation_is_redone_and_a_store_of_another_spec_is_refuse
         open_or_create_store(url, small_spec(steps=3), lambda: schedule(small_spec(steps=3)))
     store = open_or_create_store(url, spec, lambda: schedule(spec))
     assert store.missing_shards() == list(range(spec.num_shards)) and store.validate().ok
+
+
+def test_claims_and_joining_work_through_an_fsspec_url():
+    spec = small_spec()
+    url = "memory://claims/store.zarr"
+    first, second = store_claims(url), store_claims(url)
+    assert first.try_acquire("create") is None
+    assert second.try_acquire("create").owner == first.owner, "exclusive create through fsspec's 'xb' mode"
+    first.release("create")
+    created = open_or_create_store(url, spec, lambda: schedule(spec), claims=second)
+    joined = open_or_create_store(url, spec, lambda: pytest.fail("a store that exists is joined, not created"))
+    assert created.spec == joined.spec and joined.missing_shards() == list(range(spec.num_shards))
+    assert second.try_acquire("0") is None
+    with pytest.raises(ClaimLostError):
+        created.write_shard(0, *shard_data(spec, 0), claims=first)
+    created.write_shard(0, *shard_data(spec, 0), claims=second)
+    second.release("0")
+    assert joined.shard_digest(0) is not None and store_claims(url).records() == {}
