@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.solver_names import GRIDS, SCHEDULER_GRID_ONLY, SOLVERS
 from pipeline.teacher import Teacher
 from pipeline.time_convention import fm_alpha_sigma, vp_alpha_sigma
 
@@ -61,8 +62,6 @@ __all__ = [
     "GRIDS", "ODE_STEP_METHODS", "SOLVERS", "SolverError", "Trajectory", "ode_step", "prior_noise", "solve", "time_grid",
 ]
 
-SOLVERS = ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "flow-euler")
-GRIDS = ("scheduler", "karras", "logsnr", "cmt-authors")
 ENDS_AT_SIGMA_MIN = ("cmt-authors",)  # grids whose last level is σ_min, not 0
 DEFAULT_SIGMA_MAX = 80.0
 DEFAULT_SIGMA_MIN = 0.002
@@ -343,7 +342,7 @@ def _plan(teacher: Teacher, steps: Any, solver: str, grid: str, sigma_max: Any, 
             f"grid={grid!r} is the CMT authors' DPM-Solver++ recipe (ending at σ_min, orders …, 2, 1): use solver "
             f"dpmpp-3m (or dpmpp-2m), or grid 'logsnr' with {solver}"
         )
-    if solver == "ddim":
+    if solver in SCHEDULER_GRID_ONLY:
         if grid != "scheduler" or sigma_max is not None or sigma_min is not None:
             raise SolverError(
                 "DDIMScheduler only steps between the teacher's integer timesteps (it has no custom sigmas): use "

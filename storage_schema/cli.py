@@ -8,12 +8,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from storage_schema.errors import StoreError
+from storage_schema.errors import StoreBusyError, StoreError
 from storage_schema.store import open_store
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_CANNOT_OPEN = 2
+EXIT_BUSY = 3  # --remove-partial met a live writer
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class CliConfig:
     url: str
     deep: bool = False
     require_complete: bool = False
+    remove_partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ def _validate_text(url: str, report: dict[str, Any]) -> str:
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
         lines.append(f"  shards not committed ({len(missing)}): {shown}")
+    removed, partial = report.get("removed_partial_files", {}), report["partial_files"]
+    if removed:
+        lines.append(f"  removed {len(removed)} partial file(s) of interrupted writes ({sum(removed.values())} bytes)")
+    if partial:
+        shown = ", ".join(sorted(partial)[:5]) + (", ..." if len(partial) > 5 else "")
+        lines.append(
+            f"  partial files of interrupted writes ({len(partial)}, {sum(partial.values())} bytes, never read): {shown}; "
+            f"remove them with `python -m storage_schema validate {url} --remove-partial` when no writer is running"
+        )
     return "\n".join(lines)
 
 
@@ -80,7 +91,14 @@ def run(cfg: CliConfig) -> CliResult:
     if cfg.command == "describe":
         summary = store.describe()
         return CliResult(EXIT_OK, summary, _describe_text(summary))
-    report = store.validate(deep=cfg.deep).to_dict()
+    removed = {}
+    if cfg.remove_partial:
+        try:
+            removed = store.remove_partial_files()
+        except StoreBusyError as error:
+            payload = {"ok": False, "error": type(error).__name__, "message": str(error)}
+            return CliResult(EXIT_BUSY, payload, f"error: {error}")
+    report = {**store.validate(deep=cfg.deep).to_dict(), "removed_partial_files": removed}
     if cfg.require_complete and report["missing_shards"]:
         report["problems"].append(f"{len(report['missing_shards'])} shard(s) not committed (--require-complete)")
         report["ok"] = False
@@ -96,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="check a store; exit status 1 on any problem")
     validate.add_argument("--deep", action="store_true", help="decode every committed shard and re-check its digest")
     validate.add_argument("--require-complete", action="store_true", help="treat uncommitted shards as problems")
+    validate.add_argument("--remove-partial", action="store_true",
+                          help="first delete the *.partial files of interrupted writes (refused while a writer runs)")
     for sub in (describe, validate):
         sub.add_argument("url", help="store path or fsspec URL")
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -106,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             url=args.url,
             deep=getattr(args, "deep", False),
             require_complete=getattr(args, "require_complete", False),
+            remove_partial=getattr(args, "remove_partial", False),
         )
     )
     if args.json:
         print(json.dumps(result.payload, indent=2, default=str))
     else:
-        print(result.text, file=sys.stderr if result.exit_code == EXIT_CANNOT_OPEN else sys.stdout)
+        print(result.text, file=sys.stderr if result.exit_code in (EXIT_CANNOT_OPEN, EXIT_BUSY) else sys.stdout)
     return result.exit_code
 
 
