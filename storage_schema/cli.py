@@ -1,4 +1,8 @@
-"""`python -m storage_schema describe|validate URL`: inspect a trajectory store from the shell."""
+"""`python -m storage_schema describe|validate URL`: inspect a trajectory store from the shell.
+
+`validate URL --deep --uncommit-corrupt` also clears the commit record of every shard that fails the deep check, so
+re-running the store's generation command regenerates exactly those shards (byte-identical to the originals).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class CliConfig:
     url: str
     deep: bool = False
     require_complete: bool = False
+    uncommit_corrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,18 @@ def _validate_text(url: str, report: dict[str, Any]) -> str:
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
         lines.append(f"  shards not committed ({len(missing)}): {shown}")
+    if report.get("uncommitted_shards"):
+        lines.append(
+            f"  uncommitted the corrupt shards {report['uncommitted_shards']}: re-run the store's generation command "
+            "to regenerate them (it writes only uncommitted shards)"
+        )
     return "\n".join(lines)
 
 
 def run(cfg: CliConfig) -> CliResult:
     """Execute one describe/validate command; never raises for store problems, reports them instead."""
     try:
-        store = open_store(cfg.url, "r")
+        store = open_store(cfg.url, "r+" if cfg.uncommit_corrupt else "r")
     except StoreError as error:
         payload = {"ok": False, "error": type(error).__name__, "message": str(error)}
         return CliResult(EXIT_CANNOT_OPEN, payload, f"error: {type(error).__name__}: {error}")
@@ -81,6 +91,10 @@ def run(cfg: CliConfig) -> CliResult:
         summary = store.describe()
         return CliResult(EXIT_OK, summary, _describe_text(summary))
     report = store.validate(deep=cfg.deep).to_dict()
+    if cfg.uncommit_corrupt and cfg.deep:
+        for shard in report["corrupt_shards"]:
+            store.uncommit_shard(shard)
+        report["uncommitted_shards"] = list(report["corrupt_shards"])
     if cfg.require_complete and report["missing_shards"]:
         report["problems"].append(f"{len(report['missing_shards'])} shard(s) not committed (--require-complete)")
         report["ok"] = False
@@ -96,16 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="check a store; exit status 1 on any problem")
     validate.add_argument("--deep", action="store_true", help="decode every committed shard and re-check its digest")
     validate.add_argument("--require-complete", action="store_true", help="treat uncommitted shards as problems")
+    validate.add_argument("--uncommit-corrupt", action="store_true",
+                          help="with --deep: uncommit shards that fail it, so the generation command regenerates them")
     for sub in (describe, validate):
         sub.add_argument("url", help="store path or fsspec URL")
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    if getattr(args, "uncommit_corrupt", False) and not args.deep:
+        parser.error("--uncommit-corrupt needs --deep (only the deep check finds corrupt shards)")
     result = run(
         CliConfig(
             command=args.command,
             url=args.url,
             deep=getattr(args, "deep", False),
             require_complete=getattr(args, "require_complete", False),
+            uncommit_corrupt=getattr(args, "uncommit_corrupt", False),
         )
     )
     if args.json:
