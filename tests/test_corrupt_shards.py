@@ -196,6 +196,7 @@ def mid_args(pristine, url: Path, output_dir: Path, *extra: str) -> list[str]:
     return [f"teacher={pristine['teacher']}", f"stores=[{url}]", f"loop.output_dir={output_dir}", *extra]
 
 
+@pytest.mark.slow  # three training runs, one a CLI subprocess: 126 s on the 2-core machine at load 12
 def test_mid_training_cli_stops_at_a_corrupt_shard_and_resumes_after_it_is_regenerated(pristine, store, tmp_path):
     """Checkpoint at step 3 on the intact store; a damaged shard stops the CLI run (exit 2, fix named) with that
     checkpoint byte-identical; after validate --uncommit-corrupt and regeneration the same command resumes from it

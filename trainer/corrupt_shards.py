@@ -43,8 +43,14 @@ def validate_command(url: str) -> str:
     return f"python -m storage_schema validate {url} --deep"
 
 
+def how_to_regenerate(url: str) -> str:
+    """How a user regenerates a store's corrupt shards, in CLI words."""
+    return (f"`{validate_command(url)} --uncommit-corrupt`, then re-run the store's generation command (it rewrites "
+            "only uncommitted shards, byte-identical)")
+
+
 def damage(error: CorruptShardError) -> str:
-    """What is wrong with a shard, without the store API's advice: a chunk that fails to decode, or a digest mismatch."""
+    """What is wrong with a shard, without the store API's advice: a chunk failing to decode, or a digest mismatch."""
     cause = error.__cause__
     if cause is not None:
         return f"a chunk fails to decode: {type(cause).__name__}: {cause}"
@@ -54,11 +60,10 @@ def damage(error: CorruptShardError) -> str:
 def corrupt_data_error(url: str, shard: int, error: CorruptShardError) -> CorruptDataError:
     """The error that stops training at a corrupt shard, in the words of the training command's config."""
     return CorruptDataError(
-        f"shard {shard} of trajectory store {url} is corrupt ({damage(error)}). Training stopped; the checkpoints already "
-        f"written are intact. List every damaged shard with `{validate_command(url)}`; add --uncommit-corrupt to "
-        "that command and re-run the store's generation command to regenerate them (byte-identical), then re-run "
-        "this training command to resume. Or set stream.on_corrupt_shard=skip to train without corrupt shards "
-        "(checked when the run starts)"
+        f"shard {shard} of trajectory store {url} is corrupt ({damage(error)}). Training stopped; the checkpoints "
+        f"already written are intact. List every damaged shard with `{validate_command(url)}`; regenerate them with "
+        f"{how_to_regenerate(url)}; then re-run this training command to resume. Or set stream.on_corrupt_shard=skip "
+        "to train without corrupt shards (checked when the run starts)"
     )
 
 

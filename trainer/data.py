@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.time_convention import edm_from_native, fm_from_edm
 from storage_schema import GenerationSpec, TrajectoryStore, open_store
 from trainer.config import ConfigError
-from trainer.corrupt_shards import ON_CORRUPT_SHARD, find_corrupt_shards, verified_shard
+from trainer.corrupt_shards import ON_CORRUPT_SHARD, find_corrupt_shards, how_to_regenerate, verified_shard
 
 __all__ = [
     "MODES",
@@ -761,9 +761,8 @@ class TrajectoryStream:
         for info in self.infos:
             if not info.committed:
                 raise IncompleteStoreError(
-                    f"every committed shard of store {info.url} is corrupt (stream.on_corrupt_shard=skip left none); "
-                    f"regenerate them (`python -m storage_schema validate {info.url} --deep --uncommit-corrupt`, then "
-                    "the store's generation command) or drop the store"
+                    f"every committed shard of store {info.url} is corrupt (stream.on_corrupt_shard=skip left none): "
+                    f"regenerate them with {how_to_regenerate(info.url)}, or drop the store"
                 )
 
     def log_values(self) -> dict[str, float]:
@@ -906,9 +905,8 @@ class TrajectoryStream:
                 if problem is not None:
                     raise StreamStateError(
                         f"the checkpoint trained on shard {shard} of {self.infos[store].url}, which is corrupt now "
-                        f"({problem}); regenerate it (`python -m storage_schema validate {self.infos[store].url} "
-                        "--deep --uncommit-corrupt`, then the store's generation command) and resume, or start a new "
-                        "run (new output_dir)"
+                        f"({problem}): regenerate it with {how_to_regenerate(self.infos[store].url)} and resume, or "
+                        "start a new run (new output_dir)"
                     )
                 if shard not in self.infos[store].committed:
                     raise StreamStateError(
