@@ -66,7 +66,10 @@ shard uncommitted; readers trust committed shards only. Commit state never lives
 
 The digest is sha256 over: ``b"cmt-trajectory-shard/v1\\0"``, ``(s, start, stop)`` as three ``<i8``,
 the shard's traj bytes in the storage dtype (C order, little-endian), its seeds as ``<i8``, and (when
-conditional) its labels as ``<i8``. ``validate(deep=True)`` recomputes it from the decoded data.
+conditional) its labels as ``<i8``. ``validate(deep=True)`` recomputes it from the decoded data, and
+``verify_shard(s)`` for one shard in bounded reads. ``uncommit_shard(s)`` clears a record (``python -m
+storage_schema validate URL --deep --uncommit-corrupt`` does so for every shard failing the deep check), so
+re-running the generation job rewrites exactly those shards.
 
 Writer claims (several writers of one store at once: ``storage_schema/claims.py``)
 ----------------------------------------------------------------------------------

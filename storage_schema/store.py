@@ -158,9 +158,25 @@ def compute_shard_digest(
     index: int, start: int, stop: int, traj: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None, dtype: np.dtype
 ) -> bytes:
     """sha256 over domain tag, (index, start, stop), traj bytes in storage dtype, seeds and labels as <i8."""
+    hasher = _shard_hasher(index, start, stop)
+    _hash_traj(hasher, traj, dtype)
+    return _finish_digest(hasher, seeds, labels)
+
+
+def _shard_hasher(index: int, start: int, stop: int) -> Any:
+    """A sha256 fed the domain tag and (index, start, stop) as three <i8: the head of every shard digest."""
     hasher = hashlib.sha256(DIGEST_DOMAIN)
     hasher.update(np.array([index, start, stop], dtype="<i8").tobytes())
+    return hasher
+
+
+def _hash_traj(hasher: Any, traj: np.ndarray, dtype: np.dtype) -> None:
+    """Feed trajectories [n, K+1, *S] in storage dtype, C order (consecutive blocks along n hash as one array)."""
     hasher.update(np.ascontiguousarray(traj, dtype=dtype).reshape(-1).view(np.uint8))  # [n*(K+1)*prod(S)*itemsize]
+
+
+def _finish_digest(hasher: Any, seeds: np.ndarray, labels: np.ndarray | None) -> bytes:
+    """Feed the shard's seeds (and labels) as <i8 and return the digest."""
     hasher.update(np.ascontiguousarray(seeds, dtype="<i8").view(np.uint8))  # [n*8]
     if labels is not None:
         hasher.update(np.ascontiguousarray(labels, dtype="<i8").view(np.uint8))  # [n*8]
@@ -406,6 +422,7 @@ class ValidationReport:
     missing_shards: list[int]
     deep: bool
     partial_files: dict[str, int] = field(default_factory=dict)
+    corrupt_shards: list[int] = field(default_factory=list)  # deep: committed shards that fail decoding or checks
 
     @property
     def ok(self) -> bool:
@@ -421,6 +438,7 @@ class ValidationReport:
             "checked_shards": list(self.checked_shards),
             "missing_shards": list(self.missing_shards),
             "partial_files": dict(self.partial_files),
+            "corrupt_shards": list(self.corrupt_shards),
         }
 
 
@@ -630,12 +648,14 @@ class TrajectoryStore:
         return int(selection) if selection.ndim == 0 else selection
 
     def _read_range(
-        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True
+        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True, trajectories: bool = True
     ) -> dict[str, np.ndarray | None]:
         """traj/seed/label of trajectories [start, stop), decoding errors raised as CorruptShardError."""
         points = self._normalised_points(point_indices)
         try:
-            traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
+            traj = None
+            if trajectories:
+                traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
             seed = self._arrays[SEED][start:stop] if seeds else None  # [n]
             label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
         except Exception as error:
@@ -656,14 +676,46 @@ class TrajectoryStore:
             self._require_committed(index, index + 1)
         data = self._read_range(start, stop, None)
         if verify:
-            recorded = self.shard_digest(index)
             computed = compute_shard_digest(index, start, stop, data["traj"], data["seed"], data["label"], self._dtype)
-            if recorded != computed.hex():
-                raise CorruptShardError(
-                    f"shard {index} of {self.url} does not match its commit digest (recorded {recorded}, computed "
-                    f"{computed.hex()}); rewrite it with write_shard(..., repair=True)"
-                )
+            self._check_digest(index, computed)
         return data
+
+    def verify_shard(self, index: int, *, read_bytes: int | None = None) -> None:
+        """Decode committed shard `index` and check it against its commit digest (CorruptShardError if it fails).
+
+        Whole chunks are read, at most `read_bytes` of decoded trajectories at a time (None: the whole shard at once),
+        and hashed as they arrive, so memory stays at one read whatever the shard size.
+        """
+        start, stop = self.spec.shard_bounds(index)
+        spec = self.spec
+        chunk_bytes = spec.chunk_size * spec.num_points * math.prod(spec.sample_shape) * self._dtype.itemsize
+        rows = spec.shard_size if read_bytes is None else spec.chunk_size * max(1, read_bytes // chunk_bytes)
+        hasher = _shard_hasher(index, start, stop)
+        for first in range(start, stop, rows):
+            _hash_traj(hasher, self._read_range(first, min(first + rows, stop), None, seeds=False)["traj"], self._dtype)
+        ids = self._read_range(start, stop, None, trajectories=False)
+        self._check_digest(index, _finish_digest(hasher, ids["seed"], ids["label"]))
+
+    def _check_digest(self, index: int, computed: bytes) -> None:
+        """Raise unless `computed` is shard `index`'s committed digest (ShardNotCommittedError when there is none)."""
+        recorded = self.shard_digest(index)
+        if recorded is None:
+            raise ShardNotCommittedError(f"shard {index} of {self.url} is not committed: it has no digest to check")
+        if recorded != computed.hex():
+            raise CorruptShardError(
+                f"shard {index} of {self.url} does not match its commit digest (recorded {recorded[:16]}…, computed "
+                f"{computed.hex()[:16]}…): its bytes changed after commit; rewrite it with "
+                "write_shard(..., repair=True)"
+            )
+
+    def uncommit_shard(self, index: int) -> None:
+        """Clear shard `index`'s commit record (its objects stay), so a generation re-run writes it again."""
+        if self.mode != "r+":
+            raise ReadOnlyStoreError(
+                f"{self.url} was opened read-only; open it with open_store(url, mode='r+') to uncommit shards"
+            )
+        self.spec.shard_bounds(index)
+        self._arrays[COMMIT][index] = np.zeros(COMMIT_RECORD_BYTES, dtype=np.uint8)
 
     def read_points(
         self, start: int, stop: int, point_indices: Any = None, *, require_committed: bool = True
@@ -788,10 +840,13 @@ class TrajectoryStore:
                 key = shard_object_key(name, layouts[name], shard)
                 if key not in object_names:
                     problems.append(f"shard {shard}: committed but its object {key!r} is missing")
+        corrupt = []
         if deep:
             for shard in committed:
-                problems += self._deep_shard_problems(shard, records[shard, :DIGEST_BYTES].tobytes())
-        return ValidationReport(problems, committed, missing, deep, partial)
+                found = self._deep_shard_problems(shard, records[shard, :DIGEST_BYTES].tobytes())
+                problems += found
+                corrupt += [shard] if found else []
+        return ValidationReport(problems, committed, missing, deep, partial, corrupt)
 
     def _layout_problems(self) -> list[str]:
         """Differences between the arrays on storage and the layout the spec prescribes."""
