@@ -1,7 +1,8 @@
 """Manage cached trajectory stores: `python -m pipeline.cache list|show|rm`.
 
-Stores live at `<cache root>/<cache key>.zarr` (cache root: --cache-root, else $CMT_CACHE_DIR/trajectories,
-else ~/.cache/cmt-pipeline/trajectories; local directories and fsspec URLs alike). Removing a store needs `--yes`.
+Stores live at `<cache root>/<cache key>.zarr`. The cache root is a directory or an fsspec URL such as
+`s3://bucket/trajectories` (--cache-root, else $CMT_CACHE_DIR/trajectories, else ~/.cache/cmt-pipeline/trajectories).
+Removing a store needs `--yes`.
 """
 
 from __future__ import annotations
@@ -13,22 +14,31 @@ from typing import Any, Sequence
 
 import fsspec
 
-from pipeline.paths import join, location, trajectory_cache_root
+from pipeline import paths
 from storage_schema import StoreError, open_store
 
 
-def _filesystem(root: str):
-    """The fsspec filesystem and path of a cache root (local directory or URL)."""
-    return fsspec.core.url_to_fs(root)
+def _stores(root: str) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The filesystem of a cache root and its `*.zarr` entries, {store location (path or URL, under root as given): fsspec
+    info}."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        return fs, {}
+    named = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(path, detail=True)
+             if info["type"] == "directory"}
+    return fs, {paths.join(root, name): info for name, info in named.items() if name.endswith(".zarr")}
 
 
-def entry(root: str, name: str) -> dict[str, Any]:
-    """One cached store: key, spec summary, size and completeness (or the problem opening it)."""
-    fs, path = _filesystem(root)
-    url = join(root, name)
-    row: dict[str, Any] = {"key": name.removesuffix(".zarr"), "path": url, "bytes": fs.du(f"{path.rstrip('/')}/{name}")}
+def _key(location: str) -> str:
+    """Cache key of a store location: its last path component without `.zarr`."""
+    return location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+
+
+def entry(fs: Any, location: str) -> dict[str, Any]:
+    """One cached store: key, spec summary, bytes stored and completeness (or the problem opening it)."""
+    row: dict[str, Any] = {"key": _key(location), "path": location, "bytes": fs.du(location)}
     try:
-        store = open_store(url, "r")
+        store = open_store(location, "r")
     except StoreError as error:
         row["error"] = str(error)
         return row
@@ -48,33 +58,27 @@ def entry(root: str, name: str) -> dict[str, Any]:
     return row
 
 
-def _store_names(root: str) -> list[str]:
-    """Names of the `*.zarr` entries directly under the cache root, sorted."""
-    fs, path = _filesystem(root)
-    if not fs.isdir(path):
-        return []
-    return sorted(name for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-                  if name.endswith(".zarr"))
-
-
 def list_stores(root: str) -> list[dict[str, Any]]:
-    """Every `*.zarr` store directly under the cache root, by key."""
-    return [entry(root, name) for name in _store_names(root)]
+    """Every `*.zarr` store directly under the cache root, oldest first (by key where no time is kept, as on S3)."""
+    fs, stores = _stores(root)
+    ordered = sorted(stores, key=lambda location: (stores[location].get("mtime", 0), location))
+    return [entry(fs, location) for location in ordered]
 
 
-def _find(root: str, key: str) -> str:
-    """The name of the store whose key starts with `key` (a unique prefix is enough)."""
-    matches = [name for name in _store_names(root) if name.startswith(key)]
+def _find(root: str, key: str) -> tuple[Any, str]:
+    """The filesystem and location of the store whose key starts with `key` (a unique prefix is enough)."""
+    fs, stores = _stores(root)
+    matches = [location for location in stores if _key(location).startswith(key)]
     if len(matches) != 1:
         found = "no store" if not matches else f"{len(matches)} stores"
         raise SystemExit(f"error: {found} in {root} match key {key!r}; run `python -m pipeline.cache list` for the keys")
-    return matches[0]
+    return fs, matches[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-root", default=None, help="directory or URL (default $CMT_CACHE_DIR/trajectories)")
+    parser.add_argument("--cache-root", default=None, help="cache directory or URL (s3://bucket/trajectories ...)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list cached stores")
@@ -85,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove.add_argument("--yes", action="store_true", help="confirm the deletion")
     args = parser.parse_args(argv)
     try:
-        root = location(args.cache_root, named="--cache-root") if args.cache_root else trajectory_cache_root()
-    except ValueError as error:
+        root = paths.location(args.cache_root, named="--cache-root") if args.cache_root else paths.trajectory_cache_root()
+    except paths.LocationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -105,20 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{row['solver']}/{row['grid']}  {row['dtype']}  {row['bytes'] / 2**20:8.1f} MiB  teacher {row['teacher']}"
             )
         return 0
-    name = _find(root, args.key)
+    fs, location = _find(root, args.key)
     if args.command == "show":
         try:
-            print(json.dumps(open_store(join(root, name), "r").describe(), indent=2, default=str))
+            print(json.dumps(open_store(location, "r").describe(), indent=2, default=str))
         except StoreError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         return 0
     if not args.yes:
-        print(f"error: refusing to delete {join(root, name)} without --yes", file=sys.stderr)
+        print(f"error: refusing to delete {location} without --yes", file=sys.stderr)
         return 2
-    fs, path = _filesystem(root)
-    fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
-    print(f"removed {join(root, name)}")
+    fs.rm(location, recursive=True)
+    print(f"removed {location}")
     return 0
 
 

@@ -12,16 +12,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from storage_schema.spec import has_url_scheme
+
 CACHE_ENV_VAR = "CMT_CACHE_DIR"
 
 
 class LocationError(ValueError):
     """A cache root or output location that cannot be used; the message names the variable or flag and the fix."""
-
-
-def is_url(location: str) -> bool:
-    """True for fsspec URLs such as s3://bucket/x or memory://x (after `location()`, file:// is a plain path)."""
-    return "://" in location
 
 
 def location(value: str | os.PathLike, *, named: str) -> str:
@@ -34,7 +31,7 @@ def location(value: str | os.PathLike, *, named: str) -> str:
         raise LocationError(f"{named} is empty: give a directory or a URL such as s3://bucket/cmt-cache")
     if text.startswith("file://"):
         text = text.removeprefix("file://")
-    if not is_url(text):
+    if not has_url_scheme(text):  # file:// was stripped above: from here on it is a plain path
         return str(Path(text).expanduser().absolute())
     import fsspec
     from fsspec.registry import known_implementations
@@ -59,7 +56,7 @@ def location(value: str | os.PathLike, *, named: str) -> str:
 
 def join(root: str, *parts: str) -> str:
     """`root/part/...` for local paths and URLs alike."""
-    return "/".join([root.rstrip("/"), *parts]) if is_url(root) else os.path.join(root, *parts)
+    return "/".join([root.rstrip("/"), *parts]) if has_url_scheme(root) else os.path.join(root, *parts)
 
 
 def cache_root() -> str:
@@ -90,7 +87,7 @@ def _filesystem(url: str):
 
 def exists(place: str) -> bool:
     """True when a file or directory exists at a local path or URL."""
-    if not is_url(place):
+    if not has_url_scheme(place):
         return os.path.exists(place)
     fs, path = _filesystem(place)
     return fs.exists(path)
@@ -98,7 +95,7 @@ def exists(place: str) -> bool:
 
 def read_bytes(place: str) -> bytes | None:
     """The bytes of a file at a local path or URL, or None when there is none."""
-    if not is_url(place):
+    if not has_url_scheme(place):
         return Path(place).read_bytes() if os.path.isfile(place) else None
     fs, path = _filesystem(place)
     return fs.cat_file(path) if fs.isfile(path) else None
@@ -106,7 +103,7 @@ def read_bytes(place: str) -> bytes | None:
 
 def write_bytes(place: str, data: bytes) -> None:
     """Write a whole file so readers never see part of it (local: temporary file + rename; object stores: one put)."""
-    if is_url(place):
+    if has_url_scheme(place):
         fs, path = _filesystem(place)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, data)
@@ -136,7 +133,7 @@ def write_text(place: str, text: str) -> None:
 
 def local_copy(place: str, directory: str | os.PathLike) -> Path:
     """A local file with the contents of `place`: the file itself when local, else a download into `directory`."""
-    if not is_url(place):
+    if not has_url_scheme(place):
         return Path(place)
     fs, path = _filesystem(place)
     target = Path(directory) / path.rsplit("/", 1)[-1]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from diffusers import UNet2DModel
 
@@ -51,6 +52,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, ulps: float = 
     assert error <= tolerance, (
         f"{what} max |error| {error:.3g} > {tolerance:.3g} ({ulps:g} ulps of {dtype} at magnitude {scale:.3g})"
     )
+
+
+def process_ended(process: psutil.Process) -> bool:
+    """True once a process has exited (a zombie that its parent has not reaped yet counts as ended)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def free_port() -> int:

@@ -85,8 +85,9 @@ def test_teacher_memos_and_planned_stores_live_under_a_url_cache_root(teacher_di
     def no_load(*args, **kwargs):
         raise AssertionError("the memo under the URL cache root must answer without loading the teacher")
 
-    monkeypatch.setattr("pipeline.teacher.load_teacher", no_load)
-    assert teacher_identity(str(teacher_dir)) == identity
+    with monkeypatch.context() as patch:  # a dry run of a new store does load it, to check the solver and grid
+        patch.setattr("pipeline.teacher.load_teacher", no_load)
+        assert teacher_identity(str(teacher_dir)) == identity
     plan = run(GenerateConfig(teacher=str(teacher_dir), num_trajectories=8, steps=2, shard_size=8, chunk_size=8,
                               dry_run=True, progress=False)).summary["plan"]
     assert plan["url"].startswith(f"{memory_root}/trajectories/") and plan["store_state"] == "new"

@@ -17,8 +17,9 @@ Splitting, epochs, shuffling
 - There are C = world_size × max(1, num_workers) consumers; consumer c = rank·W + worker. Epoch e permutes the
   pool with a generator seeded by (seed, e) and consumer c reads the shards at positions c, c+C, c+2C, ... of
   that order in whole chunks (chunk-aligned slices of `traj` / `label`, several chunks of one shard per read, at
-  most READ_BYTES; never one sample at a time). No rank reads another rank's shards. A shard's commit record is
-  checked again when the stream starts reading it.
+  most READ_BYTES; never one sample at a time). No rank reads another rank's shards. The first read of a shard in
+  an epoch checks it against its commit digest before any of its samples is used (`trainer.corrupt_shards`: a
+  corrupt shard stops training with the fix named, or with `on_corrupt_shard="skip"` is left out of the pool).
 - Each consumer expands its chunks into samples (mode below), passes them through a shuffle buffer of
   `shuffle_buffer` samples (batches are uniform draws without replacement from what the buffer holds; it is
   refilled chunk by chunk) and makes whole batches of `batch_per_process` samples in numpy.
@@ -74,8 +75,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.time_convention import edm_from_native, fm_from_edm
-from storage_schema import GenerationSpec, ShardNotCommittedError, TrajectoryStore, open_store
+from storage_schema import GenerationSpec, TrajectoryStore, open_store
 from trainer.config import ConfigError
+from trainer.corrupt_shards import ON_CORRUPT_SHARD, find_corrupt_shards, how_to_regenerate, verified_shard
 
 __all__ = [
     "MODES",
@@ -154,6 +156,7 @@ class StreamConfig:
     worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None
     seed: int = 0
     allow_incomplete: bool = False
+    on_corrupt_shard: Literal["error", "skip"] = "error"
     expected_sample_shape: tuple[int, ...] | None = None
     expected_fingerprint: str | None = None
     strict: bool = False
@@ -196,6 +199,11 @@ class StreamConfig:
                 raise ConfigError(
                     f"points_per_trajectory must be >= 1 or none (all), got {self.points_per_trajectory}"
                 )
+        if self.on_corrupt_shard not in ON_CORRUPT_SHARD:
+            raise ConfigError(
+                f"on_corrupt_shard must be 'error' (stop at a corrupt shard) or 'skip' (leave corrupt shards out, "
+                f"checked when the stream starts), got {self.on_corrupt_shard!r}"
+            )
         if self.pairs_per_trajectory is not None:
             if self.mode != "mf":
                 raise ConfigError(
@@ -489,20 +497,23 @@ class _Reader:
         }
 
     def _read_block(self, store: int, chunk: int) -> tuple[int, int, int, dict[str, Any]]:
-        """Read whole chunks of one shard starting at `chunk` (traj and labels only, no per-sample reads)."""
+        """Read whole chunks of one shard starting at `chunk` (traj and labels only, no per-sample reads).
+
+        The first read of a shard in an epoch checks it against its digest; a shard that fits one read is read
+        whole by that check, and the check's read is the block.
+        """
         opened, spec = self.stores()[store], self.infos[store].spec
         shard = chunk * spec.chunk_size // spec.shard_size
         if (store, shard) not in self._checked_shards:
-            if opened.shard_digest(shard) is None:
-                raise ShardNotCommittedError(
-                    f"shard {shard} of {opened.url} was committed when training started but is not any more (being "
-                    "repaired?); let the repair finish, then resume the run"
-                )
+            whole = verified_shard(opened, shard, READ_BYTES)
             self._checked_shards.add((store, shard))
+            if whole is not None:
+                chunks = spec.shard_chunks(shard)
+                return store, chunks.start, chunks.stop, whole
         chunk_bytes = spec.chunk_size * spec.num_points * math.prod(spec.sample_shape) * np.dtype(spec.dtype).itemsize
         stop_chunk = min(spec.shard_chunks(shard).stop, chunk + max(1, READ_BYTES // chunk_bytes))
         start, stop = spec.chunk_bounds(chunk)[0], spec.chunk_bounds(stop_chunk - 1)[1]
-        # The commit record was checked once per shard above; decoding errors arrive as CorruptShardError.
+        # The shard was checked against its digest above; decoding errors here arrive as CorruptShardError.
         return store, chunk, stop_chunk, opened.read_trajectories(start, stop, require_committed=False)
 
     def _write_data(self, buffer: _ShuffleBuffer, at: np.ndarray, chunk: Mapping[str, Any]) -> None:
@@ -678,6 +689,9 @@ class TrajectoryStream:
         )
         self._check_incomplete()
         self._warn_unusable_points()
+        self.skipped_shards: list[dict[str, Any]] = []
+        if cfg.on_corrupt_shard == "skip":
+            self._skip_corrupt_shards()
         pool = [(position, shard) for position, info in enumerate(self.infos) for shard in info.committed]
         self._use_pool(np.array(pool, np.int64).reshape(-1, 2))
         self.epoch = 0
@@ -735,6 +749,25 @@ class TrajectoryStream:
                 raise IncompleteStoreError(
                     f"store {info.url} has no committed shard yet; generate some before training on it"
                 )
+
+    def _skip_corrupt_shards(self) -> None:
+        """on_corrupt_shard="skip": check every committed shard now and leave the corrupt ones out of the pool."""
+        self.skipped_shards = find_corrupt_shards(self.stores, [info.committed for info in self.infos], READ_BYTES)
+        skipped = {(entry["url"], entry["shard"]) for entry in self.skipped_shards}
+        self.infos = tuple(
+            dataclasses.replace(info, committed=tuple(n for n in info.committed if (info.url, n) not in skipped))
+            for info in self.infos
+        )
+        for info in self.infos:
+            if not info.committed:
+                raise IncompleteStoreError(
+                    f"every committed shard of store {info.url} is corrupt (stream.on_corrupt_shard=skip left none): "
+                    f"regenerate them with {how_to_regenerate(info.url)}, or drop the store"
+                )
+
+    def log_values(self) -> dict[str, float]:
+        """Scalars for every logged step (trainer.loop): the count of corrupt shards left out, when skipping."""
+        return {"corrupt_shards_skipped": len(self.skipped_shards)} if self.cfg.on_corrupt_shard == "skip" else {}
 
     def _warn_unusable_points(self) -> None:
         """Warn about points with α = 0 (σ̃ = ∞), which the stream leaves out."""
@@ -866,7 +899,15 @@ class TrajectoryStream:
             )
         pool = np.array(state["pool"], np.int64).reshape(-1, 2)
         if not np.array_equal(pool, self._pool):
+            skipped = {(entry["url"], entry["shard"]): entry["problem"] for entry in self.skipped_shards}
             for store, shard in pool.tolist():
+                problem = skipped.get((self.infos[store].url, shard))
+                if problem is not None:
+                    raise StreamStateError(
+                        f"the checkpoint trained on shard {shard} of {self.infos[store].url}, which is corrupt now "
+                        f"({problem}): regenerate it with {how_to_regenerate(self.infos[store].url)} and resume, or "
+                        "start a new run (new output_dir)"
+                    )
                 if shard not in self.infos[store].committed:
                     raise StreamStateError(
                         f"the checkpoint trained on shard {shard} of {self.infos[store].url}, which is no longer "
@@ -918,6 +959,7 @@ class TrajectoryStream:
             "samples_per_epoch": samples_per_epoch,
             "samples_used_per_epoch": used,
             "samples_dropped_per_epoch": samples_per_epoch - used,
+            "corrupt_shards_skipped": list(self.skipped_shards),
         }
 
 

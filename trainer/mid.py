@@ -18,8 +18,9 @@ onto the teacher's denoiser at the stores' points, ‖(f_θ(x̃, σ̃) − D(x̃
 and runs under no_grad for those steps only).
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl, samples/step_<N>_{1,2}step.png (EMA
 1- and 2-step samples; FD-<dataset> of each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store
-shards this rank read and a sha256 of its final parameters), init_eval.json (eval_at_init) and export/, a
-student directory (`FlowMapStudent.from_pretrained`), the input of post-training. Re-running resumes.
+shards this rank read, the corrupt shards it skipped and a sha256 of its final parameters), init_eval.json
+(eval_at_init) and export/, a student directory (`FlowMapStudent.from_pretrained`), the input of post-training.
+Re-running resumes; a corrupt store shard stops the run with the fix named (`trainer.corrupt_shards`).
 """
 
 from __future__ import annotations
@@ -73,9 +74,13 @@ class StreamOptions:
     num_workers: int = 0
     prefetch_factor: int = 2
     source: Literal["stream", "memory"] = "stream"  # "memory": read every store up front into tensors (small stores)
+    on_corrupt_shard: Literal["error", "skip"] = "error"  # skip: leave out shards failing their digest (corrupt_shards)
 
     def __post_init__(self) -> None:
         """Reject counts that cannot work."""
+        if self.on_corrupt_shard == "skip" and self.source == "memory":
+            raise ConfigError("stream.on_corrupt_shard=skip applies to stream.source=stream (memory checks every "
+                              "shard's digest as it loads and stops at a corrupt one): drop one of the two")
         for name in ("points_per_trajectory", "pairs_per_trajectory"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -228,14 +233,18 @@ def preload_pairs(cfg: MidConfig, infos: Sequence[StoreInfo]) -> dict[str, torch
     mf: z_t, t, z_r, r over all pairs of points (t > r, flow-matching view). Conversions: pipeline.time_convention.
     """
     from pipeline.time_convention import edm_from_native, fm_from_edm
-    from storage_schema import open_store
+    from storage_schema import CorruptShardError, open_store
+    from trainer.corrupt_shards import corrupt_data_error
 
     parts: dict[str, list[torch.Tensor]] = {}
     for info in infos:
         store = open_store(info.url)
         traj, labels = [], []
         for shard in info.committed_shards:
-            data = store.read_shard(shard)
+            try:
+                data = store.read_shard(shard, verify=True)
+            except CorruptShardError as error:
+                raise corrupt_data_error(info.url, shard, error) from error
             traj.append(np.asarray(data["traj"], dtype=np.float32))
             if data.get("label") is not None:
                 labels.append(np.asarray(data["label"], dtype=np.int64))
@@ -469,6 +478,10 @@ class ShardRecordingStream:
         """Resume the stream."""
         self.stream.load_state_dict(state)
 
+    def log_values(self) -> dict[str, float]:
+        """The stream's scalars for every logged step (corrupt shards skipped)."""
+        return self.stream.log_values()
+
     def shards_read(self) -> dict[str, list[list[Any]]]:
         """{epoch: [[store url, shard], ...]} of the batches handed out so far (this run, this rank)."""
         return {str(epoch): [[self.urls[store], shard] for store, shard in sorted(seen)]
@@ -498,6 +511,7 @@ def build_batches(cfg: MidConfig, infos: Sequence[StoreInfo], *, rank: int, worl
         prefetch_factor=cfg.stream.prefetch_factor,
         seed=cfg.loop.seed,
         allow_incomplete=cfg.allow_incomplete,
+        on_corrupt_shard=cfg.stream.on_corrupt_shard,
         expected_sample_shape=tuple(sample_shape),
         include_indices=True,
     )
@@ -557,6 +571,7 @@ def run(cfg: MidConfig) -> MidResult:
         "rank": accelerator.process_index,
         "world_size": accelerator.num_processes,
         "shards_read": shards_read(batches),
+        "corrupt_shards_skipped": batches.stream.skipped_shards if isinstance(batches, ShardRecordingStream) else [],
         "parameter_sha256": parameter_hash(student.net),
         "final_step": result.final_step,
     }
@@ -601,6 +616,7 @@ def describe(cfg: MidConfig) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `python trainer/mid.py --config PRESET [key=value ...] [--dry-run]`."""
     from pipeline.teacher import TeacherLoadError
+    from trainer.corrupt_shards import CorruptDataError
     from trainer.student import StudentLoadError
 
     try:
@@ -610,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(describe(cfg), indent=2))
             return 0
         result = run(cfg)
-    except (ConfigError, TeacherLoadError, StudentLoadError) as error:
+    except (ConfigError, TeacherLoadError, StudentLoadError, CorruptDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not PartialState().is_main_process:
