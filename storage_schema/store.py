@@ -42,12 +42,12 @@ PACKAGE_DIST_NAME = "cmt-pipeline"
 UNKNOWN_PACKAGE_VERSION = "0+unknown"
 RESERVED_ATTRS = ("format", "schema_version", "spec", "package_version")
 
-TRAJ, SEED, LABEL, ALPHA, SIGMA, COMMIT = "traj", "seed", "label", "alpha", "sigma", "commit"
-LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, SEED, LABEL, ALPHA, SIGMA, COMMIT})
+TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT = "traj", "endpoint", "seed", "label", "alpha", "sigma", "commit"
+LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT})
 DIGEST_BYTES = 32
 COMMIT_RECORD_BYTES = DIGEST_BYTES + 1
 COMMITTED_FLAG = 1
-DIGEST_DOMAIN = b"cmt-trajectory-shard/v1\x00"
+DIGEST_DOMAIN = b"cmt-trajectory-shard/v2\x00"
 SEED_FILL = -1
 LABEL_FILL = -1
 BLOSC_LEVEL = 5
@@ -114,7 +114,7 @@ class ArrayLayout:
 
 
 def array_layouts(spec: GenerationSpec) -> dict[str, ArrayLayout]:
-    """The one definition of every array of a schema-1 store (used to create and to validate)."""
+    """The one definition of every array of a schema-2 store (used to create and to validate)."""
     n, points, sample_shape = spec.num_trajectories, spec.num_points, spec.sample_shape
     sample_axes = tuple(f"sample_axis_{axis}" for axis in range(len(sample_shape)))
     layouts = {
@@ -126,6 +126,15 @@ def array_layouts(spec: GenerationSpec) -> dict[str, ArrayLayout]:
             fill_value=float("nan"),
             compressed=True,
             dimension_names=("trajectory", "point", *sample_axes),
+        ),
+        ENDPOINT: ArrayLayout(
+            shape=(n, *sample_shape),
+            dtype=spec.dtype,
+            chunks=(spec.chunk_size, *sample_shape),
+            shards=(spec.shard_size, *sample_shape),
+            fill_value=float("nan"),
+            compressed=True,
+            dimension_names=("trajectory", *sample_axes),
         ),
         SEED: ArrayLayout((n,), "int64", (spec.chunk_size,), (spec.shard_size,), SEED_FILL, True, ("trajectory",)),
         ALPHA: ArrayLayout((points,), "float64", (points,), None, 0.0, False, ("point",)),
@@ -148,12 +157,18 @@ def shard_object_key(name: str, layout: ArrayLayout, shard_index: int) -> str:
 
 
 def compute_shard_digest(
-    index: int, start: int, stop: int, traj: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None, dtype: np.dtype
+    index: int, start: int, stop: int, traj: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None, dtype: np.dtype,
+    endpoints: np.ndarray | None = None,
 ) -> bytes:
-    """sha256 over domain tag, (index, start, stop), traj bytes in storage dtype, seeds and labels as <i8."""
+    """sha256 over domain tag, (index, start, stop), traj and endpoint bytes in storage dtype, seeds and labels as <i8.
+
+    `endpoints` defaults to traj[:, -1] (what `write_shard` stores); validation passes the decoded array.
+    """
     hasher = hashlib.sha256(DIGEST_DOMAIN)
     hasher.update(np.array([index, start, stop], dtype="<i8").tobytes())
     hasher.update(np.ascontiguousarray(traj, dtype=dtype).reshape(-1).view(np.uint8))  # [n*(K+1)*prod(S)*itemsize]
+    endpoints = traj[:, -1] if endpoints is None else endpoints
+    hasher.update(np.ascontiguousarray(endpoints, dtype=dtype).reshape(-1).view(np.uint8))  # [n*prod(S)*itemsize]
     hasher.update(np.ascontiguousarray(seeds, dtype="<i8").view(np.uint8))  # [n*8]
     if labels is not None:
         hasher.update(np.ascontiguousarray(labels, dtype="<i8").view(np.uint8))  # [n*8]
@@ -244,7 +259,7 @@ def create_store(
     attrs: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> TrajectoryStore:
-    """Create an empty schema-1 store for `spec` at `url` and return it opened with mode "r+"."""
+    """Create an empty schema-2 store for `spec` at `url` and return it opened with mode "r+"."""
     url = os.fspath(url)
     if not isinstance(spec, GenerationSpec):
         raise InvalidSpecError(f"create_store needs a GenerationSpec, got {type(spec).__name__}")
@@ -333,9 +348,13 @@ def open_store(
         )
     version = attributes.get("schema_version")
     if version != SCHEMA_VERSION:
+        change = (" (version 2 adds the `endpoint` array: the clean endpoints stored apart, so ECT and MeanFlow read "
+                  "one point per trajectory instead of decoding all K+1)") if version == 1 else ""
         raise SchemaVersionError(
-            f"store at {url} has schema version {version!r}, this code reads version {SCHEMA_VERSION}; "
-            "use the cmt-pipeline version that wrote it or regenerate the store"
+            f"store at {url} has schema version {version!r}, this code reads version {SCHEMA_VERSION}{change}; "
+            "regenerate it by re-running its pipeline/generate.py command (the cache key changes with the version, so "
+            "the new store lands beside the old one, which `python -m pipeline.cache rm` removes), or read it with "
+            "the cmt-pipeline version that wrote it"
         )
     try:
         spec = GenerationSpec.from_dict(attributes.get("spec"))
@@ -487,6 +506,7 @@ class TrajectoryStore:
             self._arrays[COMMIT][index] = np.zeros(COMMIT_RECORD_BYTES, dtype=np.uint8)
         _reach_stage("commit_cleared", index)
         self._arrays[TRAJ][start:stop] = traj_stored
+        self._arrays[ENDPOINT][start:stop] = traj_stored[:, -1]
         _reach_stage("traj_written", index)
         self._arrays[SEED][start:stop] = seeds_stored
         if labels_stored is not None:
@@ -584,12 +604,13 @@ class TrajectoryStore:
         return int(selection) if selection.ndim == 0 else selection
 
     def _read_range(
-        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True
+        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True, endpoints: bool = False
     ) -> dict[str, np.ndarray | None]:
-        """traj/seed/label of trajectories [start, stop), decoding errors raised as CorruptShardError."""
+        """traj/seed/label (and endpoint) of trajectories [start, stop), decoding errors raised as CorruptShardError."""
         points = self._normalised_points(point_indices)
         try:
             traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
+            endpoint = self._arrays[ENDPOINT][start:stop] if endpoints else None  # [n, *S]
             seed = self._arrays[SEED][start:stop] if seeds else None  # [n]
             label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
         except Exception as error:
@@ -599,7 +620,7 @@ class TrajectoryStore:
                 f"{type(error).__name__}: {error}; run `python -m storage_schema validate {self.url} --deep` "
                 "and rewrite the damaged shards with write_shard(..., repair=True)"
             ) from error
-        return {"traj": traj, "seed": seed, "label": label}
+        return {"traj": traj, "seed": seed, "label": label, **({"endpoint": endpoint} if endpoints else {})}
 
     def read_shard(
         self, index: int, *, require_committed: bool = True, verify: bool = False
@@ -611,7 +632,9 @@ class TrajectoryStore:
         data = self._read_range(start, stop, None)
         if verify:
             recorded = self.shard_digest(index)
-            computed = compute_shard_digest(index, start, stop, data["traj"], data["seed"], data["label"], self._dtype)
+            endpoints = self._read_range(start, stop, -1, seeds=False, endpoints=True)["endpoint"]  # [n, *S]
+            computed = compute_shard_digest(index, start, stop, data["traj"], data["seed"], data["label"], self._dtype,
+                                            endpoints)
             if recorded != computed.hex():
                 raise CorruptShardError(
                     f"shard {index} of {self.url} does not match its commit digest (recorded {recorded}, computed "
@@ -631,6 +654,22 @@ class TrajectoryStore:
         self._check_range(start, stop, require_committed)
         block = self._read_range(int(start), int(stop), None, seeds=False)
         return {"traj": block["traj"], "label": block["label"]}
+
+    def read_endpoints(self, start: int, stop: int, *, require_committed: bool = True) -> dict[str, np.ndarray | None]:
+        """endpoint [n, *S] (= traj[:, K]) and label [n] (or None) of trajectories [start, stop): only the endpoint
+        chunks are decoded, 1/(K+1) of the trajectory bytes."""
+        self._check_range(start, stop, require_committed)
+        try:
+            endpoint = self._arrays[ENDPOINT][start:stop]  # [n, *S]
+            label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
+        except Exception as error:
+            first, last = start // self.spec.shard_size, (stop - 1) // self.spec.shard_size
+            raise CorruptShardError(
+                f"cannot decode the endpoints of trajectories {start}..{stop - 1} (shards {first}..{last}) of "
+                f"{self.url}: {type(error).__name__}: {error}; run `python -m storage_schema validate {self.url} "
+                "--deep` and rewrite the damaged shards with write_shard(..., repair=True)"
+            ) from error
+        return {"endpoint": endpoint, "label": label}
 
     def _check_range(self, start: int, stop: int, require_committed: bool) -> None:
         """Refuse a range outside the store (and, when asked, one touching an uncommitted shard)."""
@@ -742,16 +781,19 @@ class TrajectoryStore:
         """Decode one committed shard and report digest mismatch, NaN/Inf, seed or label violations."""
         start, stop = self.spec.shard_bounds(shard)
         try:
-            data = self._read_range(start, stop, None)
+            data = self._read_range(start, stop, None, endpoints=True)
         except CorruptShardError as error:
             return [f"shard {shard}: cannot be decoded ({error.__cause__.__class__.__name__}: {error.__cause__})"]
         problems = []
-        computed = compute_shard_digest(shard, start, stop, data["traj"], data["seed"], data["label"], self._dtype)
+        computed = compute_shard_digest(shard, start, stop, data["traj"], data["seed"], data["label"], self._dtype,
+                                        data["endpoint"])
         if computed != recorded_digest:
             problems.append(
                 f"shard {shard}: digest mismatch (recorded {recorded_digest.hex()[:16]}..., computed "
                 f"{computed.hex()[:16]}...); its bytes changed after commit, rewrite it with repair=True"
             )
+        if not np.array_equal(data["endpoint"], data["traj"][:, -1], equal_nan=True):
+            problems.append(f"shard {shard}: endpoint differs from traj[:, K]; rewrite it with repair=True")
         non_finite = int(np.size(data["traj"]) - np.count_nonzero(np.isfinite(data["traj"])))
         if non_finite:
             problems.append(f"shard {shard}: {non_finite} non-finite values (NaN/Inf) in traj")
