@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
@@ -320,9 +321,13 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
     """The Accelerator for `cfg`: project dir, TensorBoard + metrics.jsonl trackers, accumulation, precision.
 
     Mixed precision the device cannot run is refused (ConfigError naming loop.mixed_precision): bf16 where torch has
-    no bf16 for the device, and fp16 on CPU, which Accelerate would otherwise silently run in float32.
+    no bf16 for the device, and fp16 on CPU, which Accelerate would otherwise silently run in float32. A stage run
+    after another one in the same process (tests, in-process studies) gets its own precision: Accelerate's state
+    would otherwise keep the first run's and refuse the change.
     """
     output_dir = Path(cfg.output_dir)
+    if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+        AcceleratorState._reset_state()  # the process group (PartialState) stays
     try:
         accelerator = Accelerator(
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -331,7 +336,7 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
             mixed_precision=cfg.mixed_precision,
         )
     except ValueError as error:
-        if "precision" not in str(error):
+        if "supported device" not in str(error) and "requires" not in str(error):
             raise
         raise ConfigError(
             f"loop.mixed_precision={cfg.mixed_precision} cannot run here ({error}): use loop.mixed_precision=fp16 on a "

@@ -190,9 +190,6 @@ class PostConfig:
         if self.label_dropout is not None and not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must lie in [0, 1) or be none (the method's default), got "
                               f"{self.label_dropout}")
-        if self.meanflow.guidance_scale is not None and self.method != "meanflow":
-            raise ConfigError(f"meanflow.guidance_scale shapes MeanFlow's target; --method {self.method} ignores it: "
-                              "drop it")
 
     @property
     def label_drop_probability(self) -> float:
