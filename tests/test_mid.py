@@ -132,6 +132,9 @@ def test_two_real_processes_read_disjoint_shards_and_keep_identical_parameters(t
     assert [report["rank"] for report in reports] == [0, 1]
     assert all(report["world_size"] == 2 and report["final_step"] == 6 for report in reports)
     assert reports[0]["parameter_sha256"] == reports[1]["parameter_sha256"]
+    # the final evaluation (8 samples, 1 and 2 steps) is shared: each rank drew its 4 samples per step count
+    assert [report["eval_samples_drawn"] for report in reports] == [8, 8]
+    assert (output_dir / "samples" / "step_6_2step.png").is_file()
     epochs = reports[0]["chunks_read"].keys()
     assert epochs and epochs == reports[1]["chunks_read"].keys()
     for epoch in epochs:

@@ -63,6 +63,7 @@ class StudentEvaluator:
     vae: nn.Module | None = None
     batch_size: int = 500
     every_rank: bool = field(default=True, init=False)
+    samples_drawn: int = field(default=0, init=False)  # by this rank, over every call (its share of the work)
     _metric: Any = None
 
     def __call__(self, ema_student: torch.nn.Module, step: int | str) -> dict[str, float]:
@@ -77,6 +78,7 @@ class StudentEvaluator:
         for steps in (1, 2):
             samples = draw_samples(ema_student, seeds, steps, intermediate=self.cfg.eval_intermediate,
                                    batch_size=self.batch_size)  # [n, *S]
+            self.samples_drawn += len(seeds)
             images = decode_samples(samples, self.vae) if len(seeds) else samples  # [n, C, H, W]
             grid_part = images[: max(0, self.cfg.num_grid_images - offset)]
             features = self._features(images) if self._fd_enabled() and len(seeds) else None

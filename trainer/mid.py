@@ -515,6 +515,7 @@ def run(cfg: MidConfig) -> MidResult:
         "world_size": accelerator.num_processes,
         "chunks_read": chunks_read(batches),
         "parameter_sha256": parameter_hash(student),
+        "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
     }
     (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)

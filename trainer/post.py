@@ -661,6 +661,7 @@ def run(cfg: PostConfig) -> PostResult:
         "teacher_in_training": setup.teacher is not None,
         "teacher_forward_samples": teacher_calls.samples,
         "parameter_sha256": parameter_hash(setup.student),
+        "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
         "skipped_steps": result.skipped_steps,
     }
