@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loader-only", action="store_true", help="time the loader alone: samples/s, bytes/sample")
     parser.add_argument("--mode", choices=["cm", "mf", "endpoints", "ecd"], default="cm", help="--loader-only mode")
     parser.add_argument("--epochs", type=int, default=2, help="--loader-only: counted epochs after one warm-up")
-    parser.add_argument("--synthetic", default=None, help="--loader-only: write a missing store of this shape (4x32x32)")
+    parser.add_argument("--synthetic", default=None, help="--loader-only: write a missing store of shape e.g. 4x32x32")
     parser.add_argument("--trajectories", type=int, default=2048, help="--synthetic: trajectories")
     parser.add_argument("--steps", type=int, default=16, help="--synthetic: solver steps K (K+1 points)")
     parser.add_argument("--form", choices=["cm", "mf"], default="cm")

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_batch(method: str, batch: int, shape: tuple[int, ...], generator: torch.Generator) -> dict:
-    """A batch with the keys and shapes of the method's data mode (stored trajectories in the teacher's latent space)."""
+    """A batch with the keys and shapes of the method's data mode (stored points in the teacher's latent space)."""
     def state() -> torch.Tensor:
         """Latents [B, *S]."""
         return torch.randn(batch, *shape, generator=generator)
@@ -72,7 +72,7 @@ def synthetic_batch(method: str, batch: int, shape: tuple[int, ...], generator: 
 
 
 def loss_for(method: str, student: torch.nn.Module) -> object:
-    """The stage's loss of `method` (mid-training, ECT, stored ECD, MeanFlow with the ImageNet-256 preset's guidance)."""
+    """The stage's loss of `method` (mid-training, ECT, stored ECD, MeanFlow with the ImageNet-256 guidance)."""
     from trainer.label_dropout import LabelDropout
     from trainer.losses import squared_l2
     from trainer.meanflow import MeanFlowConfig, MeanFlowLoss, tau_max

@@ -535,7 +535,8 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, *, batch_size: int = 3
     """
     config = vae.config
     parameter = next(vae.parameters())
-    scaled = latents / float(config.scaling_factor) + float(getattr(config, "shift_factor", None) or 0.0)  # [B, C, h, w]
+    shift = float(getattr(config, "shift_factor", None) or 0.0)
+    scaled = latents / float(config.scaling_factor) + shift  # [B, C, h, w]
     images = [
         _model_output_tensor(vae.decode(chunk.to(parameter.device, parameter.dtype))).to(latents.device, torch.float32)
         for chunk in scaled.split(batch_size)

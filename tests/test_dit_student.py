@@ -99,3 +99,14 @@ def test_a_unet_student_gets_a_null_class_row_that_survives_export(tmp_path):
     check_student_fits(loaded, method="meanflow", sample_shape=None, teacher=teacher)  # the extra row is allowed
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\) \(or the null class 3\)"):
         loaded.velocity(z, tau, None, torch.tensor([0, 4]))
+
+
+def test_a_deep_copy_of_an_mf_student_uses_its_own_second_time_input():
+    """The loop's EMA is a deep copy: its hooks must add the copy's (t − r) embedding, not the trained model's."""
+    student = FlowMapStudent.from_teacher(Teacher(tiny_unet(), DDPMScheduler()), second_time_input=True)
+    copied = copy.deepcopy(student)
+    torch.nn.init.normal_(copied.second_time.embedding.linear_2.weight, std=0.5)
+    z, t, r = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.6]), torch.tensor([0.1, 0.2])
+    with torch.no_grad():
+        assert torch.equal(student.velocity(z, t, r), student.velocity(z, t, None))  # still zero in the original
+        assert not torch.equal(copied.velocity(z, t, r), copied.velocity(z, t, None))

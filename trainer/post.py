@@ -39,14 +39,11 @@ if __name__ == "__main__" and not __package__:
 
     _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
 
-import contextlib
 import json
-import math
-import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal

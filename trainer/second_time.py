@@ -24,7 +24,6 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "SecondTimeEmbedding", "SecondTimeInputError", "time_embedders"]
