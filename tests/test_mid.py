@@ -203,6 +203,10 @@ def test_too_few_shards_for_the_ranks_and_other_config_errors(tiny, tmp_path):
                      teacher_fingerprint=None, world_size=1)
     with pytest.raises(ConfigError, match="lpips_weights"):
         tiny_cfg(tiny, "distance=lpips")
+    with pytest.raises(ConfigError, match="label_dropout needs a class-conditional teacher"):
+        run(tiny_cfg(tiny, "label_dropout=0.1", f"loop.output_dir={tmp_path / 'dropout'}"))
+    with pytest.raises(ConfigError, match=r"label_dropout must lie in \[0, 1\)"):
+        tiny_cfg(tiny, "label_dropout=1.5")
     with pytest.raises(ConfigError, match="LPIPS weights file not found"):
         build_distance(tiny_cfg(tiny, "distance=lpips", f"lpips_weights={tmp_path / 'missing.safetensors'}"), "cpu")
     with pytest.raises(ConfigError, match="unknown config key `strict_mode`"):

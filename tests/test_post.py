@@ -250,6 +250,10 @@ def test_meanflow_guided_velocity_is_the_official_formula_inside_the_interval_an
         run(tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_scale=2.0"))
     with pytest.raises(ConfigError, match="set meanflow.guidance_scale"):
         tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_kappa=0.5")
+    with pytest.raises(ConfigError, match="label_dropout with ECD from a dataset"):
+        tiny_cfg(tiny, tmp_path, "--method", "ecd", "--data", "dataset:digits", "label_dropout=0.1")
+    with pytest.raises(ConfigError, match="label_dropout needs a class-conditional student"):
+        run(tiny_cfg(tiny, tmp_path, "--method", "ect", "label_dropout=0.1"))
     with pytest.raises(ConfigError, match="guidance_t_min < meanflow.guidance_t_max"):
         tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_scale=2", "meanflow.guidance_t_min=0.8",
                  "meanflow.guidance_t_max=0.2")

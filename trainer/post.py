@@ -187,6 +187,11 @@ class PostConfig:
         if self.label_dropout is not None and not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must lie in [0, 1) or be none (the method's default), got "
                               f"{self.label_dropout}")
+        if self.live_teacher and self.label_drop_probability > 0:
+            raise ConfigError(
+                "label_dropout with ECD from a dataset: the live teacher takes its ODE step with the real labels, so "
+                "a dropped (null) label would get a conditional target; drop label_dropout, or use --data store:<url>"
+            )
 
     @property
     def label_drop_probability(self) -> float:
