@@ -92,7 +92,7 @@ class BenchConfig:
                 raise CompareError(f"--set {text!r}: write key=value, e.g. --set loop.lr=1e-3")
         for name in ("mid_steps", "evals", "num_eval_samples", "amortise_over"):
             if getattr(self, name) < 1:
-                raise CompareError(f"{name}={getattr(self, name)}: pass a value >= 1")
+                raise CompareError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass a value >= 1")
         every = max(1, -(-self.mid_steps // self.evals))
         evaluation = (f"mid:eval_at_init=true", f"mid:loop.eval_every_steps={every}",
                       f"mid:loop.log_every_steps={every}")
