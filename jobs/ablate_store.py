@@ -7,8 +7,9 @@ Presets (every cell: CMT mid-training, CM form, `jobs/digits/mid.yaml`, then one
 student; FD-digits of both):
 
 - `trajectories`: the number of distinct trajectories N (512, 2k, 8k, 32k; DPM-Solver++(3M), K = 16, log-SNR grid) at
-  equal training steps, plus the online run (`data=online`, a fresh trajectory for every sample group: N = ∞) as the
-  reference; the table names the smallest store within 10 % of the online run's FD.
+  equal training steps, plus the online run (`data=online`: fresh trajectories at every step, none reused) as the
+  reference; the table names the smallest store within 10 % of the online run's FD. The online student's
+  post-training reads the largest store where the method reads a store (ECD).
 - `solver-steps`: the number of solver steps K (4, 8, 16, 32; N = 4,096) at equal training compute (the same steps and
   batch: a training pair costs the same whatever K; generation costs K forwards per trajectory, reported beside).
 - `solver`: the solver (Euler, which in the EDM view is DDIM's update; Heun; DPM-Solver++ 2M and 3M; N = 4,096) at
@@ -42,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from jobs.bench_online_offline import online_overrides
+from jobs.bench_online_offline import online_overrides, training_pairs
 from jobs.compare_inits import (
     METHOD_FORMS,
+    METHOD_LABELS,
     CompareConfig,
     CompareError,
     _generation_command,
@@ -136,9 +138,12 @@ class AblationConfig:
         if self.post_method == "meanflow":
             raise AblationError("--post-method meanflow needs an MF-form student; these ablations train the CM form: "
                                 "use ect or ecd")
-        for name in ("mid_steps", "post_steps", "num_eval_samples", "teacher_forwards", "base_trajectories"):
+        for name in ("mid_steps", "post_steps", "num_eval_samples", "threads"):
             if getattr(self, name) < 1:
-                raise AblationError(f"{name}={getattr(self, name)}: pass a value >= 1")
+                raise AblationError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass a value >= 1")
+        bad = [value for value in (*self.num_trajectories, *self.solver_steps) if value < 1]
+        if bad or self.teacher_forwards < 1 or self.base_trajectories < 1:
+            raise AblationError(f"--values {bad}: trajectory and step counts must be >= 1")
         if not self.cells():
             raise AblationError(f"--values is empty for preset {self.preset}: pass at least one value")
         return CompareConfig(
@@ -242,20 +247,18 @@ def train_cell(compare: CompareConfig, cfg: AblationConfig, store_url: str, labe
     mid = mid_plan(compare, "cm", store_url, runs_dir)
     print(f"[ablate_store] {label}", flush=True)
     mid_dir = execute(compare, mid, runs_dir, log_dir)
-    result = {"label": label, "mid_run": mid.name, "cmt_fd": final_fd(mid_dir), "pairs": _pairs(mid_dir, mid)}
+    result = {"label": label, "mid_run": mid.name, "cmt_fd": final_fd(mid_dir),
+              "pairs": training_pairs(mid_dir, mid.total_steps)}
+    online = [json.loads(path.read_text()).get("online") for path in sorted((mid_dir / "ranks").glob("rank_*.json"))]
+    if all(online):
+        result.update(trajectories_solved=sum(rank["batches_made"] * rank["trajectories_per_batch"] for rank in online),
+                      teacher_forwards=sum(rank["teacher_forward_samples"] for rank in online))
     if cfg.post_method != "none":
         post = post_plan(compare, cfg.post_method, "cmt", 0, cfg.post_steps, store_url=store_url,
                          cmt_export=mid_dir / "export", runs_dir=runs_dir)
         scores = read_post_run(execute(compare, post, runs_dir, log_dir))
         result.update(post_run=post.name, post_fd={f"{s}step": scores["fd"][s][-1] for s in (1, 2)})
     return result
-
-
-def _pairs(run_dir: Path, plan: Any) -> int:
-    """Training pairs of a mid run (bench_online_offline's count)."""
-    from jobs.bench_online_offline import training_pairs
-
-    return training_pairs(run_dir, plan.total_steps)
 
 
 def smallest_within(rows: Sequence[dict[str, Any]], reference: dict[str, Any], key: str) -> dict[str, str | None]:
@@ -327,16 +330,16 @@ def _pair(scores: dict[str, float] | None) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """The ablation as markdown, with the online reference and the smallest store near it (trajectories preset)."""
     cfg = result["config"]
-    post = cfg["post_method"]
+    post = METHOD_LABELS.get(cfg["post_method"])
     lines = [
         f"# Store ablation: {AXIS_LABELS[result['preset']]} (FD-digits of {cfg['num_eval_samples']} samples)",
         "",
         (f"CMT: {cfg['mid_steps']} CM-form steps of `{cfg['mid_preset']}` on each store (equal training steps and "
-         f"batch)" + ("." if post == "none" else f"; then {post.upper()}, {cfg['post_steps']} steps of "
+         f"batch)" + ("." if post is None else f"; then {post}, {cfg['post_steps']} steps of "
                       f"`{cfg['post_preset']}` (settings: {', '.join(cfg['overrides']) or 'preset'}).")),
         "",
         (f"| {AXIS_LABELS[result['preset']]} | trajectories × points | generation teacher forwards | pairs trained "
-         f"| CMT FD 1 / 2-step | after {post} FD 1 / 2-step |"),
+         f"| CMT FD 1 / 2-step | after {post or 'no post-training'} FD 1 / 2-step |"),
         "|---|---:|---:|---:|---|---|",
     ]
     for row in result["rows"]:
@@ -349,8 +352,10 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {_pair(row.get('post_fd'))} |")
     if "online" in result:
         online = result["online"]
-        lines.append(f"| online (fresh trajectories every step) | {online['pairs']:,} solved points | – "
-                     f"| {online['pairs']:,} | {_pair(online['cmt_fd'])} | {_pair(online.get('post_fd'))} |")
+        points = result["rows"][0]["steps"] + 1 if result["rows"] else "K+1"
+        lines.append(f"| online (fresh trajectories every step) | {online['trajectories_solved']:,} × {points} "
+                     f"| {online['teacher_forwards']:,} (during training) | {online['pairs']:,} "
+                     f"| {_pair(online['cmt_fd'])} | {_pair(online.get('post_fd'))} |")
         lines += ["", "Smallest store within 10 % of the online run's FD:"]
         for key, name in (("cmt_fd", "CMT student"), ("post_fd", f"after {post}")):
             found = result["smallest_within_10pct_of_online"].get(key)
@@ -368,11 +373,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = [row for row in result["rows"] if "cmt_fd" in row]
     categorical = result["preset"] == "solver"
+    post = METHOD_LABELS.get(result["config"]["post_method"])
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, steps in zip(axes, STEP_KEYS):
         x = list(range(len(rows))) if categorical else [row["value"] for row in rows]
         for key, color, name in (("cmt_fd", "tab:red", "CMT student"),
-                                 ("post_fd", "tab:blue", f"after {result['config']['post_method']}")):
+                                 ("post_fd", "tab:blue", f"after {post}")):
             if rows and key in rows[0]:
                 axis.plot(x, [row[key][steps] for row in rows], marker="o", color=color, label=name)
                 if key in result.get("online", {}):

@@ -1,4 +1,4 @@
-"""What reuse buys: CMT on trajectories solved online every step (the authors' way) vs on a store made once, side by side.
+"""What reuse buys: CMT on trajectories solved online every step (the authors' way) vs a store made once, side by side.
 
     python jobs/bench_online_offline.py [--quick] [--teacher DIR] [--store URL] [--mid-steps N] [--amortise-over N]
         [--out DIR] [--report-dir DIR] [--set key=value ...] [--launcher subprocess|inprocess]
@@ -94,7 +94,7 @@ class BenchConfig:
             if getattr(self, name) < 1:
                 raise CompareError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass a value >= 1")
         every = max(1, -(-self.mid_steps // self.evals))
-        evaluation = (f"mid:eval_at_init=true", f"mid:loop.eval_every_steps={every}",
+        evaluation = ("mid:eval_at_init=true", f"mid:loop.eval_every_steps={every}",
                       f"mid:loop.log_every_steps={every}")
         return CompareConfig(
             out=self.out, teacher=self.teacher, store=self.store, num_trajectories=self.num_trajectories,
@@ -285,8 +285,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     for name, plan in plans.items():
         run_dir = execute(compare, plan, runs_dir, log_dir)
         report = json.loads((run_dir / "ranks" / "rank_0.json").read_text())
-        runs[name] = {"name": plan.name, "run": read_post_run(run_dir), "pairs": training_pairs(run_dir, plan.total_steps),
-                      "report": report.get("online", {})}
+        runs[name] = {"name": plan.name, "run": read_post_run(run_dir),
+                      "pairs": training_pairs(run_dir, plan.total_steps), "report": report.get("online", {})}
     result = {"config": dataclasses.asdict(cfg), "store": generation["url"],
               "runs": {name: entry["name"] for name, entry in runs.items()},
               "summary": summarise(runs, generation, cfg)}

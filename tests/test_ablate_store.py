@@ -89,6 +89,7 @@ def test_quick_trajectories_preset_reports_every_store_and_the_online_reference(
         assert set(row["cmt_fd"]) == set(row["post_fd"]) == {"1step", "2step"}
         assert row["pairs"] == 4 * 8 and row["generation_teacher_forwards"] == row["num_trajectories"] * K
     online = result["online"]
+    assert online["trajectories_solved"] == 4 * 2 and online["teacher_forwards"] == 4 * 2 * K  # 2 per step
     online_config = (tmp_path / "out" / "runs" / online["mid_run"] / "config.yaml").read_text()
     assert "data: online" in online_config
     cmt_reference = online["cmt_fd"]
@@ -100,7 +101,7 @@ def test_quick_trajectories_preset_reports_every_store_and_the_online_reference(
     assert json.loads((docs / "ablate_trajectories.json").read_text())["rows"] == result["rows"]
     assert (docs / "ablate_trajectories.png").read_bytes()[:8] == PNG_MAGIC
     markdown = (docs / "ablate_trajectories.md").read_text()
-    assert "| 16 | 16 × 5 |" in markdown and "| online (fresh trajectories every step) |" in markdown
+    assert "| 16 | 16 × 5 |" in markdown and "| online (fresh trajectories every step) | 8 × 5 |" in markdown
     runs_before = sorted(path.name for path in (tmp_path / "out" / "runs").iterdir())
     again = run(cfg)  # every run finished: read back, nothing trained again
     assert sorted(path.name for path in (tmp_path / "out" / "runs").iterdir()) == runs_before

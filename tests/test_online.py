@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from pipeline.solvers import prior_noise, solve, time_grid
+from pipeline.solvers import prior_noise, time_grid
 from pipeline.teacher import load_teacher
 from tests.helpers import HANG_LIMIT_S, assert_close, free_port, tiny_unet, write_solved_store
 from trainer.config import ConfigError, load_config
@@ -258,8 +258,10 @@ def test_a_solver_grid_the_teacher_cannot_run_gets_generations_error(tiny, tmp_p
 def test_other_bad_online_settings_name_the_fix(tiny, tmp_path, capsys):
     teacher = tiny["teacher"]
     with pytest.raises(OnlineSourceError, match=r"batch_per_process=10 must be a multiple of 4: use "
-                                                r"batch_per_process=8 or 12"):
+                                                r"batch_per_process=8 or batch_per_process=12"):
         source(teacher, batch=10)
+    with pytest.raises(OnlineSourceError, match=r"multiple of 4: use batch_per_process=4$"):
+        source(teacher, batch=2)
     with pytest.raises(OnlineSourceError, match=r"pairs_per_trajectory=11 but a trajectory of K=4 offers only 10"):
         source(teacher, mode="mf", batch=22, pairs_per_trajectory=11)
     with pytest.raises(OnlineSourceError, match=r"0 <= loop.seed < 64, got 64"):

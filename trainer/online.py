@@ -69,7 +69,8 @@ class OnlineOptions:
         if self.steps < 1:
             raise ConfigError(f"online.steps must be >= 1 (K solver steps per trajectory), got {self.steps}")
         if self.pairs_per_trajectory is not None and self.pairs_per_trajectory < 1:
-            raise ConfigError(f"online.pairs_per_trajectory must be >= 1 or none (all), got {self.pairs_per_trajectory}")
+            raise ConfigError(
+                f"online.pairs_per_trajectory must be >= 1 or none (all), got {self.pairs_per_trajectory}")
 
 
 class OnlineTrajectories:
@@ -96,8 +97,9 @@ class OnlineTrajectories:
         self.batch_per_process, self.rank, self.world_size = batch_per_process, rank, world_size
         if not 0 <= seed < NUM_SEEDS:
             raise OnlineSourceError(
-                f"data=online needs 0 <= loop.seed < {NUM_SEEDS}, got {seed}: each seed owns 2^26 of the 2^32 prior-noise "
-                "seeds (torch generators keep 32 bits), so larger seeds would repeat another seed's trajectories")
+                f"data=online needs 0 <= loop.seed < {NUM_SEEDS}, got {seed}: each seed owns 2^26 of the 2^32 "
+                "prior-noise seeds (torch generators keep 32 bits), so larger seeds would repeat another seed's "
+                "trajectories")
         self.seed_base = int(seed) * SEED_STRIDE
         self.template = sample_template(mode, self.alpha, self.sigma)
         available = len(self.template["point_a"])
@@ -113,11 +115,12 @@ class OnlineTrajectories:
         self.samples_per_trajectory = drawn
         if batch_per_process % drawn:
             what = "points" if mode == "cm" else "pairs"
-            lower, upper = max(drawn, batch_per_process // drawn * drawn), (batch_per_process // drawn + 1) * drawn
+            nearest = sorted({max(drawn, batch_per_process // drawn * drawn), (batch_per_process // drawn + 1) * drawn})
             raise OnlineSourceError(
                 f"data=online trains on {drawn} {what} of each fresh trajectory (the authors' batch/K trajectories "
                 f"× all K points), so batch_per_process={batch_per_process} must be a multiple of {drawn}: use "
-                f"batch_per_process={lower} or {upper}" + (", or set online.pairs_per_trajectory" if mode == "mf" else ""))
+                + " or ".join(f"batch_per_process={size}" for size in nearest)
+                + (", or set online.pairs_per_trajectory" if mode == "mf" else ""))
         self.trajectories_per_batch = batch_per_process // drawn
         self.forwards_per_trajectory = forward_evaluations_per_trajectory(options.solver, options.steps,
                                                                           options.guidance)
