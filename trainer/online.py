@@ -3,7 +3,8 @@
 The authors' code (sony/cmt, training/loss.py `DPMSolverLoss`) re-solves the teacher inside every training step: B/K
 fresh prior noises, the K-step DPM-Solver++ with the frozen teacher under no_grad, and all K points of those
 trajectories in the batch. `OnlineTrajectories` does the same with this project's solver and conventions, so its
-samples are exactly the ones `pipeline/generate.py` would write into a store and `trainer/data.py` would stream:
+samples are the ones `pipeline/generate.py` would write into a (float32) store and `trainer/data.py` would stream, up
+to the float32 rounding of a solve batched differently:
 
 - Micro-batch b of rank r (of W ranks) solves T = B / M trajectories, M = the samples one trajectory gives: form cm,
   its K non-final points, each regressing onto point K; form mf, every pair of points (t > r), or
