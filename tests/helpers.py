@@ -90,9 +90,17 @@ def write_solved_store(teacher, url: Path, *, num_trajectories: int, steps: int,
         steps=steps, grid="logsnr", seed_base=0, num_trajectories=num_trajectories, shard_size=shard_size,
         chunk_size=chunk_size or max(1, shard_size // 2), dtype=dtype,
     )
-    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps, solver=solver, grid="logsnr")
+    return write_store_of_spec(teacher, spec, url, shards=shards)
+
+
+def write_store_of_spec(teacher, spec: GenerationSpec, url: Path | str, *, shards: list[int] | None = None):
+    """The store of an unconditional `spec` (e.g. pipeline.generate.build_spec's), solved and written without Ray."""
+    grid = dict(spec.grid_params)
+    seeds = list(range(spec.seed_base, spec.seed_base + spec.num_trajectories))
+    trajectory = solve(teacher, seeds, steps=spec.steps, solver=spec.solver, grid=spec.grid,
+                       sigma_max=grid.get("sigma_max"), sigma_min=grid.get("sigma_min"))
     store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
     for shard in range(spec.num_shards) if shards is None else shards:
         start, stop = spec.shard_bounds(shard)
-        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop))
+        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop) + spec.seed_base)
     return url

@@ -92,6 +92,8 @@ __all__ = [
     "TrajectoryStream",
     "UnusablePointsWarning",
     "make_stream",
+    "sample_template",
+    "samples_to_batch",
 ]
 
 MODES = ("cm", "mf", "endpoints", "ecd")
@@ -273,13 +275,19 @@ def _views(alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
     return {"edm_scale": edm_scale, "sigma_edm": sigma_edm, "fm_scale": fm_scale, "tau": tau}
 
 
-def _store_items(mode: str, info: _StoreInfo) -> dict[str, np.ndarray]:
-    """The sample template of one trajectory of `info` for `mode`: point indices, scale factors and times."""
-    num_points = info.spec.num_points
+def sample_template(mode: str, alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
+    """The samples one trajectory with points (alpha, sigma) [K+1] gives in `mode`: point indices, scales and times.
+
+    point_a / point_b (/ point_c) [M] are the trajectory points of each sample (see the module docstring for the
+    modes); a view of a native state x is x · scale_a (EDM view, or flow-matching view in "mf"), at time time_a.
+    Shared by the store stream and the online source (trainer/online.py), so both make the same samples.
+    """
+    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+    num_points = len(alpha)
     last = num_points - 1
-    usable = info.alpha > 0  # [K+1]; α = 0 means σ̃ = ∞
+    usable = alpha > 0  # [K+1]; α = 0 means σ̃ = ∞
     with np.errstate(divide="ignore", invalid="ignore"):
-        view = _views(info.alpha, info.sigma)
+        view = _views(alpha, sigma)
     sigma_edm, tau = view["sigma_edm"], view["tau"]
     if mode == "cm":
         points_a = np.array([i for i in range(last) if usable[i] and sigma_edm[i] != sigma_edm[last]], np.int64)
@@ -311,7 +319,7 @@ def _store_items(mode: str, info: _StoreInfo) -> dict[str, np.ndarray]:
 
 def _build_items(cfg: StreamConfig, infos: Sequence[_StoreInfo]) -> _Items:
     """Templates of all stores, with the number drawn per trajectory; errors when a store yields no sample."""
-    templates = [_store_items(cfg.mode, info) for info in infos]
+    templates = [sample_template(cfg.mode, info.alpha, info.sigma) for info in infos]
     counts = np.array([len(template["point_a"]) for template in templates], np.int64)
     subset = cfg.pairs_per_trajectory if cfg.mode == "mf" else cfg.points_per_trajectory
     for info, count in zip(infos, counts):
@@ -573,37 +581,16 @@ class _Reader:
     def _assemble(self, buffer: _ShuffleBuffer, picked: np.ndarray) -> dict[str, torch.Tensor]:
         """Convert the picked buffer rows into one batch of the mode's keys (float64 arithmetic, float32 out)."""
         items = buffer["item"][picked]  # [B]
-        trailing = (-1,) + (1,) * len(self.sample_shape)
-
-        def state(column: str, scale: np.ndarray) -> torch.Tensor:
-            """View of the stored points of `column`: x · scale in float64, cast to float32; [B, *S]."""
-            values = buffer[column][picked].astype(np.float64)  # [B, *S]
-            values *= scale[items].reshape(trailing)
-            return torch.from_numpy(values.astype(np.float32))
-
-        def time(values: np.ndarray) -> torch.Tensor:
-            """Per-sample times as float32; [B]."""
-            return torch.from_numpy(values[items].astype(np.float32))
-
         mode, table = self.cfg.mode, self.items
-        if mode == "cm":
-            batch = {
-                "x_t": state("raw_a", table.scale_a), "sigma": time(table.time_a),
-                "x0": state("raw_b", table.scale_b),
-            }
-        elif mode == "mf":
-            batch = {
-                "z_t": state("raw_a", table.scale_a), "t": time(table.time_a),
-                "z_r": state("raw_b", table.scale_b), "r": time(table.time_b),
-            }
-        elif mode == "endpoints":
-            batch = {"x0": state("raw_a", table.scale_a)}
-        else:
-            batch = {
-                "x_t": state("raw_a", table.scale_a), "sigma_t": time(table.time_a),
-                "x_r": state("raw_b", table.scale_b), "sigma_r": time(table.time_b),
-                "x0": state("raw_c", table.scale_c),
-            }
+        columns = {"a": "raw_a"} if mode == "endpoints" else {"a": "raw_a", "b": "raw_b"}
+        if mode == "ecd":
+            columns["c"] = "raw_c"
+        batch = samples_to_batch(
+            mode,
+            {key: buffer[column][picked] for key, column in columns.items()},
+            {key: getattr(table, f"scale_{key}")[items] for key in columns},
+            {"a": table.time_a[items], "b": table.time_b[items]},
+        )
         if self.conditional:
             batch["labels"] = torch.from_numpy(buffer["label"][picked])
         if self.cfg.include_indices:
@@ -613,6 +600,33 @@ class _Reader:
             if mode != "endpoints":
                 batch["point_r"] = torch.from_numpy(table.point_b[items])
         return batch
+
+
+def samples_to_batch(mode: str, raw: Mapping[str, np.ndarray], scale: Mapping[str, np.ndarray],
+                     time: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The mode's batch keys from each sample's native points raw["a"|"b"|"c"] [B, *S], view scales [B] and times [B].
+
+    A view is x · scale computed in float64 from the stored values and cast to float32 (times too), so every source of
+    the same points (store stream, online solver) gives bitwise the same batch.
+    """
+
+    def state(key: str) -> torch.Tensor:
+        """View of the points `key`: [B, *S] float32."""
+        values = raw[key].astype(np.float64)  # [B, *S]
+        values *= scale[key].reshape((-1,) + (1,) * (values.ndim - 1))
+        return torch.from_numpy(values.astype(np.float32))
+
+    def times(key: str) -> torch.Tensor:
+        """Per-sample times [B] as float32."""
+        return torch.from_numpy(np.asarray(time[key]).astype(np.float32))
+
+    if mode == "cm":
+        return {"x_t": state("a"), "sigma": times("a"), "x0": state("b")}
+    if mode == "mf":
+        return {"z_t": state("a"), "t": times("a"), "z_r": state("b"), "r": times("b")}
+    if mode == "endpoints":
+        return {"x0": state("a")}
+    return {"x_t": state("a"), "sigma_t": times("a"), "x_r": state("b"), "sigma_r": times("b"), "x0": state("c")}
 
 
 PackedBatch = tuple[Any, list[tuple[str, str, tuple[int, ...], int]]]

@@ -4,7 +4,9 @@
     accelerate launch trainer/mid.py --config jobs/digits/mid.yaml [key=value ...]
 
 The stores (written once by `pipeline/generate.py`) hold each teacher trajectory's K+1 solver points, point 0 the
-prior noise and point K the solver's clean endpoint x̂_{t_0}. Two objectives, both without stop-gradient, time
+prior noise and point K the solver's clean endpoint x̂_{t_0}. `data=online` instead solves fresh trajectories with the
+teacher at every step, as the CMT authors train (`trainer/online.py`: batch/K trajectories × all K points, the same
+solver, grid and seed convention as generation; `online.*` settings). Two objectives, both without stop-gradient, time
 weighting or JVP (`trainer/losses.py`):
 
 - form "cm" (Ψ_{t→0}, EDM view):  L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})        (CMT eq. for the CM form)
@@ -18,9 +20,10 @@ onto the teacher's denoiser at the stores' points, ‖(f_θ(x̃, σ̃) − D(x̃
 and runs under no_grad for those steps only).
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl, samples/step_<N>_{1,2}step.png (EMA
 1- and 2-step samples; FD-<dataset> of each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store
-shards this rank read, the corrupt shards it skipped and a sha256 of its final parameters), init_eval.json
-(eval_at_init) and export/, a student directory (`FlowMapStudent.from_pretrained`), the input of post-training.
-Re-running resumes; a corrupt store shard stops the run with the fix named (`trainer.corrupt_shards`).
+shards this rank read and the corrupt shards it skipped, or with data=online the seeds it solved and the
+teacher's cost, and a sha256 of its final parameters), init_eval.json (eval_at_init) and export/, a student
+directory (`FlowMapStudent.from_pretrained`), the input of post-training. Re-running resumes; a corrupt store
+shard stops the run with the fix named (`trainer.corrupt_shards`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from accelerate.utils import set_seed
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.online import OnlineOptions, OnlineTrajectories, open_online_source
 from trainer.student_options import StudentOptions, build_student
 
 RANKS_DIR = "ranks"
@@ -91,11 +95,13 @@ class StreamOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class MidConfig:
-    """Stage-2 settings: teacher, trajectory stores, objective, student init, streaming, evaluation, the loop."""
+    """Stage-2 settings: teacher, trajectory data (stores or online), objective, student init, evaluation, the loop."""
 
     loop: LoopConfig
     teacher: str
-    stores: tuple[str, ...]
+    data: Literal["stores", "online"] = "stores"  # online: solve fresh trajectories every step (trainer/online.py)
+    stores: tuple[str, ...] = ()  # data=stores: the trajectory stores (not read with data=online)
+    online: OnlineOptions = field(default_factory=OnlineOptions)  # data=online: the teacher's solver settings
     form: Literal["cm", "mf"] = "cm"
     distance: Literal["squared_l2", "pseudo_huber", "lpips"] = "squared_l2"
     pseudo_huber_c: float | None = None  # None: iCT's 0.00054·√d
@@ -117,8 +123,20 @@ class MidConfig:
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work, naming the fix."""
-        if not self.stores:
-            raise ConfigError("stores is empty: list at least one trajectory store (pipeline/generate.py prints it)")
+        if self.data == "stores" and not self.stores:
+            raise ConfigError(
+                "stores is empty: list at least one trajectory store (pipeline/generate.py prints it), or train on "
+                "freshly solved trajectories with data=online")
+        if self.data == "online":
+            stream_keys = [name for name in ("points_per_trajectory", "pairs_per_trajectory")
+                           if getattr(self.stream, name) is not None] + (["source"] if self.stream.source != "stream"
+                                                                         else [])
+            if stream_keys:
+                raise ConfigError(
+                    f"stream.{stream_keys[0]} applies to data=stores; data=online trains on all K points of each fresh "
+                    "trajectory (form=mf: online.pairs_per_trajectory): drop it")
+            if self.form == "cm" and self.online.pairs_per_trajectory is not None:
+                raise ConfigError("online.pairs_per_trajectory is for form=mf; form=cm trains on all K points")
         if self.batch_per_process < 1:
             raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
         if self.num_eval_samples < 1 or self.num_grid_images < 1:
@@ -522,6 +540,15 @@ def build_batches(cfg: MidConfig, infos: Sequence[StoreInfo], *, rank: int, worl
     return ShardRecordingStream(stream, infos)
 
 
+def data_report(batches: Any) -> dict[str, Any]:
+    """What this rank's batch source read: {"shards_read", "corrupt_shards_skipped"} for stores, {"online"} for
+    data=online."""
+    if isinstance(batches, OnlineTrajectories):
+        return {"online": batches.report()}
+    skipped = batches.stream.skipped_shards if isinstance(batches, ShardRecordingStream) else []
+    return {"shards_read": shards_read(batches), "corrupt_shards_skipped": skipped}
+
+
 def shards_read(batches: Any) -> Any:
     """What this rank's batch source read: {epoch: [[url, shard], ...]} (stream) or [[url, shard], ...] (memory)."""
     if isinstance(batches, ShardRecordingStream):
@@ -538,8 +565,15 @@ def run(cfg: MidConfig) -> MidResult:
     from pipeline.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher, device=accelerator.device)
-    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
-                         world_size=accelerator.num_processes)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    online = None
+    if cfg.data == "online":
+        infos, online = [], open_online_source(cfg.online, teacher, student_teacher_source=cfg.teacher, mode=cfg.form,
+                                               batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed, rank=rank,
+                                               world_size=world_size)
+    else:
+        infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                             world_size=world_size)
     set_seed(cfg.loop.seed)  # identical initial weights on every rank and every run
     student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init,
                             seed=cfg.loop.seed)
@@ -550,8 +584,8 @@ def run(cfg: MidConfig) -> MidResult:
     if cfg.eval_at_init and accelerator.is_main_process and not (output_dir / INIT_EVAL_FILE).exists():
         init_metrics = evaluate(student, "init")
         (output_dir / INIT_EVAL_FILE).write_text(json.dumps(init_metrics, indent=2))
-    batches = build_batches(cfg, infos, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            sample_shape=student.sample_shape)
+    batches = online if online is not None else build_batches(cfg, infos, rank=rank, world_size=world_size,
+                                                              sample_shape=student.sample_shape)
     if cfg.form == "cm":
         loss_fn = partial(cm_loss, distance=build_distance(cfg, accelerator.device))
     else:
@@ -568,49 +602,59 @@ def run(cfg: MidConfig) -> MidResult:
         export=lambda ema_student, directory: ema_student.save_pretrained(directory),
     )
     report = {
-        "rank": accelerator.process_index,
-        "world_size": accelerator.num_processes,
-        "shards_read": shards_read(batches),
-        "corrupt_shards_skipped": batches.stream.skipped_shards if isinstance(batches, ShardRecordingStream) else [],
+        "rank": rank,
+        "world_size": world_size,
+        **data_report(batches),
         "parameter_sha256": parameter_hash(student.net),
         "final_step": result.final_step,
     }
     (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-    (output_dir / RANKS_DIR / f"rank_{accelerator.process_index}.json").write_text(json.dumps(report, indent=2))
+    (output_dir / RANKS_DIR / f"rank_{rank}.json").write_text(json.dumps(report, indent=2))
     return MidResult(loop=result, init_metrics=init_metrics, rank_report=report)
 
 
 def describe(cfg: MidConfig) -> dict[str, Any]:
-    """What a run of `cfg` would do, for --dry-run: resolved config, stores, student size, samples per epoch."""
+    """What a run of `cfg` would do, for --dry-run: resolved config, data (stores or online), student size."""
     from pipeline.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher)
     world_size = PartialState().num_processes
-    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
-                         world_size=world_size)
     student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init, seed=cfg.loop.seed)
-    per_trajectory = []
-    for info in infos:
-        k = info.num_points - 1
-        if cfg.form == "cm":
-            per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
-        else:
-            pairs = k * (k + 1) // 2
-            per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
-    samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
-    return {
-        "config": config_to_dict(cfg),
-        "processes": world_size,
-        "stores": [info.summary() for info in infos],
-        "training_samples_per_epoch": samples,
-        "steps_per_epoch": samples // (cfg.batch_per_process * world_size),
-        "student": {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
-                    "parameterization": student.parameterization.describe(),
-                    "transfer_steps": cfg.student.transfer_steps,
-                    "parameters": sum(p.numel() for p in student.parameters()),
-                    "teacher_fingerprint": student.teacher_fingerprint},
-        "output_dir": cfg.loop.output_dir,
-    }
+    plan: dict[str, Any] = {"config": config_to_dict(cfg), "processes": world_size}
+    if cfg.data == "online":
+        source = open_online_source(cfg.online, teacher, student_teacher_source=cfg.teacher, mode=cfg.form,
+                                    batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed, rank=0,
+                                    world_size=world_size)
+        plan["online"] = {
+            "teacher_fingerprint": source.teacher.fingerprint,
+            "solver": f"{cfg.online.solver} K={cfg.online.steps} grid={cfg.online.grid}",
+            "trajectories_per_step": source.trajectories_per_batch * world_size * cfg.loop.grad_accum_steps,
+            "samples_per_trajectory": source.samples_per_trajectory,
+            "teacher_forward_samples_per_step": (source.trajectories_per_batch * source.forwards_per_trajectory
+                                                 * world_size * cfg.loop.grad_accum_steps),
+            "seed_base": source.seed_base,
+        }
+    else:
+        infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                             world_size=world_size)
+        per_trajectory = []
+        for info in infos:
+            k = info.num_points - 1
+            if cfg.form == "cm":
+                per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
+            else:
+                pairs = k * (k + 1) // 2
+                per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
+        samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
+        plan.update({"stores": [info.summary() for info in infos], "training_samples_per_epoch": samples,
+                     "steps_per_epoch": samples // (cfg.batch_per_process * world_size)})
+    plan["student"] = {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
+                       "parameterization": student.parameterization.describe(),
+                       "transfer_steps": cfg.student.transfer_steps,
+                       "parameters": sum(p.numel() for p in student.parameters()),
+                       "teacher_fingerprint": student.teacher_fingerprint}
+    plan["output_dir"] = cfg.loop.output_dir
+    return plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
