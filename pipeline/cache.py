@@ -1,32 +1,47 @@
 """Manage cached trajectory stores: `python -m pipeline.cache list|show|rm`.
 
-Stores live at `<cache root>/<cache key>.zarr` (cache root: --cache-root, else $CMT_CACHE_DIR/trajectories,
-else ~/.cache/cmt-pipeline/trajectories). Removing a store needs `--yes`.
+Stores live at `<cache root>/<cache key>.zarr`. The cache root is a directory or an fsspec URL such as
+`s3://bucket/trajectories` (--cache-root, else $CMT_CACHE_DIR/trajectories, else ~/.cache/cmt-pipeline/trajectories).
+Removing a store needs `--yes`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-from pathlib import Path
 from typing import Any, Sequence
+
+import fsspec
 
 from pipeline.paths import trajectory_cache_root
 from storage_schema import StoreError, open_store
+from storage_schema.spec import has_url_scheme
 
 
-def _size_on_disk(path: Path) -> int:
-    """Bytes of every file below path."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _stores(root: str) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The filesystem of a cache root and its `*.zarr` entries, {store location (path or URL): fsspec info}."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        return fs, {}
+    located = fs.unstrip_protocol if has_url_scheme(root) else str
+    return fs, {
+        located(info["name"].rstrip("/")): info
+        for info in fs.ls(path, detail=True)
+        if info["type"] == "directory" and info["name"].rstrip("/").endswith(".zarr")
+    }
 
 
-def entry(path: Path) -> dict[str, Any]:
-    """One cached store: key, spec summary, size on disk and completeness (or the problem opening it)."""
-    row: dict[str, Any] = {"key": path.name.removesuffix(".zarr"), "path": str(path), "bytes": _size_on_disk(path)}
+def _key(location: str) -> str:
+    """Cache key of a store location: its last path component without `.zarr`."""
+    return location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+
+
+def entry(fs: Any, location: str) -> dict[str, Any]:
+    """One cached store: key, spec summary, bytes stored and completeness (or the problem opening it)."""
+    row: dict[str, Any] = {"key": _key(location), "path": location, "bytes": fs.du(location)}
     try:
-        store = open_store(str(path), "r")
+        store = open_store(location, "r")
     except StoreError as error:
         row["error"] = str(error)
         return row
@@ -46,26 +61,27 @@ def entry(path: Path) -> dict[str, Any]:
     return row
 
 
-def list_stores(root: Path) -> list[dict[str, Any]]:
-    """Every `*.zarr` directory directly under the cache root, oldest first."""
-    if not root.is_dir():
-        return []
-    return [entry(p) for p in sorted(root.glob("*.zarr"), key=lambda p: p.stat().st_mtime)]
+def list_stores(root: str) -> list[dict[str, Any]]:
+    """Every `*.zarr` store directly under the cache root, oldest first (by key where no time is kept, as on S3)."""
+    fs, stores = _stores(root)
+    ordered = sorted(stores, key=lambda location: (stores[location].get("mtime", 0), location))
+    return [entry(fs, location) for location in ordered]
 
 
-def _find(root: Path, key: str) -> Path:
-    """The store whose key starts with `key` (a unique prefix is enough)."""
-    matches = [p for p in root.glob("*.zarr") if p.name.startswith(key)]
+def _find(root: str, key: str) -> tuple[Any, str]:
+    """The filesystem and location of the store whose key starts with `key` (a unique prefix is enough)."""
+    fs, stores = _stores(root)
+    matches = [location for location in stores if _key(location).startswith(key)]
     if len(matches) != 1:
         found = "no store" if not matches else f"{len(matches)} stores"
         raise SystemExit(f"error: {found} in {root} match key {key!r}; run `python -m pipeline.cache list` for the keys")
-    return matches[0]
+    return fs, matches[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-root", type=Path, default=None)
+    parser.add_argument("--cache-root", default=None, help="cache directory or URL (s3://bucket/trajectories ...)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list cached stores")
@@ -75,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove.add_argument("key")
     remove.add_argument("--yes", action="store_true", help="confirm the deletion")
     args = parser.parse_args(argv)
-    root = args.cache_root or trajectory_cache_root()
+    root = args.cache_root or str(trajectory_cache_root())
 
     if args.command == "list":
         rows = list_stores(root)
@@ -92,19 +108,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{row['solver']}/{row['grid']}  {row['dtype']}  {row['bytes'] / 2**20:8.1f} MiB  teacher {row['teacher']}"
             )
         return 0
-    path = _find(root, args.key)
+    fs, location = _find(root, args.key)
     if args.command == "show":
         try:
-            print(json.dumps(open_store(str(path), "r").describe(), indent=2, default=str))
+            print(json.dumps(open_store(location, "r").describe(), indent=2, default=str))
         except StoreError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         return 0
     if not args.yes:
-        print(f"error: refusing to delete {path} without --yes", file=sys.stderr)
+        print(f"error: refusing to delete {location} without --yes", file=sys.stderr)
         return 2
-    shutil.rmtree(path)
-    print(f"removed {path}")
+    fs.rm(location, recursive=True)
+    print(f"removed {location}")
     return 0
 
 

@@ -20,10 +20,10 @@ if __name__ == "__main__":  # run by path: put the project root, not pipeline/ (
 # Read by Ray when it is first imported: a cluster this process starts binds loopback only (127.0.0.1).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import argparse
 import dataclasses
 import hashlib
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,61 +31,35 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.generate_options import GenerateConfig, GenerateError, parse_args, resolve_defaults
 from pipeline.paths import cache_root, trajectory_cache_root
+from pipeline.shard_dispatch import DispatchOutcome, ShardDispatcher, is_no_space
 from storage_schema import (
+    CREATE,
+    ClaimRecord,
     GenerationSpec,
     NotAStoreError,
+    ShardClaims,
     SpecMismatchError,
+    StoreError,
+    TrajectoryStore,
     cache_path,
     create_store,
+    open_or_create_store,
     open_store,
+    store_claims,
 )
+from storage_schema.store import set_write_stage_hook
 
 SUMMARY_PREFIX = "GENERATE_SUMMARY "
 SHARD_HOLD_PREFIX = "shard-hold "
-# Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops after solving it, before
-# writing, until the file $CMT_GENERATE_HOLD_FILE exists, so a test can kill it exactly mid-shard.
-HOLD_SHARD_ENV, HOLD_FILE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_FILE"
-
-
-class GenerateError(RuntimeError):
-    """A generation job that cannot run as asked; the message names the problem and the fix."""
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Everything that defines one generation job (the store's spec plus how to run it)."""
-
-    teacher: str
-    num_trajectories: int
-    solver: str = "dpmpp-3m"
-    steps: int = 16
-    grid: str = "logsnr"
-    sigma_max: float | None = None
-    sigma_min: float | None = None
-    seed: int = 0
-    labels: str | None = None
-    guidance: float | None = None
-    dtype: str = "float16"
-    codec: str = "blosc-zstd-shuffle"
-    shard_size: int = 256
-    chunk_size: int = 64
-    batch_size: int = 256
-    num_workers: int = 1
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0
-    out: str | None = None
-    cache_root: str | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    ray_address: str | None = None
-    max_task_retries: int = 3
-    progress: bool = True
-    # Planning only (--dry-run where the teacher cannot be loaded, e.g. a hub id on an offline machine):
-    sample_shape: tuple[int, ...] | None = None
-    num_classes: int | None = None
-    forward_samples_per_gpu_s: float | None = None  # teacher network evaluations per GPU-second, for GPU-hour estimates
-    throughput_source: str | None = None  # where that figure comes from (a measurement, or a stated assumption)
+# Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops at $CMT_GENERATE_HOLD_STAGE
+# ("solved", the default: after solving the shard, before writing it; or a write stage of storage_schema's
+# write_shard, e.g. "traj_written": half-written) until the file $CMT_GENERATE_HOLD_FILE exists, and prints
+# "shard-hold <shard> pid=<pid> node=<Ray node id>" first, so a test can kill that process or node exactly there.
+HOLD_SHARD_ENV, HOLD_STAGE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_STAGE"
+HOLD_FILE_ENV = "CMT_GENERATE_HOLD_FILE"
+SOLVED_STAGE = "solved"
 
 
 @dataclass(frozen=True)
@@ -259,6 +233,9 @@ class ShardWorker:
             )
         self.attention_backend = configure_attention(self.teacher.model, device)
         self.store = open_store(url, "r+")
+        if HOLD_SHARD_ENV in os.environ:
+            set_write_stage_hook(_hold_if_asked)
+        self.claims = self.store.claims(owner=job["claims_owner"])  # the driver's claims; the driver keeps them alive
         self.forward_samples = 0
         self.teacher.model.register_forward_hook(self._count_forward)
 
@@ -305,9 +282,9 @@ class ShardWorker:
                 f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}; the shard was not written. "
                 f"Check the teacher's weights and the solver settings"
             )
-        _hold_if_asked(index)
+        _hold_if_asked(SOLVED_STAGE, index)
         solved = time.perf_counter()
-        digest = self.store.write_shard(index, traj, seeds, labels)
+        digest = self.store.write_shard(index, traj, seeds, labels, claims=self.claims)
         return {
             "index": index,
             "trajectories": len(indices),
@@ -320,13 +297,28 @@ class ShardWorker:
         }
 
 
-def _hold_if_asked(index: int) -> None:
-    """Test hook: wait (polling for a file, never a fixed sleep) before writing the shard named by the environment."""
-    if os.environ.get(HOLD_SHARD_ENV) != str(index):
+def _hold_if_asked(stage: str, index: int) -> None:
+    """Test hook: at the shard and stage named by the environment, wait (polling for a file, never a fixed sleep)."""
+    if os.environ.get(HOLD_SHARD_ENV) != str(index) or os.environ.get(HOLD_STAGE_ENV, SOLVED_STAGE) != stage:
         return
-    print(f"{SHARD_HOLD_PREFIX}{index} pid={os.getpid()}", flush=True)
+    import ray
+
+    print(f"{SHARD_HOLD_PREFIX}{index} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}", flush=True)
     while not os.path.exists(os.environ[HOLD_FILE_ENV]):
         time.sleep(0.05)
+
+
+def _keep_local_token_in_memory() -> None:
+    """Give a cluster this job starts its own auth token in this process's environment, inherited by its processes.
+
+    Without one, Ray 2.60's `ray.init` writes a new token to ~/.ray/auth_token, and that file turns token auth on for
+    every later `ray start --head` of the user, whose `ray job submit` then fails without RAY_AUTH_MODE=token. An
+    explicit RAY_AUTH_MODE=disabled, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH of the user is left alone.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def _connect_ray(cfg: GenerateConfig) -> bool:
@@ -339,6 +331,7 @@ def _connect_ray(cfg: GenerateConfig) -> bool:
     if address:
         ray.init(address=address, logging_level="warning")
         return False
+    _keep_local_token_in_memory()
     needed = cfg.num_workers * cfg.cpus_per_worker
     ray.init(
         num_cpus=max(needed, os.cpu_count() or 1),
@@ -371,6 +364,7 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
     gpu_hours = forward / cfg.forward_samples_per_gpu_s / 3600 if cfg.forward_samples_per_gpu_s else None
     return {
         "url": url,
+        "spec": spec.to_dict(),
         "cache_key": spec.cache_key() + (" (provisional: teacher not loaded)" if spec.teacher_fingerprint == UNRESOLVED_FINGERPRINT else ""),
         "store_state": state,
         "shards_total": spec.num_shards,
@@ -387,25 +381,35 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
     }
 
 
-def _existing_store(url: str, spec: GenerationSpec, overwrite: bool):
-    """Open an existing store at url for this spec; None when there is none (or it is to be overwritten)."""
-    if overwrite:
-        return None  # create_store(overwrite=True) replaces a store, and refuses to delete anything else
+def _existing_store(url: str, spec: GenerationSpec, overwrite: bool) -> tuple[TrajectoryStore | None, bool]:
+    """The store of this spec already at url (None when there is none), and whether a store of another spec that lies
+    there is to be replaced (--overwrite)."""
     try:
-        return open_store(url, "r", expected_spec=spec)
+        return open_store(url, "r", expected_spec=spec), False
     except NotAStoreError:
-        return None
+        return None, False
     except SpecMismatchError as error:
+        if overwrite:
+            return None, True
         raise GenerateError(
             f"{error}\nThe store at {url} was made from another spec and was left untouched: choose another --out, "
             f"use the cache (--cache-root, the default) or pass --overwrite to replace it"
         ) from error
 
 
-def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: list[int], teacher_fingerprint: str):
-    """Dispatch the missing shards to Ray actors and wait with a live progress bar; returns (results, failures)."""
+def _unreachable_message(url: str, error: Exception) -> str:
+    """Why the output location could not be opened, and what the user sets to fix it."""
+    return (
+        f"cannot open {url} ({type(error).__name__}: {error}); nothing was written. Install the fsspec backend for "
+        f"this URL (s3://: pip install -e '.[s3]') and give it credentials and an endpoint the standard way (S3: "
+        f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, plus AWS_ENDPOINT_URL for an S3-compatible server), "
+        f"or choose another --out / --cache-root"
+    )
+
+
+def _start_actors(cfg: GenerateConfig, url: str, count: int, teacher_fingerprint: str, claims_owner: str) -> list[Any]:
+    """`count` ShardWorker actors, each loading the teacher once; Ray restarts one that dies and retries its task."""
     import ray
-    from tqdm import tqdm
 
     job = {
         "teacher": str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
@@ -413,54 +417,55 @@ def _run_shards(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: li
         "batch_size": cfg.batch_size,
         "cpus_per_worker": cfg.cpus_per_worker,
         "gpus_per_worker": cfg.gpus_per_worker,
+        "claims_owner": claims_owner,
     }
+    # A lost worker (its process or its whole node) is restarted up to --max-task-retries times, and its unfinished
+    # shards are retried on the restarted actor: with max_task_retries=-1 a task follows its actor's restarts. A finite
+    # task budget is spent on "actor unavailable" errors in the seconds before Ray declares a lost node dead.
     actor_class = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
         max_restarts=cfg.max_task_retries,
-        max_task_retries=cfg.max_task_retries,
+        max_task_retries=-1,
     )
-    workers = [actor_class.remote(job, url) for _ in range(min(cfg.num_workers, len(missing)))]
-    queue = list(missing)
-    in_flight: dict[Any, tuple[int, Any]] = {}
-
-    def submit(worker) -> None:
-        index = queue.pop(0)
-        in_flight[worker.generate_shard.remote(index)] = (index, worker)
-
-    for worker in workers:
-        for _ in range(2):
-            if queue:
-                submit(worker)
-    total = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
-    results, failures = [], []
-    bar = tqdm(total=total, unit="traj", desc="trajectories", disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        index, worker = in_flight.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except Exception as error:  # noqa: BLE001 - a failed shard is reported, the others go on
-            failures.append({"index": index, "error": _root_message(error)})
-        else:
-            results.append({**result, "finished_at": time.perf_counter()})
-            bar.update(result["trajectories"])
-        bar.set_postfix(shards=f"{len(results)}/{len(missing)}", failed=len(failures))
-        if queue:
-            submit(worker)
-    bar.close()
-    return results, failures
+    return [actor_class.remote(job, url) for _ in range(count)]
 
 
-def _root_message(error: BaseException) -> str:
-    """The innermost message of a (Ray-wrapped) exception."""
-    cause = getattr(error, "cause", None)
-    return str(cause) if cause is not None else str(error).strip().splitlines()[-1]
+def _run_shards(cfg: GenerateConfig, store: TrajectoryStore, claims: ShardClaims, missing: list[int]) -> DispatchOutcome:
+    """Write the missing shards this run can claim on Ray actors, wait for the ones other runs hold; live progress bar."""
+    from tqdm import tqdm
+
+    actors = _start_actors(cfg, store.url, min(cfg.num_workers, len(missing)), store.spec.teacher_fingerprint,
+                           claims.owner)
+    total = sum(store.shard_bounds(i)[1] - store.shard_bounds(i)[0] for i in missing)
+    with tqdm(total=total, unit="traj", desc="trajectories", disable=not cfg.progress, file=sys.stderr,
+              mininterval=1.0) as bar:
+        return ShardDispatcher(store, claims, actors, bar).run(missing)
+
+
+def _schedule(cfg: GenerateConfig, spec: GenerationSpec) -> tuple[np.ndarray, np.ndarray]:
+    """α and σ [K+1] of the job's time grid on its teacher; a combination the teacher cannot run is refused."""
+    from pipeline.solvers import SolverError, time_grid
+    from pipeline.teacher import load_teacher
+
+    teacher = load_teacher(cfg.teacher)
+    if teacher.fingerprint != spec.teacher_fingerprint:
+        raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
+    try:
+        return time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
+    except SolverError as error:
+        raise GenerateError(
+            f"--solver {cfg.solver} --grid {cfg.grid} --steps {cfg.steps} cannot run on the teacher {cfg.teacher}: "
+            f"{error}"
+        ) from error
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
     """Generate (or resume, or find cached) the trajectory store for cfg; raise GenerateError on any failure."""
     started = time.perf_counter()
+    cfg, notes = resolve_defaults(cfg)
+    for note in notes:
+        print(note, file=sys.stderr)
     if cfg.num_trajectories < 1:
         raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
     if cfg.num_workers < 1 or cfg.batch_size < 1:
@@ -471,49 +476,67 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     url = cfg.out or cache_path(cfg.cache_root or str(trajectory_cache_root()), spec)
     _check_writable(url)
     try:
-        store = _existing_store(url, spec, cfg.overwrite)
-    except ImportError as error:  # e.g. s3fs/gcsfs missing for an object-store URL
+        store, replace = _existing_store(url, spec, cfg.overwrite)
+    except (GenerateError, StoreError):
+        raise
+    except Exception as error:  # noqa: BLE001 - the location cannot be reached: no backend, credentials or endpoint
         if not cfg.dry_run:
-            raise GenerateError(f"cannot open {url}: {error}; install the fsspec backend for this URL") from error
-        store, unknown = None, f"unknown ({error})"
+            raise GenerateError(_unreachable_message(url, error)) from error
+        store, replace, unknown = None, False, f"unknown ({type(error).__name__}: {error})"
     else:
         unknown = None
     missing = list(range(spec.num_shards)) if store is None else store.missing_shards()
-    state = unknown or ("new" if store is None else ("complete" if not missing else "partial"))
+    state = unknown or ("replace" if replace else "new" if store is None else "complete" if not missing else "partial")
     plan = _plan(cfg, spec, url, missing, state)
     if cfg.dry_run:
+        if store is None and spec.teacher_fingerprint != UNRESOLVED_FINGERPRINT:
+            _schedule(cfg, spec)  # refuses a solver/grid/steps the teacher cannot run, as the real run would
         return GenerateResult(url, False, True, (), 0, 0, time.perf_counter() - started, {"plan": plan})
     if not missing:
         summary = _finish(url, started, cache_hit=True, results=[])
         return GenerateResult(url, True, False, (), 0, 0, summary["seconds"], summary)
-    if store is None:
-        from pipeline.solvers import time_grid
-        from pipeline.teacher import load_teacher
-
-        teacher = load_teacher(cfg.teacher)
-        if teacher.fingerprint != spec.teacher_fingerprint:
-            raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
-        alpha, sigma = time_grid(teacher, cfg.steps, cfg.solver, cfg.grid, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min)
-        create_store(url, spec, alpha, sigma, overwrite=cfg.overwrite)
-        del teacher
-    ray_started = time.perf_counter()
-    owns_ray = _connect_ray(cfg)
-    shards_started = time.perf_counter()
     try:
-        _check_cluster_can_see(url)
-        results, failures = _run_shards(cfg, spec, url, missing, spec.teacher_fingerprint)
-    finally:
-        if owns_ray:
-            import ray
+        return _generate(cfg, spec, url, replace, started)
+    except OSError as error:
+        if not is_no_space(error):
+            raise
+        raise GenerateError(_no_space_message(cfg, spec, url, "the store's metadata or claims")) from error
 
-            ray.shutdown()
-    if failures:
-        lines = "\n".join(f"  shard {f['index']}: {f['error']}" for f in sorted(failures, key=lambda f: f["index"]))
+
+def _generate(cfg: GenerateConfig, spec: GenerationSpec, url: str, replace: bool, started: float) -> GenerateResult:
+    """Create or join the store (next to other runs of the same spec), write the shards nobody holds, wait for the rest."""
+    with store_claims(url).keep_alive() as claims:
+        if replace:  # --overwrite: the store of another spec that lies at url goes
+            create_store(url, spec, *_schedule(cfg, spec), overwrite=True)
+        store = open_or_create_store(url, spec, lambda: _schedule(cfg, spec), claims=claims,
+                                     on_wait=lambda claim: print(_creation_wait_message(url, claim), file=sys.stderr))
+        missing = store.missing_shards()
+        ray_started = shards_started = time.perf_counter()
+        outcome = DispatchOutcome()
+        if missing:
+            owns_ray = _connect_ray(cfg)
+            shards_started = time.perf_counter()
+            try:
+                _check_cluster_can_see(url)
+                outcome = _run_shards(cfg, store, claims, missing)
+            finally:
+                if owns_ray:
+                    import ray
+
+                    ray.shutdown()
+    results = outcome.results
+    if outcome.no_space:
+        shards = sorted(failure["index"] for failure in outcome.failures)
+        raise GenerateError(_no_space_message(cfg, spec, url, f"shard(s) {', '.join(map(str, shards))}"))
+    if outcome.failures:
+        lines = "\n".join(f"  shard {f['index']}: {f['error']}" for f in sorted(outcome.failures, key=lambda f: f["index"]))
         raise GenerateError(
-            f"{len(failures)} of {len(missing)} shards failed; the {len(results)} that succeeded are committed in {url} "
-            f"and re-running the same command retries only the failed ones:\n{lines}"
+            f"{len(outcome.failures)} of {len(missing)} shards failed; the {len(results)} that succeeded are committed "
+            f"in {url} and re-running the same command retries only the failed ones:\n{lines}"
         )
-    summary = _finish(url, started, cache_hit=False, results=results)
+    summary = _finish(url, started, cache_hit=False, results=results, claims=claims)
+    summary["shards_written"] = sorted(result["index"] for result in results)
+    summary["shards_joined"] = sorted(outcome.joined)
     summary.update(_timings(results, ray_seconds=shards_started - ray_started, shards_started=shards_started))
     return GenerateResult(
         url,
@@ -524,6 +547,28 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         sum(r["forward_samples"] for r in results),
         summary["seconds"],
         summary,
+    )
+
+
+def _creation_wait_message(url: str, claim: ClaimRecord) -> str:
+    """What a run says while another run creates the store it joins."""
+    return (f"waiting: another generate run ({claim.describe()}) is creating the store at {url}; this run joins it "
+            f"when it is ready (or creates it itself if that run dies)")
+
+
+def _no_space_message(cfg: GenerateConfig, spec: GenerationSpec, url: str, what: str) -> str:
+    """The error for a full device: where, what is kept, how much space is still needed, and the fix."""
+    try:
+        store = open_store(url, "r", expected_spec=spec)
+        committed, missing = store.committed_shards(), store.missing_shards()
+    except StoreError:
+        committed, missing = [], list(range(spec.num_shards))
+    needed = _plan(cfg, spec, url, missing, "partial")["estimated_stored_bytes"]
+    return (
+        f"no space left on device while writing {what} of the store {url}. The {len(committed)} shard(s) committed "
+        f"before are kept and valid; nothing half-written counts as committed. Free space where the store lives (the "
+        f"{len(missing)} missing shards need about {needed / 2**20:.1f} MiB) and re-run the same command: it writes "
+        f"only the missing shards"
     )
 
 
@@ -540,14 +585,17 @@ def _timings(results: list[dict[str, Any]], *, ray_seconds: float, shards_starte
     }
 
 
-def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Consolidate metadata, deep-validate, and summarise the store; raise when validation finds a problem."""
+def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str, Any]],
+            claims: ShardClaims | None = None) -> dict[str, Any]:
+    """Consolidate metadata, deep-validate, drop the claims of a complete store, and summarise; raise on a problem."""
     store = open_store(url, "r+" if not cache_hit else "r")
     if not cache_hit:
         store.consolidate()
     report = store.validate(deep=not cache_hit)
     if not report.ok:
         raise GenerateError(f"store {url} failed validation:\n  " + "\n  ".join(report.problems))
+    if claims is not None and store.is_complete:
+        claims.remove({str(index) for index in range(store.num_shards)} | {CREATE})
     info = store.describe()
     solve_seconds = sum(r["seconds"] for r in results)
     trajectories = sum(r["trajectories"] for r in results)
@@ -565,74 +613,6 @@ def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str
         "shards": f"{len(store.committed_shards())}/{store.num_shards}",
         "seconds": time.perf_counter() - started,
     }
-
-
-def _option_name(field_name: str) -> str:
-    """`num_trajectories` → `--num-trajectories`."""
-    return "--" + field_name.replace("_", "-")
-
-
-def read_preset(path: str) -> dict[str, Any]:
-    """A YAML preset of GenerateConfig fields (dashes or underscores); unknown keys are an error naming the closest."""
-    import difflib
-
-    import yaml
-
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
-    known = {f.name for f in dataclasses.fields(GenerateConfig)}
-    preset = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise GenerateError(f"{path}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(known))}")
-        preset[name] = tuple(value) if isinstance(value, list) else value
-    return preset
-
-
-def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
-    """Command-line flags → GenerateConfig: built-in defaults, then the --config preset, then explicit flags."""
-    parser = argparse.ArgumentParser(prog="pipeline/generate.py", description=__doc__.split("\n\n")[0])
-    keep = argparse.SUPPRESS  # flags not given stay absent, so a preset's value is not overridden by a default
-    parser.add_argument("--config", default=None, help="YAML preset of these options (flags given here override it)")
-    parser.add_argument("--teacher", default=keep, help="diffusers pipeline/model directory or hub id")
-    parser.add_argument("--num-trajectories", type=int, default=keep)
-    parser.add_argument("--solver", default=keep, help="ddim | euler | heun | dpmpp-2m | dpmpp-3m (default) | flow-euler")
-    parser.add_argument("--steps", type=int, default=keep, help="K solver steps (the store keeps K+1 points; default 16)")
-    parser.add_argument("--grid", default=keep, help="scheduler | karras | logsnr (default) | cmt-authors")
-    parser.add_argument("--sigma-max", type=float, default=keep)
-    parser.add_argument("--sigma-min", type=float, default=keep)
-    parser.add_argument("--seed", type=int, default=keep, help="seed base: sample i uses seed+i (default 0)")
-    parser.add_argument("--labels", default=keep, help="conditional teachers: 'uniform' or class ids '3,7'")
-    parser.add_argument("--guidance", type=float, default=keep, help="classifier-free guidance scale")
-    parser.add_argument("--dtype", default=keep, choices=["float16", "float32"])
-    parser.add_argument("--codec", default=keep, help="blosc-zstd-shuffle (default) | zstd | blosc-lz4-shuffle | ...")
-    parser.add_argument("--shard-size", type=int, default=keep, help="trajectories per shard (default 256)")
-    parser.add_argument("--chunk-size", type=int, default=keep, help="trajectories per chunk (default 64)")
-    parser.add_argument("--batch-size", type=int, default=keep, help="trajectories per solver batch (default 256)")
-    parser.add_argument("--num-workers", type=int, default=keep)
-    parser.add_argument("--cpus-per-worker", type=int, default=keep)
-    parser.add_argument("--gpus-per-worker", type=float, default=keep)
-    out = parser.add_mutually_exclusive_group()
-    out.add_argument("--out", default=keep, help="store URL: a path or an fsspec URL (s3://..., gs://...)")
-    out.add_argument("--cache-root", default=keep, help=f"cache directory or URL (default {trajectory_cache_root()})")
-    parser.add_argument("--overwrite", action="store_true", default=keep, help="replace a store made from another spec")
-    parser.add_argument("--dry-run", action="store_true", default=keep, help="print the plan and write nothing")
-    parser.add_argument("--ray-address", default=keep, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
-    parser.add_argument("--max-task-retries", type=int, default=keep)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=keep)
-    args = vars(parser.parse_args(argv))
-    fields = read_preset(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    fields.update({name.replace("-", "_"): value for name, value in args.items()})
-    for required in ("teacher", "num_trajectories"):
-        if required not in fields:
-            parser.error(f"{_option_name(required)} is required (on the command line or in the --config preset)")
-    if fields.get("out") is not None and fields.get("cache_root") is not None and "out" in args and "cache_root" not in args:
-        fields["cache_root"] = None  # an explicit --out wins over a preset's cache root
-    return GenerateConfig(**fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,11 @@
 
 ``solve`` builds a FRESH scheduler per call from the teacher's scheduler config (multistep solvers keep
 history), feeds it the teacher's clean-sample prediction D (``Teacher.denoise_native``) at the noise level
-of the current state, and records the K+1 full-step states (index 0 = prior, index K = clean endpoint) with
-the float64 (α, σ) of each state *in the scheduler's own sample space*, so that x = α·x0 + σ·ε holds:
+of the current state — on the ``scheduler`` grid with the network called at the scheduler's own timesteps, as
+diffusers pipelines call it (fractional for Euler/Heun, rounded for DPM-Solver's karras/exponential/beta/λ
+sigmas), on custom grids at the teacher's timestep of each level — and records the K+1 full-step states
+(index 0 = prior, index K = clean endpoint) with the float64 (α, σ) of each state *in the scheduler's own sample
+space*, so that x = α·x0 + σ·ε holds:
 
 =============  =====================================  ========================  =========================
 solver         diffusers scheduler                    sample space (α, σ)        drives schedule families
@@ -19,9 +22,12 @@ flow-euler     FlowMatchEulerDiscreteScheduler        FM (1−τ, τ)           
 Grids (K steps → K+1 levels; all but ``cmt-authors`` end at σ = 0):
 
 - ``scheduler``: the solver scheduler's own ``set_timesteps(K)`` spacing on the teacher's schedule (teacher's
-  ``timestep_spacing``, ``use_karras_sigmas`` etc. honoured). For an EDM teacher the levels of its own EDM
-  scheduler are used. Not available where the solver's scheduler cannot run the teacher's schedule natively
-  (e.g. ``euler`` on a flow-matching teacher, whose first level is σ̃ = ∞).
+  ``timestep_spacing``, ``steps_offset``, ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas`` /
+  ``use_lu_lambdas``, flow ``shift`` / ``shift_terminal``, ``rescale_betas_zero_snr`` honoured). For an EDM teacher
+  the levels of its own EDM scheduler are used. Not available where the solver's scheduler cannot run the
+  teacher's schedule natively (e.g. ``euler`` on a flow-matching teacher, whose first level is σ̃ = ∞), nor where
+  its own grid is not K+1 finite levels ending at 0 (Euler's ``interpolation_type="log_linear"`` makes K+1 levels
+  for K steps and stops at σ_min; ``shift_terminal`` with K = 1 makes NaN).
 - ``karras``: σ_i = (σ_max^{1/ρ} + i/(K−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, ρ = 7 (EDM eq. 5).
 - ``logsnr``: K levels uniform in log-SNR λ = −2·ln σ̃ from σ_max down to σ_min, then a last step to σ = 0 (the
   endpoint is the solver's own x̂0 at σ = 0).
@@ -39,8 +45,24 @@ Custom grids are installed through each scheduler's own features: ``set_timestep
 flow-Euler (flow shift disabled so τ is used as given), ``set_timesteps(timesteps=…)`` for Heun (fractional
 timesteps found by inverting Heun's own linear σ(t) interpolation). ``DPMSolverMultistepScheduler.set_timesteps``
 only takes integer timesteps, so for it the levels are written into ``scheduler.sigmas`` after
-``set_timesteps(K)`` (its step reads nothing else). Clipping / thresholding of x̂0 is turned off (it is not part of
-the ODE) and every solver ends at σ = 0 (DDIM: ``set_alpha_to_one=True``; others: ``final_sigmas_type="zero"``).
+``set_timesteps(K)`` (its step reads nothing else).
+
+Where ``grid="scheduler"`` differs from diffusers' own loop over the teacher's scheduler config, on purpose
+(tests/test_solver_goldens.py checks every state against that loop at float32 tolerance, across the flags above):
+
+- Every solver ends at σ = 0, recorded as (α, σ) = (1, 0): the endpoint is the scheduler's own x̂0 at its last level.
+  A teacher config with DDIM ``set_alpha_to_one=False`` or ``final_sigmas_type="sigma_min"`` (DPM-Solver, Euler,
+  EDM schedulers) makes diffusers' last step land on that level instead (ᾱ_0; σ̃_min); all earlier states agree.
+  On the Gaussian oracle teacher at K = 10 the two DDIM endpoints differ by 1e-4…1e-2 (relative), depending on
+  spacing and β schedule.
+- Clipping / thresholding of x̂0 is turned off (it is not part of the ODE), whatever the teacher's config says.
+- The prior state is ``init_noise_sigma``·ε of the solver's scheduler, recorded at its first level. For an EDM
+  teacher, Euler (EDM space) starts from σ_max·ε as EDM's own sampler does; diffusers' EDM schedulers start from
+  √(σ_max² + 1)·ε.
+- Refused with a SolverError / SigmaRangeError that names the fix: DDIM spacings whose steps do not chain (diffusers
+  would call the model at another timestep than the state's level), and an ε-prediction teacher at α = 0 (the first
+  level of a trailing zero-terminal-SNR grid, where ε says nothing about x0 and diffusers returns NaN). A v- or
+  sample-prediction zero-SNR teacher starts at α = 0: its prior point is recorded as (0, 1).
 """
 
 from __future__ import annotations
@@ -54,6 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.solver_names import GRIDS, SCHEDULER_GRID_ONLY, SOLVERS
 from pipeline.teacher import Teacher
 from pipeline.time_convention import fm_alpha_sigma, vp_alpha_sigma
 
@@ -61,8 +84,6 @@ __all__ = [
     "GRIDS", "ODE_STEP_METHODS", "SOLVERS", "SolverError", "Trajectory", "ode_step", "prior_noise", "solve", "time_grid",
 ]
 
-SOLVERS = ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "flow-euler")
-GRIDS = ("scheduler", "karras", "logsnr", "cmt-authors")
 ENDS_AT_SIGMA_MIN = ("cmt-authors",)  # grids whose last level is σ_min, not 0
 DEFAULT_SIGMA_MAX = 80.0
 DEFAULT_SIGMA_MIN = 0.002
@@ -115,6 +136,7 @@ class _Plan:
     record_after: np.ndarray  # bool [J]: whether the state after step j is a recorded (full-step) point
     alpha: np.ndarray  # float64 [K+1]
     sigma: np.ndarray  # float64 [K+1]
+    eval_timesteps: np.ndarray | None = None  # float64 [J]: the scheduler's own model timesteps (native grids)
     second_order_step: int | None = None  # multistep index whose update is capped at second order (cmt-authors)
 
 
@@ -189,6 +211,11 @@ def _levels_for(
     )
 
 
+def _own_timesteps(scheduler: Any) -> np.ndarray:
+    """The model timesteps a diffusers pipeline calls the network at on this scheduler's own grid, float64 [J]."""
+    return scheduler.timesteps.double().cpu().numpy()
+
+
 def _ddim_plan(teacher: Teacher, steps: int) -> _Plan:
     """DDIMScheduler (eta = 0) on the teacher's integer timesteps; refuses spacings whose steps do not chain."""
     from diffusers import DDIMScheduler
@@ -212,7 +239,8 @@ def _ddim_plan(teacher: Teacher, steps: int) -> _Plan:
     last = (1.0, 0.0) if targets[-1] < 0 else vp_alpha_sigma(float(sigma_table[targets[-1]]))
     alpha = np.append(eval_alpha, last[0])
     sigma = np.append(eval_sigma, last[1])
-    return _Plan(scheduler, "vp", eval_alpha, eval_sigma, np.ones(steps, bool), alpha, sigma)
+    return _Plan(scheduler, "vp", eval_alpha, eval_sigma, np.ones(steps, bool), alpha, sigma,
+                 eval_timesteps=_own_timesteps(scheduler))
 
 
 def _euler_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Plan:
@@ -228,7 +256,9 @@ def _euler_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Pla
         scheduler = _fresh(EulerDiscreteScheduler, teacher, **overrides, **off)
         scheduler.set_timesteps(sigmas=levels.tolist())
     sigmas = scheduler.sigmas.double().cpu().numpy()  # [K+1]
-    return _Plan(scheduler, "edm", np.ones(steps), sigmas[:-1], np.ones(steps, bool), np.ones(steps + 1), sigmas)
+    own_timesteps = _own_timesteps(scheduler) if levels is None else None
+    return _Plan(scheduler, "edm", np.ones(steps), sigmas[:-1], np.ones(steps, bool), np.ones(steps + 1), sigmas,
+                 eval_timesteps=own_timesteps)
 
 
 def _heun_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Plan:
@@ -250,7 +280,9 @@ def _heun_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Plan
     evaluations = len(scheduler.timesteps)  # 2K − 1
     record_after = (np.arange(evaluations) % 2 == 1) | (np.arange(evaluations) == evaluations - 1)
     full = np.concatenate([sigmas[:1], sigmas[1:-1:2], sigmas[-1:]])  # [K+1]
-    return _Plan(scheduler, "edm", np.ones(evaluations), sigmas[:evaluations], record_after, np.ones(steps + 1), full)
+    own_timesteps = _own_timesteps(scheduler) if levels is None else None
+    return _Plan(scheduler, "edm", np.ones(evaluations), sigmas[:evaluations], record_after, np.ones(steps + 1), full,
+                 eval_timesteps=own_timesteps)
 
 
 def _dpm_plan(teacher: Teacher, steps: int, order: int, levels: np.ndarray | None) -> _Plan:
@@ -290,7 +322,9 @@ def _dpm_plan(teacher: Teacher, steps: int, order: int, levels: np.ndarray | Non
     # final_sigmas_type="zero" makes diffusers take a first-order last step for any K; the authors' recipe also caps
     # the step before it at second order, which diffusers does only for K < 15 (lower_order_second)
     second_order_step = steps - 2 if levels is not None and levels[-1] > 0 and order == 3 and steps >= 3 else None
-    return _Plan(scheduler, "vp", alpha[:-1], sigma[:-1], np.ones(steps, bool), alpha, sigma, second_order_step)
+    own_timesteps = _own_timesteps(scheduler) if levels is None else None
+    return _Plan(scheduler, "vp", alpha[:-1], sigma[:-1], np.ones(steps, bool), alpha, sigma,
+                 eval_timesteps=own_timesteps, second_order_step=second_order_step)
 
 
 def _flow_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Plan:
@@ -319,7 +353,9 @@ def _flow_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Plan
         tau = fm_alpha_sigma(levels[:-1])[1]  # [K], τ = σ̃/(1+σ̃)
         scheduler.set_timesteps(sigmas=tau.tolist())
     tau = scheduler.sigmas.double().cpu().numpy()  # [K+1]
-    return _Plan(scheduler, "fm", 1.0 - tau[:-1], tau[:-1], np.ones(steps, bool), 1.0 - tau, tau)
+    own_timesteps = _own_timesteps(scheduler) if levels is None else None
+    return _Plan(scheduler, "fm", 1.0 - tau[:-1], tau[:-1], np.ones(steps, bool), 1.0 - tau, tau,
+                 eval_timesteps=own_timesteps)
 
 
 def _plan(teacher: Teacher, steps: Any, solver: str, grid: str, sigma_max: Any, sigma_min: Any) -> _Plan:
@@ -343,7 +379,7 @@ def _plan(teacher: Teacher, steps: Any, solver: str, grid: str, sigma_max: Any, 
             f"grid={grid!r} is the CMT authors' DPM-Solver++ recipe (ending at σ_min, orders …, 2, 1): use solver "
             f"dpmpp-3m (or dpmpp-2m), or grid 'logsnr' with {solver}"
         )
-    if solver == "ddim":
+    if solver in SCHEDULER_GRID_ONLY:
         if grid != "scheduler" or sigma_max is not None or sigma_min is not None:
             raise SolverError(
                 "DDIMScheduler only steps between the teacher's integer timesteps (it has no custom sigmas): use "
@@ -353,12 +389,21 @@ def _plan(teacher: Teacher, steps: Any, solver: str, grid: str, sigma_max: Any, 
         return _ddim_plan(teacher, steps)
     levels = _levels_for(teacher, steps, solver, grid, sigma_max, sigma_min)
     if solver == "euler":
-        return _euler_plan(teacher, steps, levels)
-    if solver == "heun":
-        return _heun_plan(teacher, steps, levels)
-    if solver in ("dpmpp-2m", "dpmpp-3m"):
-        return _dpm_plan(teacher, steps, 2 if solver == "dpmpp-2m" else 3, levels)
-    return _flow_plan(teacher, steps, levels)
+        plan = _euler_plan(teacher, steps, levels)
+    elif solver == "heun":
+        plan = _heun_plan(teacher, steps, levels)
+    elif solver in ("dpmpp-2m", "dpmpp-3m"):
+        plan = _dpm_plan(teacher, steps, 2 if solver == "dpmpp-2m" else 3, levels)
+    else:
+        plan = _flow_plan(teacher, steps, levels)
+    if len(plan.sigma) != steps + 1 or not (np.all(np.isfinite(plan.alpha)) and np.all(np.isfinite(plan.sigma))):
+        raise SolverError(
+            f"{type(plan.scheduler).__name__}.set_timesteps({steps}) with the teacher's scheduler flags makes the "
+            f"levels {np.round(plan.sigma, 6).tolist()}, not K+1 = {steps + 1} finite levels that end at 0 (e.g. "
+            "interpolation_type='log_linear' makes K+1 levels and stops at σ_min; shift_terminal with K = 1 makes "
+            "NaN): use grid='logsnr' or 'karras' (log-uniform / Karras levels ending at σ = 0), or more steps"
+        )
+    return plan
 
 
 def time_grid(
@@ -426,8 +471,10 @@ def solve(
             scheduler.scale_model_input(x, t)  # the scheduler's own bookkeeping; the teacher scales its own input
         if j == plan.second_order_step:
             scheduler.lower_order_nums = min(scheduler.lower_order_nums, 1)  # diffusers' own order counter
+        timestep = None if plan.eval_timesteps is None else plan.eval_timesteps[j]
         denoised = teacher.denoise_native(
-            x, plan.eval_alpha[j], plan.eval_sigma[j], labels=label_tensor, guidance_scale=guidance_scale
+            x, plan.eval_alpha[j], plan.eval_sigma[j], labels=label_tensor, guidance_scale=guidance_scale,
+            timestep=timestep,
         )  # [B, *S], x̂0
         if plan.space == "fm":
             model_output = (x - denoised) / float(plan.eval_sigma[j])  # velocity ε − x0 (α + σ = 1)

@@ -126,9 +126,16 @@ class NoiseSchedule:
             sigma_table = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # [T], σ̃ of each integer timestep
             log_table = np.log(sigma_table.double().numpy())
             if not np.all(np.diff(log_table) > 0):
+                zero_snr_hint = (
+                    " With rescale_betas_zero_snr, this scheduler class replaces the last alphas_cumprod (0) by "
+                    "2**-24, above the level before it for this beta schedule: load the teacher with its "
+                    "DDPMScheduler / DDIMScheduler config (which keeps alphas_cumprod[-1] = 0) or use beta_schedule 'scaled_linear' "
+                    "or 'squaredcos_cap_v2'"
+                    if getattr(scheduler.config, "rescale_betas_zero_snr", False) else ""
+                )
                 raise UnsupportedSchedulerError(
                     f"{type(scheduler).__name__}: the noise level σ̃(t) of this schedule is not strictly increasing "
-                    "in t (check betas / trained_betas: every beta must be > 0)"
+                    f"in t (check betas / trained_betas: every beta must be > 0).{zero_snr_hint}"
                 )
             return cls("vp", T, log_table, float(np.exp(log_table[0])), float(np.exp(log_table[-1])), scheduler)
         if family == "edm":
@@ -142,19 +149,26 @@ class NoiseSchedule:
         return cls("flow", T, None, 0.0, math.inf, scheduler)
 
     def timestep_from_sigma_edm(self, sigma_edm: np.ndarray) -> np.ndarray:
-        """Model timestep of EDM level σ̃ (vp: fractional index by log-σ̃ interpolation; edm: ¼·ln σ̃; flow: τ·T)."""
+        """Model timestep of EDM level σ̃ (vp: fractional index by log-σ̃ interpolation; edm: ¼·ln σ̃; flow: τ·T).
+
+        vp: σ̃ = ∞ is the last timestep of a zero-terminal-SNR table (whose last level is ∞) and refused elsewhere.
+        """
         sigma_edm = np.asarray(sigma_edm, dtype=np.float64)
         if self.family == "vp":
-            log_sigma = np.log(sigma_edm)
+            with np.errstate(divide="ignore"):
+                log_sigma = np.log(sigma_edm)
             table = self.log_sigma_table
-            bad = ~np.isfinite(log_sigma) | (log_sigma < table[0] - _SIGMA_LOG_TOLERANCE)
+            terminal = np.isposinf(log_sigma) & np.isposinf(table[-1])
+            bad = ~(np.isfinite(log_sigma) | terminal) | (log_sigma < table[0] - _SIGMA_LOG_TOLERANCE)
             bad |= log_sigma > table[-1] + _SIGMA_LOG_TOLERANCE
             if bad.any():
                 raise SigmaRangeError(
                     f"noise level σ̃={sigma_edm[bad][0]!r} (EDM view) is outside this VP teacher's schedule "
                     f"[{self.sigma_edm_min:.6g}, {self.sigma_edm_max:.6g}]: choose sigma_max/sigma_min inside it"
                 )
-            return np.interp(log_sigma, table, np.arange(len(table), dtype=np.float64))
+            with np.errstate(invalid="ignore"):
+                fractional = np.interp(log_sigma, table, np.arange(len(table), dtype=np.float64))
+            return np.where(terminal, len(table) - 1.0, fractional)
         if self.family == "edm":
             return 0.25 * np.log(sigma_edm)
         tau = sigma_edm / (1.0 + sigma_edm)
@@ -351,6 +365,13 @@ class Teacher:
             self.prediction_type = "flow"
         else:
             self.prediction_type = str(scheduler.config.prediction_type)
+        continuous = getattr(scheduler.config, "timestep_type", "discrete") == "continuous"
+        if continuous and self.prediction_type == "v_prediction":
+            raise UnsupportedSchedulerError(
+                f"{type(scheduler).__name__} with timestep_type='continuous' and v_prediction calls the model at "
+                "c_noise = ¼·ln σ̃ instead of a timestep of its alphas_cumprod table, which is not supported: use a "
+                "teacher conditioned on discrete timesteps (timestep_type='discrete')"
+            )
         allowed = {"vp": ("epsilon", "v_prediction", "sample"), "edm": ("epsilon", "v_prediction"), "flow": ("flow",)}
         if self.prediction_type not in allowed[self.schedule.family]:
             raise UnsupportedSchedulerError(
@@ -466,12 +487,16 @@ class Teacher:
         sigma: Any,
         labels: Any = None,
         guidance_scale: float | None = None,
+        timestep: float | None = None,
     ) -> torch.Tensor:
         """D ≈ E[x0 | x] for a state x = α·x0 + σ·ε in any scaling (α, σ scalars or one per sample) → [B, *S].
 
         This is the one implementation of the denoiser; :meth:`denoise` is the EDM view (α = 1, σ = σ̃).
         Guidance is applied to the model prediction, which equals guidance on D for every prediction type
         (D is affine in the prediction with the same offset for the conditional and unconditional pass).
+        ``timestep`` (vp and flow teachers) calls the network at that model timestep instead of the one mapped from
+        σ̃: a diffusers scheduler's own timestep on its own grid, where diffusers pipelines call the model. On a
+        zero-terminal-SNR vp schedule α = 0 (pure noise) is allowed for v- and sample-prediction teachers.
         """
         x = torch.as_tensor(x).to(device=self.device, dtype=torch.float32)  # [B, *S]
         batch = x.shape[0]
@@ -489,13 +514,18 @@ class Teacher:
                 raise SigmaRangeError("flow-matching teacher: need σ > 0 and α + σ > 0 (0 < τ ≤ 1)")
             tau = sigma / (alpha + sigma)  # [B]
             x_fm = x * column(1.0 / (alpha + sigma))  # [B, *S]
-            t = torch.as_tensor(tau * self.schedule.num_train_timesteps, dtype=torch.float32, device=self.device)
+            t = self._model_timesteps(tau * self.schedule.num_train_timesteps, timestep, batch)  # [B]
             velocity = self._guided_output(x_fm, t, labels, guidance_scale)  # [B, *S], v = ε − x0
             return x_fm - column(tau) * velocity
-        if np.any(alpha <= 0) or np.any(sigma <= 0):
+        if np.any(alpha < 0) or np.any(sigma <= 0) or (family == "edm" and np.any(alpha == 0)):
             raise SigmaRangeError(f"need α > 0 and σ > 0 for a {family} teacher, got α={alpha[:4]}, σ={sigma[:4]}")
-        sigma_edm = sigma / alpha  # [B]
+        if np.any(alpha == 0):
+            self._check_pure_noise()
+        with np.errstate(divide="ignore"):
+            sigma_edm = sigma / alpha  # [B], ∞ where α = 0
         if family == "edm":
+            if timestep is not None:
+                raise ValueError("timestep= applies to vp and flow teachers; an EDM teacher is called at c_noise(σ̃)")
             template = self.schedule.template
             x_edm = x * column(1.0 / alpha)  # [B, *S]
             sigma_col = column(sigma_edm)
@@ -503,7 +533,7 @@ class Teacher:
             c_noise = template.precondition_noise(torch.as_tensor(sigma_edm, dtype=torch.float32, device=self.device))
             out = self._guided_output(x_in, c_noise.reshape(batch), labels, guidance_scale)
             return template.precondition_outputs(x_edm, out, sigma_col)  # c_skip·x̃ + c_out·F
-        t = torch.as_tensor(self.schedule.timestep_from_sigma_edm(sigma_edm), dtype=torch.float32, device=self.device)
+        t = self._model_timesteps(self.schedule.timestep_from_sigma_edm(sigma_edm), timestep, batch)  # [B]
         alpha_vp, sigma_vp = vp_alpha_sigma(sigma_edm)  # [B], [B]
         x_vp = x * column(1.0 / np.sqrt(alpha * alpha + sigma * sigma))  # [B, *S]
         out = self._guided_output(x_vp, t, labels, guidance_scale)  # [B, *S]
@@ -512,6 +542,25 @@ class Teacher:
         if self.prediction_type == "v_prediction":
             return column(alpha_vp) * x_vp - column(sigma_vp) * out
         return out
+
+    def _model_timesteps(self, mapped: np.ndarray, timestep: float | None, batch: int) -> torch.Tensor:
+        """The network's timestep input [B], float32: `mapped` from σ̃, or the scheduler's own `timestep`."""
+        values = mapped if timestep is None else np.full(batch, float(timestep))
+        return torch.as_tensor(values, dtype=torch.float32, device=self.device)
+
+    def _check_pure_noise(self) -> None:
+        """α = 0 (σ̃ = ∞) needs a zero-terminal-SNR table and a prediction that gives x0 there (not ε: x0 = 0/0)."""
+        if not math.isinf(self.schedule.sigma_edm_max):
+            raise SigmaRangeError(
+                f"α = 0 (pure noise) is outside this teacher's schedule, whose largest level is σ̃ = "
+                f"{self.schedule.sigma_edm_max:.6g}: pass states with α > 0"
+            )
+        if self.prediction_type == "epsilon":
+            raise SigmaRangeError(
+                "this zero-terminal-SNR teacher predicts ε, which determines nothing about x0 at its last level "
+                "(α = 0, pure noise): start below it — timestep_spacing 'leading' or 'linspace' in its scheduler "
+                "config, or a karras/logsnr grid — or use a v_prediction teacher (what rescale_betas_zero_snr expects)"
+            )
 
     def denoise(
         self, x_edm: torch.Tensor, sigma_edm: Any, labels: Any = None, guidance_scale: float | None = None

@@ -92,12 +92,21 @@ def edm_from_fm(x_fm: Any, tau: Any) -> tuple[Any, Any]:
 
 
 def vp_alpha_sigma(sigma_edm: Any) -> tuple[Any, Any]:
-    """(α, σ) of the variance-preserving state with EDM level σ̃: α = 1/√(1+σ̃²), σ = σ̃·α."""
+    """(α, σ) of the variance-preserving state with EDM level σ̃: α = 1/√(1+σ̃²), σ = σ̃·α; σ̃ = ∞ gives (0, 1).
+
+    σ̃ = ∞ is the last level of a zero-terminal-SNR schedule (diffusers' ``rescale_betas_zero_snr``): pure noise.
+    """
     if isinstance(sigma_edm, (float, int)):
+        if math.isinf(sigma_edm):
+            return 0.0, 1.0
         alpha = 1.0 / math.sqrt(1.0 + sigma_edm * sigma_edm)
-    else:
-        alpha = 1.0 / (1.0 + sigma_edm * sigma_edm) ** 0.5
-    return alpha, sigma_edm * alpha
+        return alpha, sigma_edm * alpha
+    alpha = 1.0 / (1.0 + sigma_edm * sigma_edm) ** 0.5
+    infinite = sigma_edm == math.inf
+    if _is_numpy(sigma_edm):
+        with np.errstate(invalid="ignore"):
+            return alpha, np.where(infinite, 1.0, sigma_edm * alpha)
+    return alpha, (sigma_edm * alpha).masked_fill(infinite, 1.0)
 
 
 def fm_alpha_sigma(sigma_edm: Any) -> tuple[Any, Any]:

@@ -70,10 +70,31 @@ shard uncommitted; readers trust committed shards only. Commit state never lives
 
 The digest is sha256 over: ``b"cmt-trajectory-shard/v2\\0"``, ``(s, start, stop)`` as three ``<i8``,
 the shard's traj bytes then its endpoint bytes in the storage dtype (C order, little-endian), its seeds as ``<i8``,
-and (when conditional) its labels as ``<i8``. ``validate(deep=True)`` recomputes it from the decoded data.
+and (when conditional) its labels as ``<i8``. ``validate(deep=True)`` recomputes it from the decoded data, and
+``verify_shard(s)`` for one shard in bounded reads. ``uncommit_shard(s)`` clears a record (``python -m
+storage_schema validate URL --deep --uncommit-corrupt`` does so for every shard failing the deep check), so
+re-running the generation job rewrites exactly those shards.
+
+Writer claims (several writers of one store at once: ``storage_schema/claims.py``)
+----------------------------------------------------------------------------------
+``claim/<name>.<epoch>`` (JSON: owner id, host, pid, process start time, heartbeat count) says which writer
+creates the store (name ``create``) or writes shard ``name``; the newest epoch is the claim. It is taken only by
+exclusive creation (fsspec mode ``"xb"``), refreshed by its holder's heartbeat, and taken over (next epoch) when
+stale: its process is gone (same host) or its heartbeat has not changed for ``LEASE_S`` (another host). A writer
+writes a shard only while it holds the shard's claim (checked again right before the commit record) and only if
+the shard is still uncommitted once claimed; ``open_or_create_store`` creates a store once among concurrent
+writers (the others wait, then join). Claims are not data: they are left out of sizes, and removed when a store is
+complete, so a finished store holds none and equal specs still give byte-identical stores.
+
+Temporary files: zarr's LocalStore writes ``<key stem>.<32 hex>.partial`` and renames it over the key; a writer
+killed mid-write leaves it. They are never read and not counted in sizes; ``validate`` lists them and
+``remove_partial_files`` (``python -m storage_schema validate URL --remove-partial``) deletes them when no writer is
+live.
 """
 
+from storage_schema.claims import CREATE, ClaimRecord, ShardClaims
 from storage_schema.errors import (
+    ClaimLostError,
     CorruptShardError,
     InvalidSpecError,
     NotAStoreError,
@@ -84,16 +105,21 @@ from storage_schema.errors import (
     ShardIndexError,
     ShardNotCommittedError,
     SpecMismatchError,
+    StoreBusyError,
     StoreError,
     StoreExistsError,
 )
+from storage_schema.joining import open_or_create_store, store_claims
 from storage_schema.spec import CODECS, SCHEMA_VERSION, STORAGE_DTYPES, GenerationSpec, cache_path
 from storage_schema.store import TrajectoryStore, ValidationReport, create_store, open_store
 
 __all__ = [
     "CODECS",
+    "CREATE",
     "SCHEMA_VERSION",
     "STORAGE_DTYPES",
+    "ClaimLostError",
+    "ClaimRecord",
     "CorruptShardError",
     "GenerationSpec",
     "InvalidSpecError",
@@ -101,15 +127,19 @@ __all__ = [
     "ReadOnlyStoreError",
     "SchemaVersionError",
     "ShardAlreadyCommittedError",
+    "ShardClaims",
     "ShardDataError",
     "ShardIndexError",
     "ShardNotCommittedError",
     "SpecMismatchError",
+    "StoreBusyError",
     "StoreError",
     "StoreExistsError",
     "TrajectoryStore",
     "ValidationReport",
     "cache_path",
     "create_store",
+    "open_or_create_store",
     "open_store",
+    "store_claims",
 ]

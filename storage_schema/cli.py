@@ -1,4 +1,8 @@
-"""`python -m storage_schema describe|validate URL`: inspect a trajectory store from the shell."""
+"""`python -m storage_schema describe|validate URL`: inspect a trajectory store from the shell.
+
+`validate URL --deep --uncommit-corrupt` also clears the commit record of every shard that fails the deep check, so
+re-running the store's generation command regenerates exactly those shards (byte-identical to the originals).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from storage_schema.errors import StoreError
+from storage_schema.errors import StoreBusyError, StoreError
 from storage_schema.store import open_store
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_CANNOT_OPEN = 2
+EXIT_BUSY = 3  # --remove-partial met a live writer
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class CliConfig:
     url: str
     deep: bool = False
     require_complete: bool = False
+    remove_partial: bool = False
+    uncommit_corrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,20 +74,45 @@ def _validate_text(url: str, report: dict[str, Any]) -> str:
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
         lines.append(f"  shards not committed ({len(missing)}): {shown}")
+    removed, partial = report.get("removed_partial_files", {}), report["partial_files"]
+    if removed:
+        lines.append(f"  removed {len(removed)} partial file(s) of interrupted writes ({sum(removed.values())} bytes)")
+    if partial:
+        shown = ", ".join(sorted(partial)[:5]) + (", ..." if len(partial) > 5 else "")
+        lines.append(
+            f"  partial files of interrupted writes ({len(partial)}, {sum(partial.values())} bytes, never read): {shown}; "
+            f"remove them with `python -m storage_schema validate {url} --remove-partial` when no writer is running"
+        )
+    if report.get("uncommitted_shards"):
+        lines.append(
+            f"  uncommitted the corrupt shards {report['uncommitted_shards']}: re-run the store's generation command "
+            "to regenerate them (it writes only uncommitted shards)"
+        )
     return "\n".join(lines)
 
 
 def run(cfg: CliConfig) -> CliResult:
     """Execute one describe/validate command; never raises for store problems, reports them instead."""
     try:
-        store = open_store(cfg.url, "r")
+        store = open_store(cfg.url, "r+" if cfg.uncommit_corrupt else "r")
     except StoreError as error:
         payload = {"ok": False, "error": type(error).__name__, "message": str(error)}
         return CliResult(EXIT_CANNOT_OPEN, payload, f"error: {type(error).__name__}: {error}")
     if cfg.command == "describe":
         summary = store.describe()
         return CliResult(EXIT_OK, summary, _describe_text(summary))
-    report = store.validate(deep=cfg.deep).to_dict()
+    removed = {}
+    if cfg.remove_partial:
+        try:
+            removed = store.remove_partial_files()
+        except StoreBusyError as error:
+            payload = {"ok": False, "error": type(error).__name__, "message": str(error)}
+            return CliResult(EXIT_BUSY, payload, f"error: {error}")
+    report = {**store.validate(deep=cfg.deep).to_dict(), "removed_partial_files": removed}
+    if cfg.uncommit_corrupt and cfg.deep:
+        for shard in report["corrupt_shards"]:
+            store.uncommit_shard(shard)
+        report["uncommitted_shards"] = list(report["corrupt_shards"])
     if cfg.require_complete and report["missing_shards"]:
         report["problems"].append(f"{len(report['missing_shards'])} shard(s) not committed (--require-complete)")
         report["ok"] = False
@@ -96,22 +128,30 @@ def main(argv: list[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="check a store; exit status 1 on any problem")
     validate.add_argument("--deep", action="store_true", help="decode every committed shard and re-check its digest")
     validate.add_argument("--require-complete", action="store_true", help="treat uncommitted shards as problems")
+    validate.add_argument("--remove-partial", action="store_true",
+                          help="first delete the *.partial files of interrupted writes (refused while a writer runs)")
+    validate.add_argument("--uncommit-corrupt", action="store_true",
+                          help="with --deep: uncommit shards that fail it, so the generation command regenerates them")
     for sub in (describe, validate):
         sub.add_argument("url", help="store path or fsspec URL")
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    if getattr(args, "uncommit_corrupt", False) and not args.deep:
+        parser.error("--uncommit-corrupt needs --deep (only the deep check finds corrupt shards)")
     result = run(
         CliConfig(
             command=args.command,
             url=args.url,
             deep=getattr(args, "deep", False),
             require_complete=getattr(args, "require_complete", False),
+            remove_partial=getattr(args, "remove_partial", False),
+            uncommit_corrupt=getattr(args, "uncommit_corrupt", False),
         )
     )
     if args.json:
         print(json.dumps(result.payload, indent=2, default=str))
     else:
-        print(result.text, file=sys.stderr if result.exit_code == EXIT_CANNOT_OPEN else sys.stdout)
+        print(result.text, file=sys.stderr if result.exit_code in (EXIT_CANNOT_OPEN, EXIT_BUSY) else sys.stdout)
     return result.exit_code
 
 

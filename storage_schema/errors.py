@@ -49,3 +49,11 @@ class ShardAlreadyCommittedError(StoreError):
 
 class StoreExistsError(StoreError, FileExistsError):
     """`create_store` found a store (or other files) at the URL and will not replace them."""
+
+
+class ClaimLostError(StoreError):
+    """A writer's claim on a shard was taken over by another writer (it looked stale) before the shard was committed."""
+
+
+class StoreBusyError(StoreError):
+    """An operation that needs the store to itself met a live writer's claim."""

@@ -5,6 +5,7 @@ See the package docstring (`storage_schema/__init__.py`) for the authoritative l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -12,7 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -21,7 +22,9 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
+from storage_schema.claims import CLAIM_DIR, LEASE_S, ShardClaims
 from storage_schema.errors import (
+    ClaimLostError,
     CorruptShardError,
     InvalidSpecError,
     NotAStoreError,
@@ -32,6 +35,7 @@ from storage_schema.errors import (
     ShardIndexError,
     ShardNotCommittedError,
     SpecMismatchError,
+    StoreBusyError,
     StoreExistsError,
 )
 from storage_schema.spec import SCHEMA_VERSION, GenerationSpec, has_url_scheme
@@ -43,7 +47,10 @@ UNKNOWN_PACKAGE_VERSION = "0+unknown"
 RESERVED_ATTRS = ("format", "schema_version", "spec", "package_version")
 
 TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT = "traj", "endpoint", "seed", "label", "alpha", "sigma", "commit"
-LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT})
+LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT, CLAIM_DIR})
+# An interrupted local write leaves its temporary file: zarr's LocalStore writes `<key stem>.<32 hex>.partial`, then
+# renames it over the key.
+PARTIAL_SUFFIX = ".partial"
 DIGEST_BYTES = 32
 COMMIT_RECORD_BYTES = DIGEST_BYTES + 1
 COMMITTED_FLAG = 1
@@ -164,11 +171,27 @@ def compute_shard_digest(
 
     `endpoints` defaults to traj[:, -1] (what `write_shard` stores); validation passes the decoded array.
     """
+    hasher = _shard_hasher(index, start, stop)
+    _hash_values(hasher, traj, dtype)  # [n*(K+1)*prod(S)*itemsize]
+    _hash_values(hasher, traj[:, -1] if endpoints is None else endpoints, dtype)  # [n*prod(S)*itemsize]
+    return _finish_digest(hasher, seeds, labels)
+
+
+def _shard_hasher(index: int, start: int, stop: int) -> Any:
+    """A sha256 fed the domain tag and (index, start, stop) as three <i8: the head of every shard digest."""
     hasher = hashlib.sha256(DIGEST_DOMAIN)
     hasher.update(np.array([index, start, stop], dtype="<i8").tobytes())
-    hasher.update(np.ascontiguousarray(traj, dtype=dtype).reshape(-1).view(np.uint8))  # [n*(K+1)*prod(S)*itemsize]
-    endpoints = traj[:, -1] if endpoints is None else endpoints
-    hasher.update(np.ascontiguousarray(endpoints, dtype=dtype).reshape(-1).view(np.uint8))  # [n*prod(S)*itemsize]
+    return hasher
+
+
+def _hash_values(hasher: Any, values: np.ndarray, dtype: np.dtype) -> None:
+    """Feed trajectories [n, K+1, *S] or endpoints [n, *S] in storage dtype, C order (consecutive blocks along n hash as
+    one array)."""
+    hasher.update(np.ascontiguousarray(values, dtype=dtype).reshape(-1).view(np.uint8))  # [n*prod(shape[1:])*itemsize]
+
+
+def _finish_digest(hasher: Any, seeds: np.ndarray, labels: np.ndarray | None) -> bytes:
+    """Feed the shard's seeds (and labels) as <i8 and return the digest."""
     hasher.update(np.ascontiguousarray(seeds, dtype="<i8").view(np.uint8))  # [n*8]
     if labels is not None:
         hasher.update(np.ascontiguousarray(labels, dtype="<i8").view(np.uint8))  # [n*8]
@@ -206,7 +229,8 @@ def _group_attributes(fs: Any, path: str) -> dict[str, Any] | None:
 
 
 def _location_kind(fs: Any, path: str) -> tuple[str, list[str]]:
-    """Classify what lies at `path`: absent, empty, store, incomplete_store or foreign (with its entries)."""
+    """Classify what lies at `path`: absent, empty, claimed (only writer claims: creation under way), store,
+    incomplete_store or foreign (with its entries)."""
     if not fs.exists(path):
         return "absent", []
     if fs.isfile(path):
@@ -214,6 +238,8 @@ def _location_kind(fs: Any, path: str) -> tuple[str, list[str]]:
     names = _child_names(fs, path)
     if not names:
         return "empty", []
+    if names == [CLAIM_DIR]:
+        return "claimed", names
     attributes = _group_attributes(fs, path)
     ours = attributes is not None and attributes.get("format") in (FORMAT_NAME, INCOMPLETE_FORMAT_NAME)
     if ours and set(names) <= LAYOUT_NAMES:
@@ -270,18 +296,32 @@ def create_store(
     fs, path = _filesystem(url, storage_options)
     kind, names = _location_kind(fs, path)
     if kind == "foreign":
+        raise StoreExistsError(foreign_files_message(url, names))
+    if kind in ("store", "incomplete_store", "claimed") and not overwrite:
         raise StoreExistsError(
-            f"{url} holds files that are not a trajectory store ({', '.join(names[:5])}"
-            f"{', ...' if len(names) > 5 else ''}); nothing was changed; choose an empty or new path"
+            f"a trajectory store already exists at {url} (or another writer is creating one); open it with "
+            "open_or_create_store(url, spec, ...) to join it or open_store(url, 'r+') to add shards, or pass "
+            "overwrite=True to delete and recreate it"
         )
-    if kind in ("store", "incomplete_store"):
-        if not overwrite:
-            raise StoreExistsError(
-                f"a trajectory store already exists at {url}; open it with open_store(url, 'r+') to add shards, "
-                "or pass overwrite=True to delete and recreate it"
-            )
+    if kind in ("store", "incomplete_store", "claimed"):
         fs.rm(path, recursive=True)
+    write_new_store(url, spec, alpha, sigma, user_attrs, storage_options)
+    return open_store(url, "r+", expected_spec=spec, storage_options=storage_options)
 
+
+def foreign_files_message(url: str, names: list[str]) -> str:
+    """The refusal to write where files that are not a trajectory store lie."""
+    return (
+        f"{url} holds files that are not a trajectory store ({', '.join(names[:5])}"
+        f"{', ...' if len(names) > 5 else ''}); nothing was changed; choose an empty or new path"
+    )
+
+
+def write_new_store(
+    url: str, spec: GenerationSpec, alpha: np.ndarray, sigma: np.ndarray, user_attrs: dict[str, Any],
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """Write the group, arrays, α/σ and consolidated metadata of an empty store where nothing of a store lies yet."""
     final_attrs = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -311,13 +351,13 @@ def create_store(
     group[SIGMA][:] = sigma
     group.attrs.put(final_attrs)
     _consolidate(group.store)
-    return open_store(url, "r+", expected_spec=spec, storage_options=storage_options)
 
 
 def _consolidate(zarr_store: Any) -> None:
     """Write zarr-python's consolidated metadata (one read opens the store; arrays never change after creation)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+        warnings.filterwarnings("ignore", message=f"Object at {CLAIM_DIR} is not recognized", category=UserWarning)
         zarr.consolidate_metadata(zarr_store)
 
 
@@ -393,12 +433,15 @@ def _reopen(
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """Outcome of `TrajectoryStore.validate`: problems found, shards checked, shards not yet committed."""
+    """Outcome of `TrajectoryStore.validate`: problems found, shards checked, shards not yet committed, and the
+    temporary files of interrupted writes (not problems: readers never see them; `remove_partial_files` deletes them)."""
 
     problems: list[str]
     checked_shards: list[int]
     missing_shards: list[int]
     deep: bool
+    partial_files: dict[str, int] = field(default_factory=dict)
+    corrupt_shards: list[int] = field(default_factory=list)  # deep: committed shards that fail decoding or checks
 
     @property
     def ok(self) -> bool:
@@ -413,6 +456,8 @@ class ValidationReport:
             "problems": list(self.problems),
             "checked_shards": list(self.checked_shards),
             "missing_shards": list(self.missing_shards),
+            "partial_files": dict(self.partial_files),
+            "corrupt_shards": list(self.corrupt_shards),
         }
 
 
@@ -479,6 +524,10 @@ class TrajectoryStore:
         """Trajectory range [start, stop) of shard `index`."""
         return self.spec.shard_bounds(index)
 
+    def claims(self, owner: str | None = None, *, lease_s: float = LEASE_S) -> ShardClaims:
+        """The writer claims of this store, seen by writer `owner` (a new one by default); see `storage_schema.claims`."""
+        return ShardClaims(self._fs, self._fs_path, owner=owner, lease_s=lease_s)
+
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         """Trajectory range [start, stop) of chunk `index`."""
         return self.spec.chunk_bounds(index)
@@ -488,15 +537,21 @@ class TrajectoryStore:
         return self.spec.shard_chunks(index)
 
     def write_shard(
-        self, index: int, traj: Any, seeds: Any, labels: Any = None, *, repair: bool = False
+        self, index: int, traj: Any, seeds: Any, labels: Any = None, *, repair: bool = False,
+        claims: ShardClaims | None = None,
     ) -> str:
-        """Write shard `index` (data first, commit record last) and return its hex digest."""
+        """Write shard `index` (data first, commit record last) and return its hex digest.
+
+        With `claims`, the writer must hold the shard's claim when it starts and still hold it right before the commit
+        record is written; otherwise ClaimLostError, and the shard stays uncommitted.
+        """
         if self.mode != "r+":
             raise ReadOnlyStoreError(
                 f"{self.url} was opened read-only; open it with open_store(url, mode='r+') to write shards"
             )
         start, stop = self.spec.shard_bounds(index)
         traj_stored, seeds_stored, labels_stored = self._checked_shard_data(index, start, stop, traj, seeds, labels)
+        self._require_claim(index, claims)
         record = self._commit_records(index, index + 1)[0]  # [33]
         if record[DIGEST_BYTES] == COMMITTED_FLAG and not repair:
             raise ShardAlreadyCommittedError(
@@ -513,9 +568,18 @@ class TrajectoryStore:
             self._arrays[LABEL][start:stop] = labels_stored
         _reach_stage("data_written", index)
         digest = compute_shard_digest(index, start, stop, traj_stored, seeds_stored, labels_stored, self._dtype)
+        self._require_claim(index, claims)
         self._arrays[COMMIT][index] = np.frombuffer(digest + bytes([COMMITTED_FLAG]), dtype=np.uint8)
         _reach_stage("committed", index)
         return digest.hex()
+
+    def _require_claim(self, index: int, claims: ShardClaims | None) -> None:
+        """Raise ClaimLostError when `claims` no longer holds shard `index` (another writer took it over)."""
+        if claims is not None and not claims.holds(str(index)):
+            raise ClaimLostError(
+                f"shard {index} of {self.url} is claimed by another writer now (this writer's claim looked stale to "
+                "it); this writer did not commit it"
+            )
 
     def _checked_shard_data(
         self, index: int, start: int, stop: int, traj: Any, seeds: Any, labels: Any
@@ -604,12 +668,15 @@ class TrajectoryStore:
         return int(selection) if selection.ndim == 0 else selection
 
     def _read_range(
-        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True, endpoints: bool = False
+        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True, trajectories: bool = True,
+        endpoints: bool = False,
     ) -> dict[str, np.ndarray | None]:
         """traj/seed/label (and endpoint) of trajectories [start, stop), decoding errors raised as CorruptShardError."""
         points = self._normalised_points(point_indices)
         try:
-            traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
+            traj = None
+            if trajectories:
+                traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
             endpoint = self._arrays[ENDPOINT][start:stop] if endpoints else None  # [n, *S]
             seed = self._arrays[SEED][start:stop] if seeds else None  # [n]
             label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
@@ -625,22 +692,60 @@ class TrajectoryStore:
     def read_shard(
         self, index: int, *, require_committed: bool = True, verify: bool = False
     ) -> dict[str, np.ndarray | None]:
-        """Shard `index` as dict(traj=[n, K+1, *S], seed=[n], label=[n] or None); verify re-checks the digest."""
+        """Shard `index` as dict(traj=[n, K+1, *S], endpoint=[n, *S], seed=[n], label=[n] or None); verify re-checks the
+        digest."""
         start, stop = self.spec.shard_bounds(index)
         if require_committed:
             self._require_committed(index, index + 1)
-        data = self._read_range(start, stop, None)
+        data = self._read_range(start, stop, None, endpoints=True)
         if verify:
-            recorded = self.shard_digest(index)
-            endpoints = self._read_range(start, stop, -1, seeds=False, endpoints=True)["endpoint"]  # [n, *S]
             computed = compute_shard_digest(index, start, stop, data["traj"], data["seed"], data["label"], self._dtype,
-                                            endpoints)
-            if recorded != computed.hex():
-                raise CorruptShardError(
-                    f"shard {index} of {self.url} does not match its commit digest (recorded {recorded}, computed "
-                    f"{computed.hex()}); rewrite it with write_shard(..., repair=True)"
-                )
+                                            data["endpoint"])
+            self._check_digest(index, computed)
         return data
+
+    def verify_shard(self, index: int, *, read_bytes: int | None = None) -> None:
+        """Decode committed shard `index` and check it against its commit digest (CorruptShardError if it fails).
+
+        Whole chunks are read, at most `read_bytes` of decoded trajectories at a time (None: the whole shard at once),
+        then the endpoints in as many trajectories per read, hashed as they arrive, so memory stays at one read whatever
+        the shard size.
+        """
+        start, stop = self.spec.shard_bounds(index)
+        spec = self.spec
+        chunk_bytes = spec.chunk_size * spec.num_points * math.prod(spec.sample_shape) * self._dtype.itemsize
+        rows = spec.shard_size if read_bytes is None else spec.chunk_size * max(1, read_bytes // chunk_bytes)
+        hasher = _shard_hasher(index, start, stop)
+        for first in range(start, stop, rows):
+            block = self._read_range(first, min(first + rows, stop), None, seeds=False)["traj"]  # [n, K+1, *S]
+            _hash_values(hasher, block, self._dtype)
+        for first in range(start, stop, rows):
+            block = self._read_range(first, min(first + rows, stop), None, seeds=False, trajectories=False,
+                                     endpoints=True)["endpoint"]  # [n, *S]
+            _hash_values(hasher, block, self._dtype)
+        ids = self._read_range(start, stop, None, trajectories=False)
+        self._check_digest(index, _finish_digest(hasher, ids["seed"], ids["label"]))
+
+    def _check_digest(self, index: int, computed: bytes) -> None:
+        """Raise unless `computed` is shard `index`'s committed digest (ShardNotCommittedError when there is none)."""
+        recorded = self.shard_digest(index)
+        if recorded is None:
+            raise ShardNotCommittedError(f"shard {index} of {self.url} is not committed: it has no digest to check")
+        if recorded != computed.hex():
+            raise CorruptShardError(
+                f"shard {index} of {self.url} does not match its commit digest (recorded {recorded[:16]}…, computed "
+                f"{computed.hex()[:16]}…): its bytes changed after commit; rewrite it with "
+                "write_shard(..., repair=True)"
+            )
+
+    def uncommit_shard(self, index: int) -> None:
+        """Clear shard `index`'s commit record (its objects stay), so a generation re-run writes it again."""
+        if self.mode != "r+":
+            raise ReadOnlyStoreError(
+                f"{self.url} was opened read-only; open it with open_store(url, mode='r+') to uncommit shards"
+            )
+        self.spec.shard_bounds(index)
+        self._arrays[COMMIT][index] = np.zeros(COMMIT_RECORD_BYTES, dtype=np.uint8)
 
     def read_points(
         self, start: int, stop: int, point_indices: Any = None, *, require_committed: bool = True
@@ -715,15 +820,38 @@ class TrajectoryStore:
             return None
         return record[:DIGEST_BYTES].tobytes().hex()
 
-    def _object_sizes(self) -> dict[str, int]:
-        """Size in bytes of every object under the store root, keyed by path relative to the root."""
+    def _objects(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Sizes in bytes of the store's own objects and of the `*.partial` files of interrupted local writes, keyed by
+        path relative to the root, from one fresh listing (writer claims are neither)."""
         prefix = f"{self._fs_path.lstrip('/')}/"
-        sizes = {}
+        own, partial = {}, {}
+        self._fs.invalidate_cache(self._fs_path)
         for path, info in self._fs.find(self._fs_path, detail=True).items():
-            relative = path.lstrip("/")
-            if relative.startswith(prefix):
-                sizes[relative[len(prefix):]] = int(info.get("size") or 0)
-        return sizes
+            relative = path.lstrip("/").removeprefix(prefix)
+            if relative.endswith(PARTIAL_SUFFIX):
+                partial[relative] = int(info.get("size") or 0)
+            elif relative.split("/", 1)[0] != CLAIM_DIR:
+                own[relative] = int(info.get("size") or 0)
+        return own, partial
+
+    def partial_files(self) -> dict[str, int]:
+        """Temporary files left by interrupted local writes (`*.partial`), relative path → bytes."""
+        return self._objects()[1]
+
+    def remove_partial_files(self) -> dict[str, int]:
+        """Delete the `*.partial` files and return them; refused (StoreBusyError) while a writer of the store is live."""
+        claims = self.claims()
+        live = [record for record in claims.records().values() if claims.is_live(record)]
+        if live:
+            raise StoreBusyError(
+                f"{self.url} is being written ({live[0].describe()} holds claim {live[0].name!r}), and its temporary "
+                "files may be in use: remove partial files after that writer ends"
+            )
+        partial = self.partial_files()
+        for relative in partial:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(f"{self._fs_path}/{relative}")
+        return partial
 
     def validate(self, deep: bool = False) -> ValidationReport:
         """Check metadata, layout and commit records; deep also re-hashes committed shards and finds NaN/Inf."""
@@ -749,7 +877,8 @@ class TrajectoryStore:
             problems.append(f"shard {shard}: commit record has an invalid flag byte {int(flags[shard])}")
         committed = np.flatnonzero(flags == COMMITTED_FLAG).tolist()
         missing = np.flatnonzero(flags != COMMITTED_FLAG).tolist()
-        object_names = set(self._object_sizes())
+        own, partial = self._objects()
+        object_names = set(own)
         layouts = array_layouts(spec)
         sharded = [name for name, layout in layouts.items() if layout.shards is not None]
         for shard in committed:
@@ -757,10 +886,13 @@ class TrajectoryStore:
                 key = shard_object_key(name, layouts[name], shard)
                 if key not in object_names:
                     problems.append(f"shard {shard}: committed but its object {key!r} is missing")
+        corrupt = []
         if deep:
             for shard in committed:
-                problems += self._deep_shard_problems(shard, records[shard, :DIGEST_BYTES].tobytes())
-        return ValidationReport(problems, committed, missing, deep)
+                found = self._deep_shard_problems(shard, records[shard, :DIGEST_BYTES].tobytes())
+                problems += found
+                corrupt += [shard] if found else []
+        return ValidationReport(problems, committed, missing, deep, partial, corrupt)
 
     def _layout_problems(self) -> list[str]:
         """Differences between the arrays on storage and the layout the spec prescribes."""
@@ -809,7 +941,7 @@ class TrajectoryStore:
         spec = self.spec
         committed = self.committed_shards()
         committed_trajectories = sum(stop - start for start, stop in map(spec.shard_bounds, committed))
-        sizes = self._object_sizes()
+        sizes = self._objects()[0]
         bytes_by_array: dict[str, int] = {}
         for relative, size in sizes.items():
             top = relative.split("/", 1)[0]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from diffusers import UNet2DModel
 
@@ -53,6 +54,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, ulps: float = 
     )
 
 
+def process_ended(process: psutil.Process) -> bool:
+    """True once a process has exited (a zombie that its parent has not reaped yet counts as ended)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on right now."""
     with socket.socket() as probe:
@@ -86,12 +95,21 @@ def write_solved_store(teacher, url: Path, *, num_trajectories: int, steps: int,
         chunk_size=chunk_size or max(1, shard_size // 2), dtype=dtype, num_classes=classes,
         label_plan=None if classes is None else "index mod classes",
     )
-    labels = None if classes is None else np.arange(num_trajectories) % classes  # [N]
-    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps, solver=solver, grid="logsnr",
+    return write_store_of_spec(teacher, spec, url, shards=shards)
+
+
+def write_store_of_spec(teacher, spec: GenerationSpec, url: Path | str, *, shards: list[int] | None = None):
+    """The store of `spec` (e.g. pipeline.generate.build_spec's), solved and written without Ray; in a conditional
+    spec, trajectory i has class i mod num_classes."""
+    grid = dict(spec.grid_params)
+    seeds = list(range(spec.seed_base, spec.seed_base + spec.num_trajectories))
+    labels = None if spec.num_classes is None else np.arange(spec.num_trajectories) % spec.num_classes  # [N]
+    trajectory = solve(teacher, seeds, steps=spec.steps, solver=spec.solver, grid=spec.grid,
+                       sigma_max=grid.get("sigma_max"), sigma_min=grid.get("sigma_min"),
                        labels=None if labels is None else torch.from_numpy(labels))
     store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
     for shard in range(spec.num_shards) if shards is None else shards:
         start, stop = spec.shard_bounds(shard)
-        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop),
+        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop) + spec.seed_base,
                           None if labels is None else labels[start:stop])
     return url

@@ -14,6 +14,7 @@ import torch
 from storage_schema import GenerationSpec, create_store
 from trainer.config import ConfigError
 from trainer.data import (
+    READ_BYTES,
     IncompleteStoreError,
     NotEnoughShardsError,
     SampleShapeError,
@@ -426,21 +427,30 @@ def test_fewer_chunks_than_readers_or_too_few_samples_are_refused(tmp_path):
         TrajectoryStream(config([url], batch_per_process=64), rank=0, world_size=2)
 
 
-def test_endpoints_mode_reads_the_endpoint_array_only(tmp_path):
-    """One epoch of endpoints reads the `endpoint` array's bytes (+ the shard indexes), 1/17 of the trajectories'."""
+def test_endpoints_mode_reads_the_endpoint_array_for_its_batches_after_the_digest_check(tmp_path, monkeypatch):
+    """The digest covers traj and endpoint, so an epoch decodes each shard once to check it. A shard within one read:
+    that read feeds the batches, in endpoints mode too. A larger shard: endpoints then reads only the `endpoint` array
+    (1/17 of the trajectories' bytes) for its batches, cm the trajectories again."""
     from jobs.bench_loader import bytes_read_by
     from storage_schema import open_store
 
     url = make_store(tmp_path, "bytes", num_trajectories=64, shard_size=16, chunk_size=8, steps=16, shape=(3, 16, 16))[0]
     sizes = {name: stored - (Path(url) / name / "zarr.json").stat().st_size  # the shard objects alone
              for name, stored in open_store(url).describe()["bytes_by_array"].items() if name in ("traj", "endpoint")}
+    traj_chunk_bytes = 8 * 17 * 3 * 16 * 16 * 2  # a shard is 2 chunks: traj + endpoint exceed this read
     read = {}
+    for read_bytes in (READ_BYTES, traj_chunk_bytes):
+        monkeypatch.setattr("trainer.data.READ_BYTES", read_bytes)
+        for mode in ("endpoints", "cm"):
+            stream = TrajectoryStream(config([url], mode=mode, batch_per_process=16, shuffle_buffer=0), rank=0,
+                                      world_size=1)
+            read[mode, read_bytes] = bytes_read_by(lambda stream=stream: take(stream, stream.batches_per_epoch()))
+    checked = sizes["traj"] + sizes["endpoint"]  # one decode of every shard for its digest
+    margin = sizes["traj"] / 17  # shard indexes, seeds: less than one point per trajectory
     for mode in ("endpoints", "cm"):
-        stream = TrajectoryStream(config([url], mode=mode, batch_per_process=16, shuffle_buffer=0), rank=0,
-                                  world_size=1)
-        read[mode] = bytes_read_by(lambda stream=stream: take(stream, stream.batches_per_epoch()))
-    assert sizes["endpoint"] <= read["endpoints"] < sizes["endpoint"] + sizes["traj"] / 17  # 17 points per trajectory
-    assert read["cm"] >= sizes["traj"]
+        assert checked <= read[mode, READ_BYTES] < checked + margin
+    assert checked + sizes["endpoint"] <= read["endpoints", traj_chunk_bytes] < checked + sizes["endpoint"] + margin
+    assert read["cm", traj_chunk_bytes] >= checked + sizes["traj"]
 
 
 def test_mixed_conditioning_and_bad_settings_are_refused(tmp_path):

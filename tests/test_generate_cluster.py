@@ -79,29 +79,54 @@ def _job_agent_answers(address: str, env: dict[str, str]) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A real single-node Ray cluster (`ray start --head`) in a fresh temp dir, with the venv's python on PATH.
+README = REPO / "README.md"
+README_ADDRESS = "http://127.0.0.1:8265"
+README_TEACHER = "$PWD/runs/digits/pretrain/export"
+README_TRAJECTORIES = "--num-trajectories 4096"
 
-    Ready means its job agent runs a submitted job; stopping it touches only its own processes.
-    """
+
+def _readme_cluster_lines() -> tuple[str, str, str]:
+    """README's `export RAY_AUTH_MODE=...`, `ray get-auth-token ...` and (joined) `ray job submit ...` lines."""
+    lines = [line.split("  #")[0].strip() for line in README.read_text().splitlines()]
+    export = next(line for line in lines if line.startswith("export RAY_AUTH_MODE="))
+    token = next(line for line in lines if line.startswith("ray get-auth-token"))
+    first = next(index for index, line in enumerate(lines) if line.startswith("ray job submit"))
+    submit = lines[first]
+    while submit.endswith("\\"):
+        first += 1
+        submit = submit[:-1] + lines[first]
+    return export, token, submit
+
+
+def _home_env(home: Path, temp_dir: str) -> dict[str, str]:
+    """The environment of a user whose home is `home`, with README's `export` applied and no other Ray auth setting."""
+    export, _, _ = _readme_cluster_lines()
+    name, value = export.removeprefix("export ").split("=", 1)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_")}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_USAGE_STATS_ENABLED="0", CMT_CACHE_DIR=str(Path(temp_dir) / "cache"))
+    env[name] = value
+    return env
+
+
+@contextlib.contextmanager
+def _readme_cluster(home: Path):
+    """README's cluster in `home`: its `export` and `ray get-auth-token` lines, then `ray start --head` in a fresh temp
+    dir on loopback; ready when its job agent runs a job. Stopping it touches only its own processes."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = _home_env(home, temp_dir)
     dashboard_port = free_port()
-    env = dict(
-        os.environ,
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_MODE="token",  # token authentication, with a token of this cluster's own for start and submit
-        RAY_AUTH_TOKEN=secrets.token_hex(32),
-    )
     start = [
         str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
         "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]
+    ]  # ports of their own: Ray's fixed defaults (agent 52365, client 10001) clash with any other cluster here
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
+        token = subprocess.run(["bash", "-c", _readme_cluster_lines()[1]], env=env, capture_output=True, text=True,
+                               timeout=HANG_LIMIT_S)
+        assert token.returncode == 0, token.stdout + token.stderr
         started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=HANG_LIMIT_S)
         assert started.returncode == 0, started.stdout + started.stderr
         wait_until(lambda: _job_agent_answers(address, env), "the cluster's job agent accepts jobs", poll_s=1.0)
@@ -111,6 +136,42 @@ def cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """README's cluster started from a home where ~/.ray/auth_token already exists (left by any earlier Ray use)."""
+    home = tmp_path_factory.mktemp("home-with-token")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    with _readme_cluster(home) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def saved_teacher(tmp_path_factory) -> Path:
+    """A saved tiny DDPMPipeline teacher directory."""
+    teacher = tmp_path_factory.mktemp("teacher") / "tiny"
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(teacher)
+    return teacher
+
+
+def _run_readme_submit_line(cluster: dict, teacher: Path) -> subprocess.CompletedProcess:
+    """README's `ray job submit` line as typed, with only the address, teacher path and N replaced by this test's."""
+    _, _, submit = _readme_cluster_lines()
+    assert README_ADDRESS in submit and README_TEACHER in submit and README_TRAJECTORIES in submit, submit
+    line = (submit.replace(README_ADDRESS, cluster["address"]).replace(README_TEACHER, str(teacher))
+            .replace(README_TRAJECTORIES, "--num-trajectories 16"))
+    return subprocess.run(["bash", "-c", line], env=cluster["env"], cwd=REPO, capture_output=True, text=True,
+                          timeout=HANG_LIMIT_S)
+
+
+def _assert_one_complete_cached_store(cluster: dict) -> None:
+    """The job wrote one complete store into the cluster's cache root, and it deep-validates."""
+    stores = list((Path(cluster["temp_dir"]) / "cache" / "trajectories").glob("*.zarr"))
+    assert len(stores) == 1, stores
+    store = open_store(str(stores[0]))
+    assert store.is_complete and store.validate(deep=True).ok
+
+
 def test_every_cluster_service_binds_loopback_only(cluster):
     pids = {p.pid for p in psutil.process_iter(["cmdline"]) if cluster["temp_dir"] in " ".join(p.info["cmdline"] or [])}
     addresses = _listening_addresses(pids)
@@ -118,13 +179,11 @@ def test_every_cluster_service_binds_loopback_only(cluster):
     assert all(_is_loopback(a) for a in addresses), addresses
 
 
-def test_ray_job_submit_writes_a_store_that_deep_validates(cluster, tmp_path):
-    teacher = tmp_path / "teacher"
-    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(teacher)
+def test_ray_job_submit_writes_a_store_that_deep_validates(cluster, saved_teacher, tmp_path):
     out = tmp_path / "store.zarr"
     submit = [
         str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
-        "python", "pipeline/generate.py", "--teacher", str(teacher), "--num-trajectories", "24", "--steps", "4",
+        "python", "pipeline/generate.py", "--teacher", str(saved_teacher), "--num-trajectories", "24", "--steps", "4",
         "--shard-size", "8", "--chunk-size", "8", "--batch-size", "8", "--num-workers", "2", "--out", str(out),
     ]
     job = subprocess.run(submit, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=HANG_LIMIT_S)
@@ -146,3 +205,30 @@ def test_a_local_cluster_started_by_the_driver_binds_loopback_only():
         assert addresses and all(_is_loopback(a) for a in addresses), addresses
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow  # a job on a real cluster (and a second cluster): over 30 s on 2 loaded cores
+def test_readme_submit_line_works_as_typed_from_a_home_with_a_ray_token(cluster, saved_teacher):
+    job = _run_readme_submit_line(cluster, saved_teacher)
+    assert job.returncode == 0, job.stdout + job.stderr
+    _assert_one_complete_cached_store(cluster)
+
+
+@pytest.mark.slow  # a job on a real cluster (and a second cluster): over 30 s on 2 loaded cores
+def test_a_local_run_leaves_no_ray_state_in_the_home_and_readme_lines_work_after_it(saved_teacher, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _home_env(home, str(tmp_path))
+    del env["RAY_AUTH_MODE"]  # a plain shell: README's export comes later
+    local = subprocess.run(
+        [sys.executable, "pipeline/generate.py", "--teacher", str(saved_teacher), "--num-trajectories", "8",
+         "--steps", "2", "--out", str(tmp_path / "local.zarr"), "--no-progress"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=HANG_LIMIT_S,
+    )
+    assert local.returncode == 0, local.stdout + local.stderr
+    assert "Token authentication is enabled" in local.stderr, "the local cluster still uses token auth"
+    assert not (home / ".ray").exists(), sorted(map(str, home.rglob("*")))
+    with _readme_cluster(home) as started:
+        job = _run_readme_submit_line(started, saved_teacher)
+        assert job.returncode == 0, job.stdout + job.stderr
+        _assert_one_complete_cached_store(started)

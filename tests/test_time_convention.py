@@ -72,6 +72,16 @@ def test_vp_alpha_sigma_is_variance_preserving_with_the_right_ratio():
     assert isinstance(a, float) and a == pytest.approx(1 / np.sqrt(10)) and s == pytest.approx(3 / np.sqrt(10))
 
 
+def test_vp_alpha_sigma_of_an_infinite_level_is_pure_noise():
+    """σ̃ = ∞ (the last level of a zero-terminal-SNR schedule) is (α, σ) = (0, 1) for floats, numpy and torch."""
+    assert vp_alpha_sigma(float("inf")) == (0.0, 1.0)
+    alpha, sigma = vp_alpha_sigma(np.array([0.0, 2.0, np.inf]))
+    assert alpha.tolist() == [1.0, pytest.approx(1 / np.sqrt(5)), 0.0]
+    assert sigma.tolist() == [0.0, pytest.approx(2 / np.sqrt(5)), 1.0]
+    alpha_t, sigma_t = vp_alpha_sigma(torch.tensor([0.0, 2.0, float("inf")], dtype=torch.float64))
+    assert torch.equal(alpha_t, torch.from_numpy(alpha)) and torch.equal(sigma_t, torch.from_numpy(sigma))
+
+
 def test_float32_round_trip_keeps_float32_precision():
     """Converting a float32 torch batch with float64 numpy levels stays float32 and round-trips to rounding."""
     x = torch.randn(BATCH, *SHAPE)

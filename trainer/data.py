@@ -20,7 +20,10 @@ Splitting, epochs, shuffling
   `traj` / `endpoint` / `label`, several consecutive chunks of one shard per read, at most READ_BYTES; never one
   sample at a time). Readers get balanced work even with fewer shards than readers, and with M a multiple of C
   (equal chunks) an epoch uses every trajectory once; a shard may be split between readers, a chunk never is, and
-  no two ranks read the same chunk. A shard's commit record is checked again when the stream starts reading it.
+  no two ranks read the same chunk. The first read of a shard in an epoch, by every reader with chunks of it, checks
+  the whole shard (traj and endpoint, also in mode "endpoints") against its commit digest before any of its samples
+  is used (`trainer.corrupt_shards`: a corrupt shard stops training with the fix named, or with
+  `on_corrupt_shard="skip"` is left out of the pool).
 - Each consumer expands its chunks into samples (mode below), passes them through a shuffle buffer of
   `shuffle_buffer` samples (batches are uniform draws without replacement from what the buffer holds; it is
   refilled chunk by chunk) and makes whole batches of `batch_per_process` samples in numpy.
@@ -77,8 +80,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.time_convention import edm_from_native, fm_from_edm
-from storage_schema import GenerationSpec, ShardNotCommittedError, TrajectoryStore, open_store
+from storage_schema import GenerationSpec, TrajectoryStore, open_store
 from trainer.config import ConfigError
+from trainer.corrupt_shards import ON_CORRUPT_SHARD, find_corrupt_shards, how_to_regenerate, verified_shard
 
 __all__ = [
     "MODES",
@@ -93,6 +97,8 @@ __all__ = [
     "TrajectoryStream",
     "UnusablePointsWarning",
     "make_stream",
+    "sample_template",
+    "samples_to_batch",
 ]
 
 MODES = ("cm", "mf", "endpoints", "ecd")
@@ -157,6 +163,7 @@ class StreamConfig:
     worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None
     seed: int = 0
     allow_incomplete: bool = False
+    on_corrupt_shard: Literal["error", "skip"] = "error"
     expected_sample_shape: tuple[int, ...] | None = None
     expected_fingerprint: str | None = None
     strict: bool = False
@@ -199,6 +206,11 @@ class StreamConfig:
                 raise ConfigError(
                     f"points_per_trajectory must be >= 1 or none (all), got {self.points_per_trajectory}"
                 )
+        if self.on_corrupt_shard not in ON_CORRUPT_SHARD:
+            raise ConfigError(
+                f"on_corrupt_shard must be 'error' (stop at a corrupt shard) or 'skip' (leave corrupt shards out, "
+                f"checked when the stream starts), got {self.on_corrupt_shard!r}"
+            )
         if self.pairs_per_trajectory is not None:
             if self.mode != "mf":
                 raise ConfigError(
@@ -268,13 +280,19 @@ def _views(alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
     return {"edm_scale": edm_scale, "sigma_edm": sigma_edm, "fm_scale": fm_scale, "tau": tau}
 
 
-def _store_items(mode: str, info: _StoreInfo) -> dict[str, np.ndarray]:
-    """The sample template of one trajectory of `info` for `mode`: point indices, scale factors and times."""
-    num_points = info.spec.num_points
+def sample_template(mode: str, alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
+    """The samples one trajectory with points (alpha, sigma) [K+1] gives in `mode`: point indices, scales and times.
+
+    point_a / point_b (/ point_c) [M] are the trajectory points of each sample (see the module docstring for the
+    modes); a view of a native state x is x · scale_a (EDM view, or flow-matching view in "mf"), at time time_a.
+    Shared by the store stream and the online source (trainer/online.py), so both make the same samples.
+    """
+    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+    num_points = len(alpha)
     last = num_points - 1
-    usable = info.alpha > 0  # [K+1]; α = 0 means σ̃ = ∞
+    usable = alpha > 0  # [K+1]; α = 0 means σ̃ = ∞
     with np.errstate(divide="ignore", invalid="ignore"):
-        view = _views(info.alpha, info.sigma)
+        view = _views(alpha, sigma)
     sigma_edm, tau = view["sigma_edm"], view["tau"]
     if mode == "cm":
         points_a = np.array([i for i in range(last) if usable[i] and sigma_edm[i] != sigma_edm[last]], np.int64)
@@ -306,7 +324,7 @@ def _store_items(mode: str, info: _StoreInfo) -> dict[str, np.ndarray]:
 
 def _build_items(cfg: StreamConfig, infos: Sequence[_StoreInfo]) -> _Items:
     """Templates of all stores, with the number drawn per trajectory; errors when a store yields no sample."""
-    templates = [_store_items(cfg.mode, info) for info in infos]
+    templates = [sample_template(cfg.mode, info.alpha, info.sigma) for info in infos]
     counts = np.array([len(template["point_a"]) for template in templates], np.int64)
     subset = cfg.pairs_per_trajectory if cfg.mode == "mf" else cfg.points_per_trajectory
     for info, count in zip(infos, counts):
@@ -488,7 +506,8 @@ class _Reader:
         traj [n, K+1, *S], or endpoint [n, *S] in mode "endpoints" (the store's `endpoint` array: 1/(K+1) the bytes).
 
         A read covers whole chunks of one shard, from `chunk` on, up to READ_BYTES and never past `run_stop` (the end
-        of this reader's run of consecutive chunks); the shard's commit record is checked before its first read.
+        of this reader's run of consecutive chunks); the shard is checked against its commit digest before its first
+        read in an epoch.
         """
         if self._block is None or self._block[0] != store or not self._block[1] <= chunk < self._block[2]:
             self._block = None
@@ -505,27 +524,31 @@ class _Reader:
         }
 
     def _read_block(self, store: int, chunk: int, run_stop: int) -> tuple[int, int, int, dict[str, Any]]:
-        """Read whole chunks of one shard starting at `chunk` (points and labels only, no per-sample reads)."""
+        """Read whole chunks of one shard starting at `chunk` (points and labels only, no per-sample reads).
+
+        The first read of a shard in an epoch checks it against its digest; a shard that fits one read is read
+        whole by that check, and the check's read is the block (its traj or, in mode "endpoints", its endpoints).
+        """
         opened, spec = self.stores()[store], self.infos[store].spec
         shard = chunk * spec.chunk_size // spec.shard_size
-        if (store, shard) not in self._checked_shards:
-            if opened.shard_digest(shard) is None:
-                raise ShardNotCommittedError(
-                    f"shard {shard} of {opened.url} was committed when training started but is not any more (being "
-                    "repaired?); let the repair finish, then resume the run"
-                )
-            self._checked_shards.add((store, shard))
         endpoints = self.cfg.mode == "endpoints"
+        points_key = "endpoint" if endpoints else "traj"
+        if (store, shard) not in self._checked_shards:
+            whole = verified_shard(opened, shard, READ_BYTES)
+            self._checked_shards.add((store, shard))
+            if whole is not None:
+                chunks = spec.shard_chunks(shard)
+                return store, chunks.start, chunks.stop, {"points": whole[points_key], "label": whole["label"]}
         points = 1 if endpoints else spec.num_points
         chunk_bytes = spec.chunk_size * points * math.prod(spec.sample_shape) * np.dtype(spec.dtype).itemsize
         stop_chunk = min(spec.shard_chunks(shard).stop, run_stop, chunk + max(1, READ_BYTES // chunk_bytes))
         start, stop = spec.chunk_bounds(chunk)[0], spec.chunk_bounds(stop_chunk - 1)[1]
-        # The commit record was checked once per shard above; decoding errors arrive as CorruptShardError.
+        # The shard was checked against its digest above; decoding errors here arrive as CorruptShardError.
         if endpoints:
             data = opened.read_endpoints(start, stop, require_committed=False)
-            return store, chunk, stop_chunk, {"points": data["endpoint"], "label": data["label"]}
-        data = opened.read_trajectories(start, stop, require_committed=False)
-        return store, chunk, stop_chunk, {"points": data["traj"], "label": data["label"]}
+        else:
+            data = opened.read_trajectories(start, stop, require_committed=False)
+        return store, chunk, stop_chunk, {"points": data[points_key], "label": data["label"]}
 
     def _write_data(self, buffer: _ShuffleBuffer, at: np.ndarray, chunk: Mapping[str, Any]) -> None:
         """Copy the points that buffer rows `at` refer to out of a chunk read from the store."""
@@ -585,37 +608,16 @@ class _Reader:
     def _assemble(self, buffer: _ShuffleBuffer, picked: np.ndarray) -> dict[str, torch.Tensor]:
         """Convert the picked buffer rows into one batch of the mode's keys (float64 arithmetic, float32 out)."""
         items = buffer["item"][picked]  # [B]
-        trailing = (-1,) + (1,) * len(self.sample_shape)
-
-        def state(column: str, scale: np.ndarray) -> torch.Tensor:
-            """View of the stored points of `column`: x · scale in float64, cast to float32; [B, *S]."""
-            values = buffer[column][picked].astype(np.float64)  # [B, *S]
-            values *= scale[items].reshape(trailing)
-            return torch.from_numpy(values.astype(np.float32))
-
-        def time(values: np.ndarray) -> torch.Tensor:
-            """Per-sample times as float32; [B]."""
-            return torch.from_numpy(values[items].astype(np.float32))
-
         mode, table = self.cfg.mode, self.items
-        if mode == "cm":
-            batch = {
-                "x_t": state("raw_a", table.scale_a), "sigma": time(table.time_a),
-                "x0": state("raw_b", table.scale_b),
-            }
-        elif mode == "mf":
-            batch = {
-                "z_t": state("raw_a", table.scale_a), "t": time(table.time_a),
-                "z_r": state("raw_b", table.scale_b), "r": time(table.time_b),
-            }
-        elif mode == "endpoints":
-            batch = {"x0": state("raw_a", table.scale_a)}
-        else:
-            batch = {
-                "x_t": state("raw_a", table.scale_a), "sigma_t": time(table.time_a),
-                "x_r": state("raw_b", table.scale_b), "sigma_r": time(table.time_b),
-                "x0": state("raw_c", table.scale_c),
-            }
+        columns = {"a": "raw_a"} if mode == "endpoints" else {"a": "raw_a", "b": "raw_b"}
+        if mode == "ecd":
+            columns["c"] = "raw_c"
+        batch = samples_to_batch(
+            mode,
+            {key: buffer[column][picked] for key, column in columns.items()},
+            {key: getattr(table, f"scale_{key}")[items] for key in columns},
+            {"a": table.time_a[items], "b": table.time_b[items]},
+        )
         if self.conditional:
             batch["labels"] = torch.from_numpy(buffer["label"][picked])
         if self.cfg.include_indices:
@@ -625,6 +627,33 @@ class _Reader:
             if mode != "endpoints":
                 batch["point_r"] = torch.from_numpy(table.point_b[items])
         return batch
+
+
+def samples_to_batch(mode: str, raw: Mapping[str, np.ndarray], scale: Mapping[str, np.ndarray],
+                     time: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The mode's batch keys from each sample's native points raw["a"|"b"|"c"] [B, *S], view scales [B] and times [B].
+
+    A view is x · scale computed in float64 from the stored values and cast to float32 (times too), so every source of
+    the same points (store stream, online solver) gives bitwise the same batch.
+    """
+
+    def state(key: str) -> torch.Tensor:
+        """View of the points `key`: [B, *S] float32."""
+        values = raw[key].astype(np.float64)  # [B, *S]
+        values *= scale[key].reshape((-1,) + (1,) * (values.ndim - 1))
+        return torch.from_numpy(values.astype(np.float32))
+
+    def times(key: str) -> torch.Tensor:
+        """Per-sample times [B] as float32."""
+        return torch.from_numpy(np.asarray(time[key]).astype(np.float32))
+
+    if mode == "cm":
+        return {"x_t": state("a"), "sigma": times("a"), "x0": state("b")}
+    if mode == "mf":
+        return {"z_t": state("a"), "t": times("a"), "z_r": state("b"), "r": times("b")}
+    if mode == "endpoints":
+        return {"x0": state("a")}
+    return {"x_t": state("a"), "sigma_t": times("a"), "x_r": state("b"), "sigma_r": times("b"), "x0": state("c")}
 
 
 PackedBatch = tuple[Any, list[tuple[str, str, tuple[int, ...], int]]]
@@ -701,6 +730,9 @@ class TrajectoryStream:
         )
         self._check_incomplete()
         self._warn_unusable_points()
+        self.skipped_shards: list[dict[str, Any]] = []
+        if cfg.on_corrupt_shard == "skip":
+            self._skip_corrupt_shards()
         pool = [(position, shard) for position, info in enumerate(self.infos) for shard in info.committed]
         self._use_pool(np.array(pool, np.int64).reshape(-1, 2))
         self.epoch = 0
@@ -758,6 +790,25 @@ class TrajectoryStream:
                 raise IncompleteStoreError(
                     f"store {info.url} has no committed shard yet; generate some before training on it"
                 )
+
+    def _skip_corrupt_shards(self) -> None:
+        """on_corrupt_shard="skip": check every committed shard now and leave the corrupt ones out of the pool."""
+        self.skipped_shards = find_corrupt_shards(self.stores, [info.committed for info in self.infos], READ_BYTES)
+        skipped = {(entry["url"], entry["shard"]) for entry in self.skipped_shards}
+        self.infos = tuple(
+            dataclasses.replace(info, committed=tuple(n for n in info.committed if (info.url, n) not in skipped))
+            for info in self.infos
+        )
+        for info in self.infos:
+            if not info.committed:
+                raise IncompleteStoreError(
+                    f"every committed shard of store {info.url} is corrupt (stream.on_corrupt_shard=skip left none): "
+                    f"regenerate them with {how_to_regenerate(info.url)}, or drop the store"
+                )
+
+    def log_values(self) -> dict[str, float]:
+        """Scalars for every logged step (trainer.loop): the count of corrupt shards left out, when skipping."""
+        return {"corrupt_shards_skipped": len(self.skipped_shards)} if self.cfg.on_corrupt_shard == "skip" else {}
 
     def _warn_unusable_points(self) -> None:
         """Warn about points with α = 0 (σ̃ = ∞), which the stream leaves out."""
@@ -890,7 +941,15 @@ class TrajectoryStream:
             )
         pool = np.array(state["pool"], np.int64).reshape(-1, 2)
         if not np.array_equal(pool, self._pool):
+            skipped = {(entry["url"], entry["shard"]): entry["problem"] for entry in self.skipped_shards}
             for store, shard in pool.tolist():
+                problem = skipped.get((self.infos[store].url, shard))
+                if problem is not None:
+                    raise StreamStateError(
+                        f"the checkpoint trained on shard {shard} of {self.infos[store].url}, which is corrupt now "
+                        f"({problem}): regenerate it with {how_to_regenerate(self.infos[store].url)} and resume, or "
+                        "start a new run (new output_dir)"
+                    )
                 if shard not in self.infos[store].committed:
                     raise StreamStateError(
                         f"the checkpoint trained on shard {shard} of {self.infos[store].url}, which is no longer "
@@ -944,6 +1003,7 @@ class TrajectoryStream:
             "samples_per_epoch": samples_per_epoch,
             "samples_used_per_epoch": used,
             "samples_dropped_per_epoch": samples_per_epoch - used,
+            "corrupt_shards_skipped": list(self.skipped_shards),
         }
 
 

@@ -10,7 +10,7 @@ batches and random draws the uninterrupted run would have used.
 Output directory layout:
 
     <output_dir>/checkpoints/step_<N>/   accelerate.save_state + checkpoint.json (written last)
-    <output_dir>/metrics.jsonl           one JSON line per logged step: step, loss, lr, skipped_steps, train_seconds (cumulative, evals excluded), eval scalars
+    <output_dir>/metrics.jsonl           one JSON line per logged step: step, loss, lr, skipped_steps, train_seconds (cumulative, evals excluded), the loader's log_values, eval scalars
     <output_dir>/logs/                   TensorBoard events
     <output_dir>/export/                 `export(ema_model, dir)` output after the last step
 """
@@ -123,6 +123,8 @@ class ResumableBatches(Protocol):
     `__iter__` continues from the position set by `load_state_dict` and must update its state as it
     yields, so that `state_dict()` taken between two batches names the next batch exactly. Loaders
     shard by (rank, world size) themselves; the loop never passes them to `accelerator.prepare`.
+    An optional `log_values() -> dict[str, float]` adds the loader's own scalars to every logged step
+    (e.g. `corrupt_shards_skipped`).
     """
 
     def __iter__(self) -> Iterator[Batch]: ...
@@ -446,6 +448,7 @@ def train_loop(
                 skipped_steps=progress.skipped_steps,
                 steps_per_second=len(progress.window_losses) / max(time.perf_counter() - window_start, 1e-9),
                 train_seconds=progress.train_seconds,
+                **(batches.log_values() if hasattr(batches, "log_values") else {}),
             )
             progress.window_losses, window_start = [], time.perf_counter()
         # eval

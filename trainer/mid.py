@@ -4,7 +4,9 @@
     accelerate launch trainer/mid.py --config jobs/digits/mid.yaml [key=value ...]
 
 The stores (written once by `pipeline/generate.py`) hold each teacher trajectory's K+1 solver points, point 0 the
-prior noise and point K the solver's clean endpoint x̂_{t_0}. Two objectives, both without stop-gradient, time
+prior noise and point K the solver's clean endpoint x̂_{t_0}. `data=online` instead solves fresh trajectories with the
+teacher at every step, as the CMT authors train (`trainer/online.py`: batch/K trajectories × all K points, the same
+solver, grid and seed convention as generation; `online.*` settings). Two objectives, both without stop-gradient, time
 weighting or JVP (`trainer/losses.py`):
 
 - form "cm" (Ψ_{t→0}, EDM view):  L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})        (CMT eq. for the CM form)
@@ -18,10 +20,12 @@ onto the teacher's denoiser at the stores' points, ‖(f_θ(x̃, σ̃) − D(x̃
 and runs under no_grad for those steps only).
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl, samples/step_<N>_{1,2}step.png (EMA
 1- and 2-step samples, decoded through the teacher's VAE for latent teachers, drawn on every rank; FD-<dataset> of
-each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store chunks this rank read and a sha256 of its final
-parameters), init_eval.json (eval_at_init) and export/, a student directory (`FlowMapStudent.from_pretrained`, with
-the teacher's VAE for latent teachers), the input of post-training. Re-running resumes. `label_dropout` (default 0)
-drops class labels to the null class once per sample for classifier-free guidance (`trainer.label_dropout`).
+each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store chunks this rank read and the corrupt shards it
+skipped, or with data=online the seeds it solved and the teacher's cost, and a sha256 of its final parameters),
+init_eval.json (eval_at_init) and export/, a student directory (`FlowMapStudent.from_pretrained`, with the teacher's
+VAE for latent teachers), the input of post-training. Re-running resumes; a corrupt store shard stops the run with the
+fix named (`trainer.corrupt_shards`). `label_dropout` (default 0) drops class labels to the null class once per sample
+for classifier-free guidance (`trainer.label_dropout`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from trainer.config import ConfigError, config_to_dict, load_config, parse_stage
 from trainer.evaluation import StudentEvaluator, evaluate_at_init
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.online import OnlineOptions, OnlineTrajectories, open_online_source
 from trainer.student_options import StudentOptions, build_student
 
 RANKS_DIR = "ranks"
@@ -78,9 +83,13 @@ class StreamOptions:
     num_workers: int = 0
     prefetch_factor: int = 2
     source: Literal["stream", "memory"] = "stream"  # "memory": read every store up front into tensors (small stores)
+    on_corrupt_shard: Literal["error", "skip"] = "error"  # skip: leave out shards failing their digest (corrupt_shards)
 
     def __post_init__(self) -> None:
         """Reject counts that cannot work."""
+        if self.on_corrupt_shard == "skip" and self.source == "memory":
+            raise ConfigError("stream.on_corrupt_shard=skip applies to stream.source=stream (memory checks every "
+                              "shard's digest as it loads and stops at a corrupt one): drop one of the two")
         for name in ("points_per_trajectory", "pairs_per_trajectory"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -91,11 +100,13 @@ class StreamOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class MidConfig:
-    """Stage-2 settings: teacher, trajectory stores, objective, student init, streaming, evaluation, the loop."""
+    """Stage-2 settings: teacher, trajectory data (stores or online), objective, student init, evaluation, the loop."""
 
     loop: LoopConfig
     teacher: str
-    stores: tuple[str, ...]
+    data: Literal["stores", "online"] = "stores"  # online: solve fresh trajectories every step (trainer/online.py)
+    stores: tuple[str, ...] = ()  # data=stores: the trajectory stores (not read with data=online)
+    online: OnlineOptions = field(default_factory=OnlineOptions)  # data=online: the teacher's solver settings
     form: Literal["cm", "mf"] = "cm"
     distance: Literal["squared_l2", "pseudo_huber", "lpips"] = "squared_l2"
     pseudo_huber_c: float | None = None  # None: iCT's 0.00054·√d
@@ -120,8 +131,20 @@ class MidConfig:
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work, naming the fix."""
-        if not self.stores:
-            raise ConfigError("stores is empty: list at least one trajectory store (pipeline/generate.py prints it)")
+        if self.data == "stores" and not self.stores:
+            raise ConfigError(
+                "stores is empty: list at least one trajectory store (pipeline/generate.py prints it), or train on "
+                "freshly solved trajectories with data=online")
+        if self.data == "online":
+            stream_keys = [name for name in ("points_per_trajectory", "pairs_per_trajectory")
+                           if getattr(self.stream, name) is not None] + (["source"] if self.stream.source != "stream"
+                                                                         else [])
+            if stream_keys:
+                raise ConfigError(
+                    f"stream.{stream_keys[0]} applies to data=stores; data=online trains on all K points of each fresh "
+                    "trajectory (form=mf: online.pairs_per_trajectory): drop it")
+            if self.form == "cm" and self.online.pairs_per_trajectory is not None:
+                raise ConfigError("online.pairs_per_trajectory is for form=mf; form=cm trains on all K points")
         if self.batch_per_process < 1:
             raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
         if self.num_eval_samples < 1 or self.num_grid_images < 1:
@@ -240,14 +263,18 @@ def preload_pairs(cfg: MidConfig, infos: Sequence[StoreInfo]) -> dict[str, torch
     mf: z_t, t, z_r, r over all pairs of points (t > r, flow-matching view). Conversions: pipeline.time_convention.
     """
     from pipeline.time_convention import edm_from_native, fm_from_edm
-    from storage_schema import open_store
+    from storage_schema import CorruptShardError, open_store
+    from trainer.corrupt_shards import corrupt_data_error
 
     parts: dict[str, list[torch.Tensor]] = {}
     for info in infos:
         store = open_store(info.url)
         traj, labels = [], []
         for shard in info.committed_shards:
-            data = store.read_shard(shard)
+            try:
+                data = store.read_shard(shard, verify=True)
+            except CorruptShardError as error:
+                raise corrupt_data_error(info.url, shard, error) from error
             traj.append(np.asarray(data["traj"], dtype=np.float32))
             if data.get("label") is not None:
                 labels.append(np.asarray(data["label"], dtype=np.int64))
@@ -426,6 +453,10 @@ class ChunkRecordingStream:
         """Resume the stream."""
         self.stream.load_state_dict(state)
 
+    def log_values(self) -> dict[str, float]:
+        """The stream's scalars for every logged step (corrupt shards skipped)."""
+        return self.stream.log_values()
+
     def chunks_read(self) -> dict[str, list[list[Any]]]:
         """{epoch: [[store url, chunk], ...]} of the batches handed out so far (this run, this rank)."""
         return {str(epoch): [[self.urls[store], chunk] for store, chunk in sorted(seen)]
@@ -455,6 +486,7 @@ def build_batches(cfg: MidConfig, infos: Sequence[StoreInfo], *, rank: int, worl
         prefetch_factor=cfg.stream.prefetch_factor,
         seed=cfg.loop.seed,
         allow_incomplete=cfg.allow_incomplete,
+        on_corrupt_shard=cfg.stream.on_corrupt_shard,
         expected_sample_shape=tuple(sample_shape),
         include_indices=True,
     )
@@ -463,6 +495,15 @@ def build_batches(cfg: MidConfig, infos: Sequence[StoreInfo], *, rank: int, worl
     except StreamError as error:
         raise MidDataError(str(error)) from error
     return ChunkRecordingStream(stream, infos)
+
+
+def data_report(batches: Any) -> dict[str, Any]:
+    """What this rank's batch source read: {"chunks_read", "corrupt_shards_skipped"} for stores, {"online"} for
+    data=online."""
+    if isinstance(batches, OnlineTrajectories):
+        return {"online": batches.report()}
+    skipped = batches.stream.skipped_shards if isinstance(batches, ChunkRecordingStream) else []
+    return {"chunks_read": chunks_read(batches), "corrupt_shards_skipped": skipped}
 
 
 def chunks_read(batches: Any) -> Any:
@@ -481,8 +522,15 @@ def run(cfg: MidConfig) -> MidResult:
     from pipeline.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher, device=accelerator.device)
-    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
-                         world_size=accelerator.num_processes)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    online = None
+    if cfg.data == "online":
+        infos, online = [], open_online_source(cfg.online, teacher, student_teacher_source=cfg.teacher, mode=cfg.form,
+                                               batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed, rank=rank,
+                                               world_size=world_size)
+    else:
+        infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                             world_size=world_size)
     set_seed(cfg.loop.seed)  # identical initial weights on every rank and every run
     student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init,
                             seed=cfg.loop.seed)
@@ -491,8 +539,8 @@ def run(cfg: MidConfig) -> MidResult:
         del teacher
     evaluate = StudentEvaluator(cfg, output_dir / "samples", vae=vae)
     init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, student, accelerator, output_dir / INIT_EVAL_FILE)
-    batches = build_batches(cfg, infos, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            sample_shape=student.sample_shape)
+    batches = online if online is not None else build_batches(cfg, infos, rank=rank, world_size=world_size,
+                                                              sample_shape=student.sample_shape)
     if cfg.form == "cm":
         loss_fn = partial(cm_loss, distance=build_distance(cfg, accelerator.device))
     else:
@@ -511,15 +559,15 @@ def run(cfg: MidConfig) -> MidResult:
         export=lambda ema_student, directory: ema_student.save_pretrained(directory, vae=vae),
     )
     report = {
-        "rank": accelerator.process_index,
-        "world_size": accelerator.num_processes,
-        "chunks_read": chunks_read(batches),
+        "rank": rank,
+        "world_size": world_size,
+        **data_report(batches),
         "parameter_sha256": parameter_hash(student),
         "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
     }
     (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-    (output_dir / RANKS_DIR / f"rank_{accelerator.process_index}.json").write_text(json.dumps(report, indent=2))
+    (output_dir / RANKS_DIR / f"rank_{rank}.json").write_text(json.dumps(report, indent=2))
     return MidResult(loop=result, init_metrics=init_metrics, rank_report=report)
 
 
@@ -537,41 +585,53 @@ def null_class_for_dropout(student: Any) -> int:
 
 
 def describe(cfg: MidConfig) -> dict[str, Any]:
-    """What a run of `cfg` would do, for --dry-run: resolved config, stores, student size, samples per epoch."""
+    """What a run of `cfg` would do, for --dry-run: resolved config, data (stores or online), student size."""
     from pipeline.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher)
     world_size = PartialState().num_processes
-    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
-                         world_size=world_size)
     student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init, seed=cfg.loop.seed)
-    per_trajectory = []
-    for info in infos:
-        k = info.num_points - 1
-        if cfg.form == "cm":
-            per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
-        else:
-            pairs = k * (k + 1) // 2
-            per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
-    samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
-    return {
-        "config": config_to_dict(cfg),
-        "processes": world_size,
-        "stores": [info.summary() for info in infos],
-        "training_samples_per_epoch": samples,
-        "steps_per_epoch": samples // (cfg.batch_per_process * world_size),
-        "student": {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
-                    "parameterization": student.parameterization.describe(),
-                    "transfer_steps": cfg.student.transfer_steps,
-                    "parameters": sum(p.numel() for p in student.parameters()),
-                    "teacher_fingerprint": student.teacher_fingerprint},
-        "output_dir": cfg.loop.output_dir,
-    }
+    plan: dict[str, Any] = {"config": config_to_dict(cfg), "processes": world_size}
+    if cfg.data == "online":
+        source = open_online_source(cfg.online, teacher, student_teacher_source=cfg.teacher, mode=cfg.form,
+                                    batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed, rank=0,
+                                    world_size=world_size)
+        plan["online"] = {
+            "teacher_fingerprint": source.teacher.fingerprint,
+            "solver": f"{cfg.online.solver} K={cfg.online.steps} grid={cfg.online.grid}",
+            "trajectories_per_step": source.trajectories_per_batch * world_size * cfg.loop.grad_accum_steps,
+            "samples_per_trajectory": source.samples_per_trajectory,
+            "teacher_forward_samples_per_step": (source.trajectories_per_batch * source.forwards_per_trajectory
+                                                 * world_size * cfg.loop.grad_accum_steps),
+            "seed_base": source.seed_base,
+        }
+    else:
+        infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                             world_size=world_size)
+        per_trajectory = []
+        for info in infos:
+            k = info.num_points - 1
+            if cfg.form == "cm":
+                per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
+            else:
+                pairs = k * (k + 1) // 2
+                per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
+        samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
+        plan.update({"stores": [info.summary() for info in infos], "training_samples_per_epoch": samples,
+                     "steps_per_epoch": samples // (cfg.batch_per_process * world_size)})
+    plan["student"] = {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
+                       "parameterization": student.parameterization.describe(),
+                       "transfer_steps": cfg.student.transfer_steps,
+                       "parameters": sum(p.numel() for p in student.parameters()),
+                       "teacher_fingerprint": student.teacher_fingerprint}
+    plan["output_dir"] = cfg.loop.output_dir
+    return plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `python trainer/mid.py --config PRESET [key=value ...] [--dry-run]`."""
     from pipeline.teacher import TeacherLoadError
+    from trainer.corrupt_shards import CorruptDataError
     from trainer.student import StudentLoadError
 
     try:
@@ -581,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(describe(cfg), indent=2))
             return 0
         result = run(cfg)
-    except (ConfigError, TeacherLoadError, StudentLoadError) as error:
+    except (ConfigError, TeacherLoadError, StudentLoadError, CorruptDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not PartialState().is_main_process:

@@ -25,9 +25,10 @@ prediction and u at r = t its velocity), `random` (the teacher's architecture, f
 in `trainer.parameterization`).
 
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl (loss, skipped_steps, fd_1step, fd_2step),
-samples/step_<N>_{1,2}step.png, ranks/rank_<r>.json (parameter sha256 of each rank, teacher forward count),
-init_eval.json (eval_at_init) and export/ (`FlowMapStudent.save_pretrained`; `python -m trainer.sample` samples it).
-Re-running the same command resumes from the newest complete checkpoint.
+samples/step_<N>_{1,2}step.png, ranks/rank_<r>.json (parameter sha256 of each rank, teacher forward count, corrupt
+store shards skipped), init_eval.json (eval_at_init) and export/ (`FlowMapStudent.save_pretrained`; `python -m
+trainer.sample` samples it). Re-running the same command resumes from the newest complete checkpoint; a corrupt store
+shard stops the run with the fix named, or with stream.on_corrupt_shard=skip is left out (`trainer.corrupt_shards`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from accelerate.utils import extract_model_from_parallel, set_seed
 from torch import Tensor
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
+from trainer.corrupt_shards import CorruptDataError
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.meanflow import MeanFlowConfig, MeanFlowLoss, resolve_derivative, tau_max
@@ -130,6 +132,7 @@ class StreamOptions:
     prefetch_factor: int = 2
     allow_incomplete: bool = False
     strict: bool = False  # a store made by another teacher than the student's is an error, not a warning
+    on_corrupt_shard: Literal["error", "skip"] = "error"  # skip: leave out shards failing their digest (corrupt_shards)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -499,6 +502,7 @@ def store_stream(cfg: PostConfig, student: Any, *, rank: int, world_size: int, m
         prefetch_factor=cfg.stream.prefetch_factor,
         seed=cfg.loop.seed,
         allow_incomplete=cfg.stream.allow_incomplete,
+        on_corrupt_shard=cfg.stream.on_corrupt_shard,
         expected_sample_shape=tuple(student.sample_shape),
         expected_fingerprint=student.teacher_fingerprint,
         strict=cfg.stream.strict,
@@ -666,6 +670,7 @@ def run(cfg: PostConfig) -> PostResult:
         "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
         "skipped_steps": result.skipped_steps,
+        "corrupt_shards_skipped": getattr(batches, "skipped_shards", []),
     }
     (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
     (output_dir / RANKS_DIR / f"rank_{rank}.json").write_text(json.dumps(report, indent=2))
@@ -778,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(describe(cfg), indent=2))
             return 0
         result = run(cfg)
-    except ConfigError as error:
+    except (ConfigError, CorruptDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not PartialState().is_main_process:
