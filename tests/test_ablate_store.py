@@ -12,6 +12,7 @@ import pytest
 
 from jobs.ablate_store import QUICK, AblationConfig, AblationError, cell_config, locate_store, main, run
 from pipeline.generate import GenerateConfig, build_spec, teacher_identity
+from pipeline.generate_options import resolve_defaults
 from pipeline.teacher import load_teacher
 from storage_schema import open_store
 from tests.helpers import write_store_of_spec
@@ -43,8 +44,9 @@ def write_cached_stores(cfg: AblationConfig) -> list[str]:
         if cell.solver == "heun":
             continue
         cell_compare = cell_config(compare, cell)
-        spec = build_spec(GenerateConfig(teacher=cfg.teacher, num_trajectories=cell.num_trajectories,
-                                         solver=cell.solver, steps=cell.steps, grid=cell.grid), identity)
+        generate_cfg, _ = resolve_defaults(GenerateConfig(teacher=cfg.teacher, num_trajectories=cell.num_trajectories,
+                                                          solver=cell.solver, steps=cell.steps, grid=cell.grid))
+        spec = build_spec(generate_cfg, identity)
         urls.append(locate_store(cell_compare)["url"])
         write_store_of_spec(teacher, spec, urls[-1])
     return urls

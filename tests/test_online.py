@@ -240,18 +240,22 @@ def test_another_teacher_is_refused_unless_asked(tiny, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_a_solver_grid_the_teacher_cannot_run_gets_generations_error(tiny, tmp_path, capsys):
+def test_a_solver_grid_the_teacher_cannot_run_is_refused_as_generation_refuses_it(tiny, tmp_path, capsys):
     from pipeline.generate import main as generate_main
 
     flags = ["--solver", "ddim", "--grid", "logsnr", "--steps", str(K)]
     assert generate_main(["--teacher", str(tiny["teacher_dir"]), "--num-trajectories", "8", *flags,
-                          "--out", str(tmp_path / "never.zarr"), "--no-progress"]) == 1
+                          "--out", str(tmp_path / "never.zarr"), "--no-progress"]) != 0
     generation_error = capsys.readouterr().err.strip()
-    assert "DDIMScheduler only steps between the teacher's integer timesteps" in generation_error
+    assert "--solver ddim cannot run --grid logsnr" in generation_error
     assert not (tmp_path / "never.zarr").exists()
     out = tmp_path / "run"
     assert main(online_args(tiny, out, "online.solver=ddim", "online.grid=logsnr")) == 2
-    assert capsys.readouterr().err.strip() == generation_error
+    online_error = capsys.readouterr().err.strip()
+    assert "online.solver=ddim cannot run online.grid=logsnr" in online_error
+    for fix in ("grid scheduler", "solver euler", "solver dpmpp-3m"):  # the same fixes, each in its interface's words
+        flag, key = "--" + fix, "online." + fix.replace(" ", "=")
+        assert flag in generation_error and key in online_error
     assert not (out / "checkpoints").exists()
 
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pipeline.solver_names import SCHEDULER_GRID, SCHEDULER_GRID_ONLY
 from trainer.config import ConfigError
 
 __all__ = [
@@ -72,6 +73,12 @@ class OnlineOptions:
         if self.pairs_per_trajectory is not None and self.pairs_per_trajectory < 1:
             raise ConfigError(
                 f"online.pairs_per_trajectory must be >= 1 or none (all), got {self.pairs_per_trajectory}")
+        if self.solver in SCHEDULER_GRID_ONLY and self.grid != SCHEDULER_GRID:
+            raise ConfigError(  # generation refuses the same pair of flags (pipeline/generate_options.py)
+                f"online.solver={self.solver} cannot run online.grid={self.grid}: it steps only between the teacher's "
+                f"own timesteps (online.grid={SCHEDULER_GRID}). Set online.grid={SCHEDULER_GRID}, or keep "
+                f"online.grid={self.grid} with online.solver=euler (the same first-order method on any grid) or "
+                "online.solver=dpmpp-3m")
 
 
 class OnlineTrajectories:
@@ -267,8 +274,8 @@ def open_online_source(options: OnlineOptions, student_teacher: Any, *, student_
                        world_size: int) -> OnlineTrajectories:
     """This rank's data=online batches; the teacher solved is the student's own unless online.teacher names another.
 
-    Another teacher (another fingerprint) is refused unless online.allow_other_teacher; a solver/grid the teacher
-    cannot run raises generation's own error (the message of pipeline.solvers.SolverError).
+    Another teacher (another fingerprint) is refused unless online.allow_other_teacher; a solver/grid pair generation
+    refuses is refused in online.* keys (OnlineOptions), one the teacher cannot run raises pipeline.solvers' error.
     """
     teacher = student_teacher
     if options.teacher is not None:
