@@ -127,7 +127,9 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
     """FD-digits of the export's 1- and 2-step samples on `redraws` fresh draws of the evaluation noise."""
     from trainer.config import load_config
     from trainer.metrics import FDMetric
-    from trainer.mid import MidConfig, student_samples
+    from trainer.evaluation import eval_seeds
+    from trainer.mid import MidConfig
+    from trainer.sample import draw_samples
     from trainer.student import FlowMapStudent
 
     cache = export_dir.parent / "fd_redraws.json"
@@ -140,7 +142,8 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
         cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={k * REDRAW_SEED_STRIDE}",
                                                   f"num_eval_samples={num_samples}"])
         for steps in (1, 2):
-            scores[f"fd_{steps}step"].append(float(metric(student_samples(student, cfg, steps))))
+            samples = draw_samples(student, eval_seeds(cfg), steps, intermediate=cfg.eval_intermediate)
+            scores[f"fd_{steps}step"].append(float(metric(samples)))
     cache.write_text(json.dumps(scores))
     return scores
 

@@ -48,6 +48,8 @@ __all__ = [
     "Teacher",
     "TeacherLoadError",
     "UnsupportedSchedulerError",
+    "class_embedding_rows",
+    "decode_latents",
     "edm_preconditioning",
     "load_teacher",
 ]
@@ -257,7 +259,7 @@ def _model_output_tensor(output: Any) -> torch.Tensor:
     return output
 
 
-def _class_embedding_rows(model: nn.Module) -> tuple[int | None, int | None]:
+def class_embedding_rows(model: nn.Module) -> tuple[int | None, int | None]:
     """(number of real classes, rows of the class-embedding table) of a model, or (None, None) if unconditional."""
     from diffusers.models.embeddings import LabelEmbedding
 
@@ -382,7 +384,7 @@ class Teacher:
         self.vae = None if vae is None else _place(vae, self.device, dtype).eval()
         self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else _sample_shape(model)
         self._is_dit = "class_labels" in forward_params and "hidden_states" in forward_params
-        native_classes, table_rows = _class_embedding_rows(model)
+        native_classes, table_rows = class_embedding_rows(model)
         if num_classes is not None:
             if native_classes is None:
                 raise TeacherLoadError(
@@ -568,17 +570,27 @@ class Teacher:
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Clean samples → images nominally in [-1, 1] (not clamped); identity without a VAE.
-
-        With a VAE: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift_factor 0 when unset), as diffusers
-        latent pipelines do.
-        """
+        """Clean samples → images nominally in [-1, 1] (not clamped); identity without a VAE (`decode_latents`)."""
         x0 = torch.as_tensor(x0).to(device=self.device, dtype=torch.float32)  # [B, *S]
-        if self.vae is None:
-            return x0
-        config = self.vae.config
-        latents = x0 / float(config.scaling_factor) + float(getattr(config, "shift_factor", None) or 0.0)
-        return _model_output_tensor(self.vae.decode(latents.to(self.dtype))).to(torch.float32)  # [B, 3, H, W]
+        return x0 if self.vae is None else decode_latents(self.vae, x0)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
+    """Latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1] nominally (not clamped), float32 on the latents' device.
+
+    ``vae.decode(latents / scaling_factor + shift_factor)`` (shift_factor 0 when unset), as diffusers latent pipelines
+    do, in chunks of `batch_size`, in the VAE's own dtype and on its device.
+    """
+    config = vae.config
+    parameter = next(vae.parameters())
+    shift = float(getattr(config, "shift_factor", None) or 0.0)
+    scaled = latents / float(config.scaling_factor) + shift  # [B, C, h, w]
+    images = [
+        _model_output_tensor(vae.decode(chunk.to(parameter.device, parameter.dtype))).to(latents.device, torch.float32)
+        for chunk in scaled.split(batch_size)
+    ]  # each [b, 3, H, W]
+    return torch.cat(images)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 
 from storage_schema.errors import InvalidSpecError, ShardIndexError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the clean endpoints also stored apart (`endpoint`), so endpoint readers skip trajectories
 CACHE_KEY_HEX_CHARS = 20
 STORAGE_DTYPES = ("float16", "float32")
 CODECS = ("zstd", "blosc-zstd-shuffle", "blosc-lz4-shuffle", "blosc-zstd-bitshuffle", "none")
