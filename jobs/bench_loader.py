@@ -13,6 +13,15 @@ uses); the in-memory ones from `trainer.mid.preload_pairs` (every training sampl
 `trainer.loop.InMemoryBatches`. Data wait = time spent inside `next(batches)` (plus the host-to-device copy).
 Prints one JSON object: steps/s of each, their ratio (target ≥ 0.95), and the fraction of step time spent
 waiting for data (target ≤ 2 %).
+
+    python jobs/bench_loader.py --loader-only --store URL --mode cm|mf|endpoints|ecd [--batch 128] [--epochs 2] \
+        [--synthetic 4x32x32 --trajectories 2048 --steps 16]
+
+measures the loader alone (no teacher, no training): samples/s of `TrajectoryStream` over whole epochs in the
+process (num_workers 0 by default), and the bytes the process read per sample handed out (`rchar` of
+/proc/self/io: every byte read through a system call, page cache included), after one warm-up epoch. With
+`--synthetic CxHxW` a missing store is first written with standard-normal float16 points (K = --steps, shards of 256,
+chunks of 64 trajectories, the default codec; the loader's work does not depend on the values, its bytes do a little).
 """
 
 from __future__ import annotations
@@ -37,8 +46,14 @@ import torch
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", required=True, help="teacher directory (load_teacher)")
+    parser.add_argument("--teacher", default=None, help="teacher directory (load_teacher); not with --loader-only")
     parser.add_argument("--store", required=True, action="append", help="trajectory store url (repeatable)")
+    parser.add_argument("--loader-only", action="store_true", help="time the loader alone: samples/s, bytes/sample")
+    parser.add_argument("--mode", choices=["cm", "mf", "endpoints", "ecd"], default="cm", help="--loader-only mode")
+    parser.add_argument("--epochs", type=int, default=2, help="--loader-only: counted epochs after one warm-up")
+    parser.add_argument("--synthetic", default=None, help="--loader-only: write a missing store of shape e.g. 4x32x32")
+    parser.add_argument("--trajectories", type=int, default=2048, help="--synthetic: trajectories")
+    parser.add_argument("--steps", type=int, default=16, help="--synthetic: solver steps K (K+1 points)")
     parser.add_argument("--form", choices=["cm", "mf"], default="cm")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps-per-block", type=int, default=10)
@@ -50,6 +65,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the stream's data wait")
     return parser.parse_args(argv)
+
+
+def bytes_read_by(action) -> int:
+    """Bytes this process read through system calls (/proc/self/io rchar) while `action()` ran."""
+
+    def rchar() -> int:
+        """The process's cumulative rchar counter."""
+        with open("/proc/self/io") as stream:
+            return next(int(line.split()[1]) for line in stream if line.startswith("rchar:"))
+
+    before = rchar()
+    action()
+    return rchar() - before
+
+
+def write_synthetic_store(url: str, shape: tuple[int, ...], trajectories: int, steps: int) -> None:
+    """A complete store of standard-normal float16 points at a VP schedule (σ̃ from 80 to 0.002, then 0)."""
+    import numpy as np
+
+    from storage_schema import GenerationSpec, create_store
+
+    spec = GenerationSpec(teacher_fingerprint="synthetic", sample_shape=shape, solver="dpmpp-2m", steps=steps,
+                          grid="logsnr", seed_base=0, num_trajectories=trajectories, shard_size=256, chunk_size=64)
+    sigma_edm = np.append(np.geomspace(80.0, 0.002, steps), 0.0)  # [K+1]
+    alpha = 1.0 / np.sqrt(1.0 + sigma_edm**2)
+    store = create_store(url, spec, alpha, sigma_edm * alpha)
+    rng = np.random.default_rng(0)
+    for shard in range(spec.num_shards):
+        start, stop = spec.shard_bounds(shard)
+        points = rng.standard_normal((stop - start, steps + 1, *shape)).astype(np.float16)  # [n, K+1, *S]
+        store.write_shard(shard, points, np.arange(start, stop))
+
+
+def loader_only(args: argparse.Namespace) -> dict:
+    """Samples/s and bytes read per sample of the stream alone, over `args.epochs` epochs after a warm-up epoch."""
+    import itertools
+
+    from storage_schema import open_store
+    from trainer.data import StreamConfig, TrajectoryStream
+
+    if args.synthetic and not os.path.exists(args.store[0]):
+        shape = tuple(int(size) for size in args.synthetic.split("x"))
+        write_synthetic_store(args.store[0], shape, args.trajectories, args.steps)
+    stream = TrajectoryStream(StreamConfig(
+        urls=tuple(args.store), mode=args.mode, batch_per_process=args.batch, shuffle_buffer=args.shuffle_buffer,
+        num_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
+        pairs_per_trajectory=args.pairs_per_trajectory if args.mode == "mf" else None,
+    ), rank=0, world_size=1)
+    batches = iter(stream)
+    per_epoch = stream.batches_per_epoch()
+    for _ in itertools.islice(batches, per_epoch):  # warm-up epoch
+        pass
+    started = time.perf_counter()
+    read = bytes_read_by(lambda: [None for _ in itertools.islice(batches, per_epoch * args.epochs)])
+    seconds = time.perf_counter() - started
+    samples = per_epoch * args.epochs * args.batch
+    spec = open_store(args.store[0]).spec
+    return {"mode": args.mode, "sample_shape": list(spec.sample_shape), "points": spec.num_points,
+            "dtype": spec.dtype, "batch_per_process": args.batch, "num_workers": args.num_workers,
+            "samples": samples, "seconds": round(seconds, 3), "samples_per_s": round(samples / seconds, 1),
+            "bytes_read_per_sample": round(read / samples, 1),
+            "stored_bytes_by_array": open_store(args.store[0]).describe()["bytes_by_array"]}
 
 
 def timed_steps(model, optimizer, loss_fn, batches: Iterator, steps: int) -> tuple[float, float]:
@@ -72,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     """Build both sources and the student, run the interleaved blocks, print the JSON result."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.loader_only:
+        print(json.dumps(loader_only(args), indent=2))
+        return 0
+    if args.teacher is None:
+        print("error: --teacher is needed to time training steps (or pass --loader-only)", file=sys.stderr)
+        return 2
     from pipeline.teacher import load_teacher
     from trainer.config import load_config
     from trainer.data import StreamConfig, TrajectoryStream

@@ -18,7 +18,8 @@ Variants (student.* overrides of trainer/mid.py; `trainer.parameterization` expl
   auto+clip           "auto" with the gradient clipping the digits preset had before (loop.grad_clip=1.0; the
                       authors clip nothing, the preset's default now)
   auto+ema-constant   "auto" with the authors' EMA: a constant 0.999 decay from the teacher's weights
-Variants that resolve to the same settings for a teacher are run once (for v and EDM teachers "auto" is "own").
+Variants that resolve to the same settings for a teacher are run once (for v and EDM teachers "auto" is "own"),
+and transfer variants whose reading is the teacher's own are not run (the transfer would regress onto itself).
 
 Writes <out>/study.json and <out>/study.md (and every run under <out>/runs); re-running skips finished runs.
 """
@@ -82,6 +83,13 @@ def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
     return reading.describe() + (f" + transfer {transfer}" if transfer else "") + "".join(f", {o}" for o in others)
 
 
+def _transfer_onto_itself(teacher_dir: str, overrides: Sequence[str]) -> bool:
+    """A transfer variant whose student reads the network the teacher's own way: it would regress onto itself."""
+    return any(text.startswith("student.transfer_steps=") for text in overrides) and \
+        resolved_reading(teacher_dir, [text for text in overrides if not text.startswith("student.transfer")]) == \
+        resolved_reading(teacher_dir, ["student.parameterization=teacher"])
+
+
 def plan_cells(args: argparse.Namespace) -> list[Cell]:
     """Every (teacher, variant, form, seed) run, variants deduplicated per teacher by their resolved reading."""
     cells = []
@@ -91,7 +99,7 @@ def plan_cells(args: argparse.Namespace) -> list[Cell]:
             overrides = tuple(f"student.transfer_steps={args.transfer_steps}" if text == "TRANSFER" else text
                               for text in VARIANTS[variant])
             reading = resolved_reading(teacher_dir, overrides)
-            if reading in seen:
+            if reading in seen or _transfer_onto_itself(teacher_dir, overrides):
                 continue
             seen.add(reading)
             for form in args.forms:
@@ -119,7 +127,9 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
     """FD-digits of the export's 1- and 2-step samples on `redraws` fresh draws of the evaluation noise."""
     from trainer.config import load_config
     from trainer.metrics import FDMetric
-    from trainer.mid import MidConfig, student_samples
+    from trainer.evaluation import eval_seeds
+    from trainer.mid import MidConfig
+    from trainer.sample import draw_samples
     from trainer.student import FlowMapStudent
 
     cache = export_dir.parent / "fd_redraws.json"
@@ -132,7 +142,8 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
         cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={k * REDRAW_SEED_STRIDE}",
                                                   f"num_eval_samples={num_samples}"])
         for steps in (1, 2):
-            scores[f"fd_{steps}step"].append(float(metric(student_samples(student, cfg, steps))))
+            samples = draw_samples(student, eval_seeds(cfg), steps, intermediate=cfg.eval_intermediate)
+            scores[f"fd_{steps}step"].append(float(metric(samples)))
     cache.write_text(json.dumps(scores))
     return scores
 

@@ -57,6 +57,8 @@ __all__ = [
     "Teacher",
     "TeacherLoadError",
     "UnsupportedSchedulerError",
+    "class_embedding_rows",
+    "decode_latents",
     "edm_preconditioning",
     "load_teacher",
 ]
@@ -587,17 +589,27 @@ class Teacher:
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Clean samples → images nominally in [-1, 1] (not clamped); identity without a VAE.
-
-        With a VAE: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift_factor 0 when unset), as diffusers
-        latent pipelines do.
-        """
+        """Clean samples → images nominally in [-1, 1] (not clamped); identity without a VAE (`decode_latents`)."""
         x0 = torch.as_tensor(x0).to(device=self.device, dtype=torch.float32)  # [B, *S]
-        if self.vae is None:
-            return x0
-        config = self.vae.config
-        latents = x0 / float(config.scaling_factor) + float(getattr(config, "shift_factor", None) or 0.0)
-        return _model_output_tensor(self.vae.decode(latents.to(self.dtype))).to(torch.float32)  # [B, 3, H, W]
+        return x0 if self.vae is None else decode_latents(self.vae, x0)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
+    """Latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1] nominally (not clamped), float32 on the latents' device.
+
+    ``vae.decode(latents / scaling_factor + shift_factor)`` (shift_factor 0 when unset), as diffusers latent pipelines
+    do, in chunks of `batch_size`, in the VAE's own dtype and on its device.
+    """
+    config = vae.config
+    parameter = next(vae.parameters())
+    shift = float(getattr(config, "shift_factor", None) or 0.0)
+    scaled = latents / float(config.scaling_factor) + shift  # [B, C, h, w]
+    images = [
+        _model_output_tensor(vae.decode(chunk.to(parameter.device, parameter.dtype))).to(latents.device, torch.float32)
+        for chunk in scaled.split(batch_size)
+    ]  # each [b, 3, H, W]
+    return torch.cat(images)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ import numpy as np
 
 from storage_schema.errors import InvalidSpecError, ShardIndexError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the clean endpoints also stored apart (`endpoint`), so endpoint readers skip trajectories
 CACHE_KEY_HEX_CHARS = 20
 STORAGE_DTYPES = ("float16", "float32")
 TEACHER_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # what the teacher network computed in
-DEFAULTS_LEFT_OUT_OF_KEY = {"teacher_precision": "fp32"}  # fields added after v1: keys of earlier (fp32) stores hold
+DEFAULTS_LEFT_OUT_OF_KEY = {"teacher_precision": "fp32"}  # fields added within v2: keys of earlier (fp32) stores hold
 CODECS = ("zstd", "blosc-zstd-shuffle", "blosc-lz4-shuffle", "blosc-zstd-bitshuffle", "none")
 BLOSC_MAX_BUFFER_BYTES = 2**31 - 1
 
@@ -243,8 +243,8 @@ class GenerationSpec:
     def canonical_json(self) -> str:
         """Sorted-key, compact JSON of `to_dict()` plus `schema_version`; the input of the cache key.
 
-        Fields added after schema version 1 was published enter only when they differ from their default
-        (`DEFAULTS_LEFT_OUT_OF_KEY`), so the keys of stores written before them stay valid.
+        Fields added after stores of this schema version were first written enter only when they differ from their
+        default (`DEFAULTS_LEFT_OUT_OF_KEY`), so the keys of stores written before them stay valid.
         """
         fields = {k: v for k, v in self.to_dict().items() if DEFAULTS_LEFT_OUT_OF_KEY.get(k, object()) != v}
         payload = {"schema_version": SCHEMA_VERSION, **fields}

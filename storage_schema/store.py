@@ -46,15 +46,15 @@ PACKAGE_DIST_NAME = "cmt-pipeline"
 UNKNOWN_PACKAGE_VERSION = "0+unknown"
 RESERVED_ATTRS = ("format", "schema_version", "spec", "package_version")
 
-TRAJ, SEED, LABEL, ALPHA, SIGMA, COMMIT = "traj", "seed", "label", "alpha", "sigma", "commit"
-LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, SEED, LABEL, ALPHA, SIGMA, COMMIT, CLAIM_DIR})
+TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT = "traj", "endpoint", "seed", "label", "alpha", "sigma", "commit"
+LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT, CLAIM_DIR})
 # An interrupted local write leaves its temporary file: zarr's LocalStore writes `<key stem>.<32 hex>.partial`, then
 # renames it over the key.
 PARTIAL_SUFFIX = ".partial"
 DIGEST_BYTES = 32
 COMMIT_RECORD_BYTES = DIGEST_BYTES + 1
 COMMITTED_FLAG = 1
-DIGEST_DOMAIN = b"cmt-trajectory-shard/v1\x00"
+DIGEST_DOMAIN = b"cmt-trajectory-shard/v2\x00"
 SEED_FILL = -1
 LABEL_FILL = -1
 BLOSC_LEVEL = 5
@@ -121,7 +121,7 @@ class ArrayLayout:
 
 
 def array_layouts(spec: GenerationSpec) -> dict[str, ArrayLayout]:
-    """The one definition of every array of a schema-1 store (used to create and to validate)."""
+    """The one definition of every array of a schema-2 store (used to create and to validate)."""
     n, points, sample_shape = spec.num_trajectories, spec.num_points, spec.sample_shape
     sample_axes = tuple(f"sample_axis_{axis}" for axis in range(len(sample_shape)))
     layouts = {
@@ -133,6 +133,15 @@ def array_layouts(spec: GenerationSpec) -> dict[str, ArrayLayout]:
             fill_value=float("nan"),
             compressed=True,
             dimension_names=("trajectory", "point", *sample_axes),
+        ),
+        ENDPOINT: ArrayLayout(
+            shape=(n, *sample_shape),
+            dtype=spec.dtype,
+            chunks=(spec.chunk_size, *sample_shape),
+            shards=(spec.shard_size, *sample_shape),
+            fill_value=float("nan"),
+            compressed=True,
+            dimension_names=("trajectory", *sample_axes),
         ),
         SEED: ArrayLayout((n,), "int64", (spec.chunk_size,), (spec.shard_size,), SEED_FILL, True, ("trajectory",)),
         ALPHA: ArrayLayout((points,), "float64", (points,), None, 0.0, False, ("point",)),
@@ -155,11 +164,16 @@ def shard_object_key(name: str, layout: ArrayLayout, shard_index: int) -> str:
 
 
 def compute_shard_digest(
-    index: int, start: int, stop: int, traj: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None, dtype: np.dtype
+    index: int, start: int, stop: int, traj: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None, dtype: np.dtype,
+    endpoints: np.ndarray | None = None,
 ) -> bytes:
-    """sha256 over domain tag, (index, start, stop), traj bytes in storage dtype, seeds and labels as <i8."""
+    """sha256 over domain tag, (index, start, stop), traj and endpoint bytes in storage dtype, seeds and labels as <i8.
+
+    `endpoints` defaults to traj[:, -1] (what `write_shard` stores); validation passes the decoded array.
+    """
     hasher = _shard_hasher(index, start, stop)
-    _hash_traj(hasher, traj, dtype)
+    _hash_values(hasher, traj, dtype)  # [n*(K+1)*prod(S)*itemsize]
+    _hash_values(hasher, traj[:, -1] if endpoints is None else endpoints, dtype)  # [n*prod(S)*itemsize]
     return _finish_digest(hasher, seeds, labels)
 
 
@@ -170,9 +184,10 @@ def _shard_hasher(index: int, start: int, stop: int) -> Any:
     return hasher
 
 
-def _hash_traj(hasher: Any, traj: np.ndarray, dtype: np.dtype) -> None:
-    """Feed trajectories [n, K+1, *S] in storage dtype, C order (consecutive blocks along n hash as one array)."""
-    hasher.update(np.ascontiguousarray(traj, dtype=dtype).reshape(-1).view(np.uint8))  # [n*(K+1)*prod(S)*itemsize]
+def _hash_values(hasher: Any, values: np.ndarray, dtype: np.dtype) -> None:
+    """Feed trajectories [n, K+1, *S] or endpoints [n, *S] in storage dtype, C order (consecutive blocks along n hash as
+    one array)."""
+    hasher.update(np.ascontiguousarray(values, dtype=dtype).reshape(-1).view(np.uint8))  # [n*prod(shape[1:])*itemsize]
 
 
 def _finish_digest(hasher: Any, seeds: np.ndarray, labels: np.ndarray | None) -> bytes:
@@ -270,7 +285,7 @@ def create_store(
     attrs: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> TrajectoryStore:
-    """Create an empty schema-1 store for `spec` at `url` and return it opened with mode "r+"."""
+    """Create an empty schema-2 store for `spec` at `url` and return it opened with mode "r+"."""
     url = os.fspath(url)
     if not isinstance(spec, GenerationSpec):
         raise InvalidSpecError(f"create_store needs a GenerationSpec, got {type(spec).__name__}")
@@ -373,9 +388,13 @@ def open_store(
         )
     version = attributes.get("schema_version")
     if version != SCHEMA_VERSION:
+        change = (" (version 2 adds the `endpoint` array: the clean endpoints stored apart, so ECT and MeanFlow read "
+                  "one point per trajectory instead of decoding all K+1)") if version == 1 else ""
         raise SchemaVersionError(
-            f"store at {url} has schema version {version!r}, this code reads version {SCHEMA_VERSION}; "
-            "use the cmt-pipeline version that wrote it or regenerate the store"
+            f"store at {url} has schema version {version!r}, this code reads version {SCHEMA_VERSION}{change}; "
+            "regenerate it by re-running its pipeline/generate.py command (the cache key changes with the version, so "
+            "the new store lands beside the old one, which `python -m pipeline.cache rm` removes), or read it with "
+            "the cmt-pipeline version that wrote it"
         )
     try:
         spec = GenerationSpec.from_dict(attributes.get("spec"))
@@ -542,6 +561,7 @@ class TrajectoryStore:
             self._arrays[COMMIT][index] = np.zeros(COMMIT_RECORD_BYTES, dtype=np.uint8)
         _reach_stage("commit_cleared", index)
         self._arrays[TRAJ][start:stop] = traj_stored
+        self._arrays[ENDPOINT][start:stop] = traj_stored[:, -1]
         _reach_stage("traj_written", index)
         self._arrays[SEED][start:stop] = seeds_stored
         if labels_stored is not None:
@@ -648,14 +668,16 @@ class TrajectoryStore:
         return int(selection) if selection.ndim == 0 else selection
 
     def _read_range(
-        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True, trajectories: bool = True
+        self, start: int, stop: int, point_indices: Any, *, seeds: bool = True, trajectories: bool = True,
+        endpoints: bool = False,
     ) -> dict[str, np.ndarray | None]:
-        """traj/seed/label of trajectories [start, stop), decoding errors raised as CorruptShardError."""
+        """traj/seed/label (and endpoint) of trajectories [start, stop), decoding errors raised as CorruptShardError."""
         points = self._normalised_points(point_indices)
         try:
             traj = None
             if trajectories:
                 traj = self._arrays[TRAJ].get_orthogonal_selection((slice(start, stop), points))  # [n, P, *S]
+            endpoint = self._arrays[ENDPOINT][start:stop] if endpoints else None  # [n, *S]
             seed = self._arrays[SEED][start:stop] if seeds else None  # [n]
             label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
         except Exception as error:
@@ -665,18 +687,20 @@ class TrajectoryStore:
                 f"{type(error).__name__}: {error}; run `python -m storage_schema validate {self.url} --deep` "
                 "and rewrite the damaged shards with write_shard(..., repair=True)"
             ) from error
-        return {"traj": traj, "seed": seed, "label": label}
+        return {"traj": traj, "seed": seed, "label": label, **({"endpoint": endpoint} if endpoints else {})}
 
     def read_shard(
         self, index: int, *, require_committed: bool = True, verify: bool = False
     ) -> dict[str, np.ndarray | None]:
-        """Shard `index` as dict(traj=[n, K+1, *S], seed=[n], label=[n] or None); verify re-checks the digest."""
+        """Shard `index` as dict(traj=[n, K+1, *S], endpoint=[n, *S], seed=[n], label=[n] or None); verify re-checks the
+        digest."""
         start, stop = self.spec.shard_bounds(index)
         if require_committed:
             self._require_committed(index, index + 1)
-        data = self._read_range(start, stop, None)
+        data = self._read_range(start, stop, None, endpoints=True)
         if verify:
-            computed = compute_shard_digest(index, start, stop, data["traj"], data["seed"], data["label"], self._dtype)
+            computed = compute_shard_digest(index, start, stop, data["traj"], data["seed"], data["label"], self._dtype,
+                                            data["endpoint"])
             self._check_digest(index, computed)
         return data
 
@@ -684,7 +708,8 @@ class TrajectoryStore:
         """Decode committed shard `index` and check it against its commit digest (CorruptShardError if it fails).
 
         Whole chunks are read, at most `read_bytes` of decoded trajectories at a time (None: the whole shard at once),
-        and hashed as they arrive, so memory stays at one read whatever the shard size.
+        then the endpoints in as many trajectories per read, hashed as they arrive, so memory stays at one read whatever
+        the shard size.
         """
         start, stop = self.spec.shard_bounds(index)
         spec = self.spec
@@ -692,7 +717,12 @@ class TrajectoryStore:
         rows = spec.shard_size if read_bytes is None else spec.chunk_size * max(1, read_bytes // chunk_bytes)
         hasher = _shard_hasher(index, start, stop)
         for first in range(start, stop, rows):
-            _hash_traj(hasher, self._read_range(first, min(first + rows, stop), None, seeds=False)["traj"], self._dtype)
+            block = self._read_range(first, min(first + rows, stop), None, seeds=False)["traj"]  # [n, K+1, *S]
+            _hash_values(hasher, block, self._dtype)
+        for first in range(start, stop, rows):
+            block = self._read_range(first, min(first + rows, stop), None, seeds=False, trajectories=False,
+                                     endpoints=True)["endpoint"]  # [n, *S]
+            _hash_values(hasher, block, self._dtype)
         ids = self._read_range(start, stop, None, trajectories=False)
         self._check_digest(index, _finish_digest(hasher, ids["seed"], ids["label"]))
 
@@ -729,6 +759,22 @@ class TrajectoryStore:
         self._check_range(start, stop, require_committed)
         block = self._read_range(int(start), int(stop), None, seeds=False)
         return {"traj": block["traj"], "label": block["label"]}
+
+    def read_endpoints(self, start: int, stop: int, *, require_committed: bool = True) -> dict[str, np.ndarray | None]:
+        """endpoint [n, *S] (= traj[:, K]) and label [n] (or None) of trajectories [start, stop): only the endpoint
+        chunks are decoded, 1/(K+1) of the trajectory bytes."""
+        self._check_range(start, stop, require_committed)
+        try:
+            endpoint = self._arrays[ENDPOINT][start:stop]  # [n, *S]
+            label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
+        except Exception as error:
+            first, last = start // self.spec.shard_size, (stop - 1) // self.spec.shard_size
+            raise CorruptShardError(
+                f"cannot decode the endpoints of trajectories {start}..{stop - 1} (shards {first}..{last}) of "
+                f"{self.url}: {type(error).__name__}: {error}; run `python -m storage_schema validate {self.url} "
+                "--deep` and rewrite the damaged shards with write_shard(..., repair=True)"
+            ) from error
+        return {"endpoint": endpoint, "label": label}
 
     def _check_range(self, start: int, stop: int, require_committed: bool) -> None:
         """Refuse a range outside the store (and, when asked, one touching an uncommitted shard)."""
@@ -867,16 +913,19 @@ class TrajectoryStore:
         """Decode one committed shard and report digest mismatch, NaN/Inf, seed or label violations."""
         start, stop = self.spec.shard_bounds(shard)
         try:
-            data = self._read_range(start, stop, None)
+            data = self._read_range(start, stop, None, endpoints=True)
         except CorruptShardError as error:
             return [f"shard {shard}: cannot be decoded ({error.__cause__.__class__.__name__}: {error.__cause__})"]
         problems = []
-        computed = compute_shard_digest(shard, start, stop, data["traj"], data["seed"], data["label"], self._dtype)
+        computed = compute_shard_digest(shard, start, stop, data["traj"], data["seed"], data["label"], self._dtype,
+                                        data["endpoint"])
         if computed != recorded_digest:
             problems.append(
                 f"shard {shard}: digest mismatch (recorded {recorded_digest.hex()[:16]}..., computed "
                 f"{computed.hex()[:16]}...); its bytes changed after commit, rewrite it with repair=True"
             )
+        if not np.array_equal(data["endpoint"], data["traj"][:, -1], equal_nan=True):
+            problems.append(f"shard {shard}: endpoint differs from traj[:, K]; rewrite it with repair=True")
         non_finite = int(np.size(data["traj"]) - np.count_nonzero(np.isfinite(data["traj"])))
         if non_finite:
             problems.append(f"shard {shard}: {non_finite} non-finite values (NaN/Inf) in traj")

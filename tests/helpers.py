@@ -84,15 +84,32 @@ def tiny_unet(*, seed: int = 0, dropout: float = 0.0, attention: bool = False, c
 def write_solved_store(teacher, url: Path, *, num_trajectories: int, steps: int, shard_size: int,
                        chunk_size: int | None = None, solver: str = "dpmpp-3m", shards: list[int] | None = None,
                        dtype: str = "float32") -> Path:
-    """Solve the teacher's PF-ODE and write a trajectory store the way pipeline/generate.py does (without Ray)."""
+    """Solve the teacher's PF-ODE and write a trajectory store the way pipeline/generate.py does (without Ray).
+
+    A class-conditional teacher's trajectory i has class i mod num_classes.
+    """
+    classes = teacher.num_classes
     spec = GenerationSpec(
         teacher_fingerprint=teacher.fingerprint, sample_shape=tuple(teacher.sample_shape), solver=solver,
         steps=steps, grid="logsnr", seed_base=0, num_trajectories=num_trajectories, shard_size=shard_size,
-        chunk_size=chunk_size or max(1, shard_size // 2), dtype=dtype,
+        chunk_size=chunk_size or max(1, shard_size // 2), dtype=dtype, num_classes=classes,
+        label_plan=None if classes is None else "index mod classes",
     )
-    trajectory = solve(teacher, list(range(num_trajectories)), steps=steps, solver=solver, grid="logsnr")
+    return write_store_of_spec(teacher, spec, url, shards=shards)
+
+
+def write_store_of_spec(teacher, spec: GenerationSpec, url: Path | str, *, shards: list[int] | None = None):
+    """The store of `spec` (e.g. pipeline.generate.build_spec's), solved and written without Ray; in a conditional
+    spec, trajectory i has class i mod num_classes."""
+    grid = dict(spec.grid_params)
+    seeds = list(range(spec.seed_base, spec.seed_base + spec.num_trajectories))
+    labels = None if spec.num_classes is None else np.arange(spec.num_trajectories) % spec.num_classes  # [N]
+    trajectory = solve(teacher, seeds, steps=spec.steps, solver=spec.solver, grid=spec.grid,
+                       sigma_max=grid.get("sigma_max"), sigma_min=grid.get("sigma_min"),
+                       labels=None if labels is None else torch.from_numpy(labels))
     store = create_store(str(url), spec, trajectory.alpha, trajectory.sigma)
     for shard in range(spec.num_shards) if shards is None else shards:
         start, stop = spec.shard_bounds(shard)
-        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop))
+        store.write_shard(shard, trajectory.points[start:stop].numpy(), np.arange(start, stop) + spec.seed_base,
+                          None if labels is None else labels[start:stop])
     return url

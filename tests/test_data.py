@@ -14,6 +14,7 @@ import torch
 from storage_schema import GenerationSpec, create_store
 from trainer.config import ConfigError
 from trainer.data import (
+    READ_BYTES,
     IncompleteStoreError,
     NotEnoughShardsError,
     SampleShapeError,
@@ -394,13 +395,62 @@ def test_another_teachers_store_warns_or_fails_under_strict(digits_like):
         TrajectoryStream(config([url], expected_fingerprint="sha256:teacher-a", strict=True), rank=0, world_size=1)
 
 
-def test_more_readers_than_shards_or_too_few_samples_are_refused(tmp_path):
-    """3 shards over 2 ranks × 2 workers: error naming both counts and the fixes; too large a batch is refused too."""
+@pytest.mark.parametrize(("mode", "trajectories", "shard_size", "world_size", "workers", "batch"), [
+    ("endpoints", 24, 12, 2, 2, 3),  # 2 shards over 4 readers: shards are split by chunk
+    ("cm", 24, 12, 2, 2, 8),
+    ("endpoints", 12, 4, 2, 0, 3),  # 3 shards over 2 readers: whole shards would leave one reader a shard short
+])
+def test_an_epoch_covers_every_trajectory_once_even_with_fewer_shards_than_readers(
+    tmp_path, mode, trajectories, shard_size, world_size, workers, batch
+):
+    """Readers are dealt equal runs of chunks, so one epoch over all ranks yields every sample exactly once."""
+    url = make_store(tmp_path, f"few-{mode}", num_trajectories=trajectories, shard_size=shard_size)[0]
+    seen = []
+    for rank in range(world_size):
+        stream = TrajectoryStream(config([url], mode=mode, num_workers=workers, batch_per_process=batch), rank=rank,
+                                  world_size=world_size)
+        assert stream.describe()["samples_dropped_per_epoch"] == 0
+        seen += sample_ids(concat(take(stream, stream.batches_per_epoch())))
+        assert stream.state_dict()["epoch"] == 1
+    points = 1 if mode == "endpoints" else 4
+    assert len(seen) == len(set(seen)) == trajectories * points
+    assert {index for _, index, *_ in seen} == set(range(trajectories))
+
+
+def test_fewer_chunks_than_readers_or_too_few_samples_are_refused(tmp_path):
+    """6 chunks over 2 ranks × 4 workers: error naming both counts and the fixes; too large a batch is refused too."""
     url = make_store(tmp_path, "few", num_trajectories=12)[0]
-    with pytest.raises(NotEnoughShardsError, match=r"3 committed shards cannot be split over 4 readers.*num_workers"):
-        TrajectoryStream(config([url], num_workers=2), rank=0, world_size=2)
+    with pytest.raises(NotEnoughShardsError, match=r"6 committed chunks \(3 shards\) cannot be split over 8 readers"
+                                                   r".*num_workers to 3 or less.*smaller chunk_size"):
+        TrajectoryStream(config([url], num_workers=4), rank=0, world_size=2)
     with pytest.raises(NotEnoughShardsError, match="batch_per_process=64"):
         TrajectoryStream(config([url], batch_per_process=64), rank=0, world_size=2)
+
+
+def test_endpoints_mode_reads_the_endpoint_array_for_its_batches_after_the_digest_check(tmp_path, monkeypatch):
+    """The digest covers traj and endpoint, so an epoch decodes each shard once to check it. A shard within one read:
+    that read feeds the batches, in endpoints mode too. A larger shard: endpoints then reads only the `endpoint` array
+    (1/17 of the trajectories' bytes) for its batches, cm the trajectories again."""
+    from jobs.bench_loader import bytes_read_by
+    from storage_schema import open_store
+
+    url = make_store(tmp_path, "bytes", num_trajectories=64, shard_size=16, chunk_size=8, steps=16, shape=(3, 16, 16))[0]
+    sizes = {name: stored - (Path(url) / name / "zarr.json").stat().st_size  # the shard objects alone
+             for name, stored in open_store(url).describe()["bytes_by_array"].items() if name in ("traj", "endpoint")}
+    traj_chunk_bytes = 8 * 17 * 3 * 16 * 16 * 2  # a shard is 2 chunks: traj + endpoint exceed this read
+    read = {}
+    for read_bytes in (READ_BYTES, traj_chunk_bytes):
+        monkeypatch.setattr("trainer.data.READ_BYTES", read_bytes)
+        for mode in ("endpoints", "cm"):
+            stream = TrajectoryStream(config([url], mode=mode, batch_per_process=16, shuffle_buffer=0), rank=0,
+                                      world_size=1)
+            read[mode, read_bytes] = bytes_read_by(lambda stream=stream: take(stream, stream.batches_per_epoch()))
+    checked = sizes["traj"] + sizes["endpoint"]  # one decode of every shard for its digest
+    margin = sizes["traj"] / 17  # shard indexes, seeds: less than one point per trajectory
+    for mode in ("endpoints", "cm"):
+        assert checked <= read[mode, READ_BYTES] < checked + margin
+    assert checked + sizes["endpoint"] <= read["endpoints", traj_chunk_bytes] < checked + sizes["endpoint"] + margin
+    assert read["cm", traj_chunk_bytes] >= checked + sizes["traj"]
 
 
 def test_mixed_conditioning_and_bad_settings_are_refused(tmp_path):

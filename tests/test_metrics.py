@@ -152,6 +152,13 @@ def test_fd_clamps_images_and_rejects_wrong_shapes(digits_metric):
         feature_stats(torch.zeros(16, 8, 8), digits_metric.classifier)
 
 
+def test_fd_from_features_gathered_from_shares_equals_fd_of_all_images(digits_metric):
+    """Evaluation spreads images over ranks and gathers features: FD from the joined shares is FD of all images."""
+    images = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2.0 - 1.0
+    shares = [digits_metric.features(part) for part in images.split([20, 20, 8])]
+    assert digits_metric.score_features(np.concatenate(shares)) == pytest.approx(digits_metric(images), rel=1e-9)
+
+
 def test_real_vs_real_floor_is_positive_and_below_noise(digits_cache, digits_metric):
     floor = real_vs_real_floor("digits", seed=0, cache_dir=digits_cache)
     assert floor > 0

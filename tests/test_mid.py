@@ -132,14 +132,17 @@ def test_two_real_processes_read_disjoint_shards_and_keep_identical_parameters(t
     assert [report["rank"] for report in reports] == [0, 1]
     assert all(report["world_size"] == 2 and report["final_step"] == 6 for report in reports)
     assert reports[0]["parameter_sha256"] == reports[1]["parameter_sha256"]
-    epochs = reports[0]["shards_read"].keys()
-    assert epochs and epochs == reports[1]["shards_read"].keys()
+    # the final evaluation (8 samples, 1 and 2 steps) is shared: each rank drew its 4 samples per step count
+    assert [report["eval_samples_drawn"] for report in reports] == [8, 8]
+    assert (output_dir / "samples" / "step_6_2step.png").is_file()
+    epochs = reports[0]["chunks_read"].keys()
+    assert epochs and epochs == reports[1]["chunks_read"].keys()
     for epoch in epochs:
-        rank0 = {tuple(entry) for entry in reports[0]["shards_read"][epoch]}
-        rank1 = {tuple(entry) for entry in reports[1]["shards_read"][epoch]}
+        rank0 = {tuple(entry) for entry in reports[0]["chunks_read"][epoch]}
+        rank1 = {tuple(entry) for entry in reports[1]["chunks_read"][epoch]}
         assert rank0 and rank1 and not rank0 & rank1, (epoch, rank0, rank1)
     student = FlowMapStudent.from_pretrained(output_dir / "export", second_time_input=True)
-    assert student.net.class_embedding.linear_2.weight.abs().sum() > 0  # the (t − r) input was trained
+    assert student.second_time.embedding.linear_2.weight.abs().sum() > 0  # the (t − r) input was trained
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -188,16 +191,22 @@ def test_store_of_another_shape_or_teacher(tiny, tmp_path):
 
 def test_too_few_shards_for_the_ranks_and_other_config_errors(tiny, tmp_path):
     teacher = load_teacher(tiny["teacher"])
-    with pytest.raises(MidDataError, match="4 committed shard.*for 8 readers.*empty shard list"):
-        check_stores(tiny_cfg(tiny), sample_shape=teacher.sample_shape, teacher_fingerprint=None, world_size=8)
-    with pytest.raises(MidDataError, match="for 6 readers"):
-        check_stores(tiny_cfg(tiny, "stream.num_workers=3"), sample_shape=teacher.sample_shape,
+    # the fixture's store: 4 shards of 8 trajectories in chunks of 4 → 8 chunks; a shard may be split between readers
+    check_stores(tiny_cfg(tiny), sample_shape=teacher.sample_shape, teacher_fingerprint=None, world_size=8)
+    with pytest.raises(MidDataError, match="8 committed chunk.*for 9 readers.*smaller --chunk-size"):
+        check_stores(tiny_cfg(tiny), sample_shape=teacher.sample_shape, teacher_fingerprint=None, world_size=9)
+    with pytest.raises(MidDataError, match="for 10 readers"):
+        check_stores(tiny_cfg(tiny, "stream.num_workers=5"), sample_shape=teacher.sample_shape,
                      teacher_fingerprint=None, world_size=2)
     with pytest.raises(MidDataError, match="cannot open trajectory store"):
         check_stores(tiny_cfg(tiny, stores=[tmp_path / "nothing.zarr"]), sample_shape=teacher.sample_shape,
                      teacher_fingerprint=None, world_size=1)
     with pytest.raises(ConfigError, match="lpips_weights"):
         tiny_cfg(tiny, "distance=lpips")
+    with pytest.raises(ConfigError, match="label_dropout needs a class-conditional teacher"):
+        run(tiny_cfg(tiny, "label_dropout=0.1", f"loop.output_dir={tmp_path / 'dropout'}"))
+    with pytest.raises(ConfigError, match=r"label_dropout must lie in \[0, 1\)"):
+        tiny_cfg(tiny, "label_dropout=1.5")
     with pytest.raises(ConfigError, match="LPIPS weights file not found"):
         build_distance(tiny_cfg(tiny, "distance=lpips", f"lpips_weights={tmp_path / 'missing.safetensors'}"), "cpu")
     with pytest.raises(ConfigError, match="unknown config key `strict_mode`"):

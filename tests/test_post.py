@@ -37,24 +37,20 @@ from trainer.losses import (
     squared_l2,
     total_derivative_jvp,
 )
+from trainer.meanflow import DerivativeBackendError, guided_target_velocity, meanflow_prediction_and_derivative
 from trainer.mid import parameter_hash
 from trainer.post import (
-    HOLD_FILE_ENV,
-    HOLD_STEP_ENV,
-    DerivativeBackendError,
     ECTConfig,
     ECTLoss,
     PostConfig,
     StoredECDLoss,
     describe,
-    guided_target_velocity,
     main,
-    meanflow_prediction_and_derivative,
     paired_denoise,
     run,
-    same_dropout,
     store_stream,
 )
+from trainer.post_steps import HOLD_FILE_ENV, HOLD_STEP_ENV, same_dropout
 from trainer.schedules import clamp_sigma, ect_r_from_t, sample_ect_times
 from trainer.student import FlowMapStudent
 
@@ -191,7 +187,7 @@ def test_live_ecd_step_is_the_exact_flow_map_to_second_order_on_the_oracle():
 def test_meanflow_jvp_and_finite_difference_targets_agree_with_one_dropout_mask():
     teacher = Teacher(tiny_unet(dropout=0.2, attention=True), DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
     student = FlowMapStudent.from_teacher(teacher, second_time_input=True).train()
-    torch.nn.init.normal_(student.net.class_embedding.linear_2.weight, std=0.02)  # make u depend on r
+    torch.nn.init.normal_(student.second_time.embedding.linear_2.weight, std=0.02)  # make u depend on r
     generator = torch.Generator().manual_seed(1)
     x0 = torch.rand(8, 1, 8, 8, generator=generator) * 2 - 1
     noise = torch.randn(8, 1, 8, 8, generator=generator)
@@ -233,16 +229,34 @@ class ToyConditionalVelocity(torch.nn.Module):
         return self.w[labels].reshape(-1, 1, 1, 1) * z + 0.5 * gap
 
 
-def test_cfg_is_folded_into_the_meanflow_target_velocity_except_for_dropped_labels(tiny, tmp_path):
+def test_meanflow_guided_velocity_is_the_official_formula_inside_the_interval_and_v_outside(tiny, tmp_path):
+    """ṽ = ω·v + (1 − ω − κ)·u(z, t, t | ∅) + κ·u(z, t, t | c) for t in [t_min, t_max], v elsewhere (official
+    MeanFlow `guidance_fn`; κ = 0 is its other branch u(∅) + ω·(v − u(∅)))."""
     z, v = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
     t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
-    labels, dropped = torch.tensor([0, 1, 2, 0]), torch.tensor([False, True, False, False])
-    guided = guided_target_velocity(ToyConditionalVelocity(), z, t, v, labels, dropped, omega=2.0, null_class=3,
+    labels = torch.tensor([0, 1, 2, 0])
+    model = ToyConditionalVelocity()
+    u_cond = model.w.detach()[labels].reshape(-1, 1, 1, 1) * z  # u(z, t, t | c) = w_c·z (t − r = 0)
+    u_null = -1.0 * z  # the null class (id 3) has w = −1
+    inside = torch.tensor([False, True, True, False]).reshape(-1, 1, 1, 1)
+    guided = guided_target_velocity(model, z, t, v, labels, omega=2.0, kappa=0.5, interval=(0.3, 0.7), null_class=3,
                                     dropout_seed=0)
-    by_hand = 2.0 * v + (1 - 2.0) * (-1.0 * z)  # ω·v + (1 − ω)·u(z, t, t | ∅), u(·|∅) = −z
-    assert torch.allclose(guided[~dropped], by_hand[~dropped]) and torch.equal(guided[dropped], v[dropped])
+    by_hand = torch.where(inside, 2.0 * v + (1 - 2.0 - 0.5) * u_null + 0.5 * u_cond, v)
+    assert_close(guided, by_hand, what="guided velocity with κ and the interval")
+    plain = guided_target_velocity(model, z, t, v, labels, omega=3.0, kappa=0.0, interval=(0.0, 1.0), null_class=3,
+                                   dropout_seed=0)
+    assert_close(plain, u_null + 3.0 * (v - u_null), what="guided velocity with κ = 0")
     with pytest.raises(ConfigError, match="class-conditional student"):
         run(tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_scale=2.0"))
+    with pytest.raises(ConfigError, match="set meanflow.guidance_scale"):
+        tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_kappa=0.5")
+    with pytest.raises(ConfigError, match="label_dropout with ECD from a dataset"):
+        tiny_cfg(tiny, tmp_path, "--method", "ecd", "--data", "dataset:digits", "label_dropout=0.1")
+    with pytest.raises(ConfigError, match="label_dropout needs a class-conditional student"):
+        run(tiny_cfg(tiny, tmp_path, "--method", "ect", "label_dropout=0.1"))
+    with pytest.raises(ConfigError, match="guidance_t_min < meanflow.guidance_t_max"):
+        tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_scale=2", "meanflow.guidance_t_min=0.8",
+                 "meanflow.guidance_t_max=0.2")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +284,7 @@ def test_two_processes_meanflow_with_jvp_keep_identical_parameters(tiny, tmp_pat
     assert reports[0]["parameter_sha256"] == reports[1]["parameter_sha256"]
     torch.manual_seed(0)
     initial = FlowMapStudent.from_teacher(load_teacher(tiny["teacher"]), second_time_input=True, seed=0)
-    assert reports[0]["parameter_sha256"] != parameter_hash(initial.net)
+    assert reports[0]["parameter_sha256"] != parameter_hash(initial)
     assert FlowMapStudent.from_pretrained(output_dir / "export").second_time_input
 
 
@@ -281,7 +295,7 @@ def test_store_runs_after_cmt_never_load_the_teacher_and_live_ecd_runs_it(tiny, 
         assert stored.loop.final_step == 3 and stored.loop.skipped_steps == 0
         assert stored.rank_report["teacher_in_training"] is False and stored.rank_report["teacher_forward_samples"] == 0
         exported = FlowMapStudent.from_pretrained(tmp_path / method / "export")
-        assert parameter_hash(exported.net) != parameter_hash(FlowMapStudent.from_pretrained(tiny["cmt"]).net)
+        assert parameter_hash(exported) != parameter_hash(FlowMapStudent.from_pretrained(tiny["cmt"]))
     live = run(tiny_cfg(tiny, tmp_path / "live", "--method", "ecd", "--init", "teacher", "--data", "dataset:digits",
                         "loop.total_steps=3", "ecd.teacher_step=euler"))
     assert live.rank_report["teacher_in_training"] is True

@@ -167,7 +167,7 @@ def test_fp32_specs_keep_the_keys_they_had_before_teacher_precision_existed():
 
     spec = GenerationSpec(teacher_fingerprint="t", sample_shape=(1, 8, 8), solver="euler", steps=4, grid="logsnr",
                           seed_base=0, num_trajectories=8)
-    before = {k: v for k, v in spec.to_dict().items() if k != "teacher_precision"} | {"schema_version": 1}
+    before = {k: v for k, v in spec.to_dict().items() if k != "teacher_precision"} | {"schema_version": SCHEMA_VERSION}
     old_key = hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
     assert spec.cache_key() == old_key
     keys = {dataclasses.replace(spec, teacher_precision=p).cache_key() for p in TEACHER_PRECISIONS}
@@ -496,16 +496,28 @@ def test_open_foreign_directory_or_zarr_group_is_not_a_store(tmp_path):
         assert snapshot(root) == before
 
 
-def test_other_schema_version_is_refused(filled_store):
-    """A store claiming schema version 2 raises SchemaVersionError and is not modified."""
+@pytest.mark.parametrize(("version", "says"), [(1, "adds the `endpoint` array.*pipeline/generate.py"),
+                                               (3, "reads version 2; regenerate")])
+def test_other_schema_version_is_refused(filled_store, version, says):
+    """A store of schema version 1 (before `endpoint`) or 3 raises SchemaVersionError naming the fix, unmodified."""
     root = Path(filled_store.url)
     metadata = json.loads((root / "zarr.json").read_text())
-    metadata["attributes"]["schema_version"] = 2
+    metadata["attributes"]["schema_version"] = version
     (root / "zarr.json").write_text(json.dumps(metadata))
     before = snapshot(root)
-    with pytest.raises(SchemaVersionError, match="schema version 2"):
+    with pytest.raises(SchemaVersionError, match=f"schema version {version}.*{says}"):
         open_store(root, "r+")
     assert snapshot(root) == before
+
+
+def test_endpoints_are_the_last_trajectory_points_and_read_alone(filled_store):
+    """`endpoint` holds traj[:, K] bytewise; read_endpoints returns it (and labels) without the trajectories."""
+    spec = filled_store.spec
+    traj = filled_store.read_trajectories(0, spec.num_trajectories)["traj"]  # [N, K+1, *S]
+    endpoints = filled_store.read_endpoints(0, spec.num_trajectories)
+    assert endpoints["endpoint"].shape == (spec.num_trajectories, *spec.sample_shape)
+    assert np.array_equal(endpoints["endpoint"], traj[:, -1]) and set(endpoints) == {"endpoint", "label"}
+    assert filled_store.array("endpoint").chunks == (spec.chunk_size, *spec.sample_shape)
 
 
 def test_spec_mismatch_lists_the_differing_fields(filled_store):

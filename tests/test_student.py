@@ -74,9 +74,8 @@ def test_mf_form_at_init_is_the_teachers_velocity_for_any_r(kind):
         for r in (None, tau * 0.0, tau * 0.5, tau * 0.99):
             u = student.velocity(z, tau, r)
             assert torch.allclose(u, teacher_velocity, atol=2e-4, rtol=1e-4), (r, (u - teacher_velocity).abs().max())
-    extra = [name for name, _ in student.net.named_parameters() if name.startswith("class_embedding.")]
-    assert extra, "the (t − r) embedding must exist"
-    assert student.net.class_embedding.linear_2.weight.abs().sum() == 0
+    assert student.second_time.embedding.linear_2.weight.abs().sum() == 0  # the (t − r) embedding starts at zero
+    assert dict(student.net.config) == dict(teacher.model.config)  # the net keeps the teacher's architecture
 
 
 def test_forward_dispatches_to_both_forms():
@@ -91,7 +90,7 @@ def test_forward_dispatches_to_both_forms():
 
 def test_second_time_input_changes_u_once_trained():
     student = FlowMapStudent.from_teacher(tiny_teacher(), second_time_input=True)
-    torch.nn.init.normal_(student.net.class_embedding.linear_2.weight, std=0.1)
+    torch.nn.init.normal_(student.second_time.embedding.linear_2.weight, std=0.1)
     z, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.5])
     with torch.no_grad():
         assert not torch.allclose(student.velocity(z, tau, tau * 0), student.velocity(z, tau, tau))
@@ -101,7 +100,7 @@ def test_second_time_input_gets_gradients():
     student = FlowMapStudent.from_teacher(tiny_teacher(), second_time_input=True)
     z, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.7])
     student.velocity(z, tau, tau * 0.2).pow(2).sum().backward()
-    assert student.net.class_embedding.linear_2.weight.grad.abs().sum() > 0
+    assert student.second_time.embedding.linear_2.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", sorted(SCHEDULERS))
@@ -172,15 +171,16 @@ def test_save_and_load_round_trip(tmp_path, second_time_input):
     teacher = tiny_teacher()
     student = FlowMapStudent.from_teacher(teacher, second_time_input=second_time_input)
     with torch.no_grad():
-        for parameter in student.net.parameters():
+        for parameter in student.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     student.save_pretrained(tmp_path / "export")
     loaded = FlowMapStudent.from_pretrained(tmp_path / "export")
     assert loaded.second_time_input == second_time_input
     assert loaded.teacher_fingerprint == teacher.fingerprint
     assert loaded.prediction_type == "epsilon" and loaded.sample_shape == (1, 8, 8)
-    for (name, a), (_, b) in zip(student.net.state_dict().items(), loaded.net.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert student.state_dict().keys() == loaded.state_dict().keys()
+    for name, tensor in student.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
     z, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8])
     with torch.no_grad():
         assert torch.equal(student.velocity(z, tau, tau / 2), loaded.velocity(z, tau, tau / 2))
@@ -212,8 +212,56 @@ def test_bad_directories_give_clear_errors(tmp_path):
         FlowMapStudent.from_pretrained(export)
 
 
-def test_second_time_input_on_conditional_teacher_is_refused():
-    with pytest.raises(StudentLoadError, match="class-conditional"):
-        FlowMapStudent.from_teacher(tiny_teacher(num_class_embeds=10), second_time_input=True)
+def test_conditional_unet_takes_a_second_time_input_and_starts_as_the_teacher():
+    """A class-conditional UNet keeps its labels in the class slot; (t − r) is added to the time embedding."""
+    teacher = tiny_teacher("vp-v", num_class_embeds=10)
+    student = FlowMapStudent.from_teacher(teacher, second_time_input=True, parameterization="teacher")
+    tau, labels = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64), torch.tensor([1, 4, 9])
+    z = torch.randn(3, 1, 8, 8)
+    x0 = teacher.denoise(z / (1 - tau.float()).reshape(-1, 1, 1, 1), (tau / (1 - tau)).numpy(), labels=labels)
+    teacher_velocity = (z - x0) / tau.float().reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        for r in (None, tau * 0.0, tau * 0.5):
+            assert_close(student.velocity(z, tau, r, labels), teacher_velocity, ulps=256,
+                         magnitude=float(teacher_velocity.abs().max()), what=f"conditional u at r={r}")
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\)"):
+        student.velocity(z, tau, None, torch.tensor([1, 4, 10]))
+
+
+def test_architectures_without_a_fractional_time_embedding_are_refused_by_name():
+    from diffusers import UNet2DModel
+
+    learned = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                          layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, time_embedding_type="learned",
+                          num_train_timesteps=1000)
+    teacher = Teacher(learned, DDPMScheduler())
+    with pytest.raises(StudentLoadError, match=r"time_embedding_type='learned'.*supports UNet2DModel.*DiTTransformer"):
+        FlowMapStudent.from_teacher(teacher, second_time_input=True)
     with pytest.raises(ValueError, match="init must be"):
         FlowMapStudent.from_teacher(tiny_teacher(), init="zeros")
+
+
+def test_format_2_mf_exports_load_with_the_same_network_function(tmp_path):
+    """Format 2 kept (t − r) in the UNet's class_embed_type="timestep" slot; loading moves it beside the net, exactly."""
+    from diffusers import UNet2DModel
+
+    teacher = tiny_teacher()
+    config = {key: value for key, value in teacher.model.config.items() if not key.startswith("_")}
+    old_net = UNet2DModel(**{**config, "class_embed_type": "timestep"})
+    old_net.load_state_dict(teacher.model.state_dict(), strict=False)
+    torch.nn.init.normal_(old_net.class_embedding.linear_2.weight, std=0.1)
+    export = tmp_path / "format2"
+    old_net.save_pretrained(export / "unet")
+    teacher.scheduler.save_pretrained(export / "scheduler")
+    meta = FlowMapStudent.from_teacher(teacher, second_time_input=True).metadata()
+    meta = {key: value for key, value in meta.items() if key != "latent"} | {"format_version": 2}
+    (export / "student.json").write_text(json.dumps(meta))
+    loaded = FlowMapStudent.from_pretrained(export)
+    x, timesteps, gap = torch.randn(3, 1, 8, 8), torch.tensor([100.0, 500.0, 900.0]), torch.tensor([0.0, 250.0, 700.0])
+    with torch.no_grad(), loaded.second_time.applied(gap):
+        migrated = loaded.net(x, timesteps).sample
+    with torch.no_grad():
+        original = old_net(x, timesteps, class_labels=gap).sample
+    assert_close(migrated, original, what="format-2 network function after migration")
+    assert getattr(loaded.net.config, "class_embed_type", None) is None

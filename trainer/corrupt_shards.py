@@ -6,9 +6,12 @@ decode, or data whose digest no longer matches, stops training with `CorruptData
 and the `python -m storage_schema validate URL --deep` command. Checkpoints already written are untouched, so
 after the shard is regenerated the same training command resumes exactly.
 
-What the check costs: a shard no larger than one read (`READ_BYTES`, every digits and tiny preset) is read whole,
-and that one read both feeds the batches and is hashed, so the check adds the sha256 of the shard plus reading its
-seeds. A larger shard is decoded once more, in reads of at most `READ_BYTES`, before its batches are made.
+What the check costs: the digest covers the shard's trajectories and endpoints (store schema 2), so the check decodes
+both whatever the stream's mode. A shard no larger than one read (`READ_BYTES`, every digits and tiny preset) is read
+whole, and that one read both feeds the batches and is hashed, so the check adds the sha256 of the shard plus reading
+its seeds (and, in mode "endpoints", decoding its trajectories, which that mode otherwise skips). A larger shard is
+decoded once more, in reads of at most `READ_BYTES`, before its batches are made. Every reader with chunks of a shard
+checks it (chunk-balanced readers may split a shard).
 
 With `on_corrupt_shard="skip"` (`stream.on_corrupt_shard=skip` in the mid- and post-training configs) the stream
 checks every committed shard when it is built, leaves the corrupt ones out of the shard pool on every rank (the
@@ -68,14 +71,14 @@ def corrupt_data_error(url: str, shard: int, error: CorruptShardError) -> Corrup
 
 
 def shard_bytes(store: TrajectoryStore, shard: int) -> int:
-    """Decoded size in bytes of one shard's trajectories."""
+    """Decoded size in bytes of one shard's trajectories and endpoints (what `read_shard` decodes)."""
     spec = store.spec
     start, stop = spec.shard_bounds(shard)
-    return (stop - start) * spec.num_points * math.prod(spec.sample_shape) * np.dtype(spec.dtype).itemsize
+    return (stop - start) * (spec.num_points + 1) * math.prod(spec.sample_shape) * np.dtype(spec.dtype).itemsize
 
 
 def verified_shard(store: TrajectoryStore, shard: int, read_bytes: int) -> dict[str, Any] | None:
-    """Check `shard` against its digest; return its traj/label when it fits one read (that read is the check).
+    """Check `shard` against its digest; return its traj/endpoint/label when it fits one read (that read is the check).
 
     Raises CorruptDataError for a shard that cannot be decoded or does not match its digest, and
     ShardNotCommittedError for one whose commit record went away (being repaired).
@@ -83,7 +86,7 @@ def verified_shard(store: TrajectoryStore, shard: int, read_bytes: int) -> dict[
     try:
         if shard_bytes(store, shard) <= read_bytes:
             data = store.read_shard(shard, verify=True)
-            return {"traj": data["traj"], "label": data["label"]}
+            return {"traj": data["traj"], "endpoint": data["endpoint"], "label": data["label"]}
         store.verify_shard(shard, read_bytes=read_bytes)
         return None
     except ShardNotCommittedError as error:

@@ -15,17 +15,21 @@ Splitting, epochs, shuffling
 - The shards of all stores form one pool (stores must share the sample shape; e.g. two teachers or two solvers).
   The pool is fixed when the stream is built (committed shards only) and travels with the checkpoint.
 - There are C = world_size × max(1, num_workers) consumers; consumer c = rank·W + worker. Epoch e permutes the
-  pool with a generator seeded by (seed, e) and consumer c reads the shards at positions c, c+C, c+2C, ... of
-  that order in whole chunks (chunk-aligned slices of `traj` / `label`, several chunks of one shard per read, at
-  most READ_BYTES; never one sample at a time). No rank reads another rank's shards. The first read of a shard in
-  an epoch checks it against its commit digest before any of its samples is used (`trainer.corrupt_shards`: a
-  corrupt shard stops training with the fix named, or with `on_corrupt_shard="skip"` is left out of the pool).
+  pool's shards with a generator seeded by (seed, e); the shards' chunks in that order (M chunks in all) are cut into
+  C contiguous runs of ⌊M/C⌋ or ⌈M/C⌉ chunks, and consumer c reads run c in whole chunks (chunk-aligned slices of
+  `traj` / `endpoint` / `label`, several consecutive chunks of one shard per read, at most READ_BYTES; never one
+  sample at a time). Readers get balanced work even with fewer shards than readers, and with M a multiple of C
+  (equal chunks) an epoch uses every trajectory once; a shard may be split between readers, a chunk never is, and
+  no two ranks read the same chunk. The first read of a shard in an epoch, by every reader with chunks of it, checks
+  the whole shard (traj and endpoint, also in mode "endpoints") against its commit digest before any of its samples
+  is used (`trainer.corrupt_shards`: a corrupt shard stops training with the fix named, or with
+  `on_corrupt_shard="skip"` is left out of the pool).
 - Each consumer expands its chunks into samples (mode below), passes them through a shuffle buffer of
   `shuffle_buffer` samples (batches are uniform draws without replacement from what the buffer holds; it is
   refilled chunk by chunk) and makes whole batches of `batch_per_process` samples in numpy.
 - Every consumer yields the same number of batches per epoch, min over consumers of ⌊samples_c / B⌋, so all
-  ranks step together; the rest of an epoch is dropped (`describe()` reports how much). Which samples are
-  dropped changes every epoch. Use a shard count that is a multiple of C (and equal shard sizes) to drop little.
+  ranks step together; the rest of an epoch is dropped (`describe()` reports how much: at most one chunk and one
+  partial batch per reader). Which samples are dropped changes every epoch.
 - With num_workers > 0 the batches are made in torch DataLoader worker processes (batch_size=None, whole batches
   per worker, `prefetch_factor` batches each in flight; a batch crosses the process boundary as one buffer, through
   the pipe up to 1 MiB and as shared memory above, unpacked into tensor views); the DataLoader interleaves workers
@@ -48,7 +52,8 @@ rescalings of the stored states by the stored α and σ: `pipeline.time_conventi
 - "mf":        z_t, t, z_r, r: two points of one trajectory in the flow-matching view (τ = σ̃/(1+σ̃),
                z = x̃/(1+σ̃)), t > r (t is the noisier point; the endpoint may be r, with τ = 0 when σ_K = 0);
                all pairs, or `pairs_per_trajectory` of them drawn per trajectory.
-- "endpoints": x0 [B,*S]: the clean endpoints (EDM view), one sample per trajectory.
+- "endpoints": x0 [B,*S]: the clean endpoints (EDM view), one sample per trajectory, read from the store's
+               `endpoint` array (1/(K+1) of the trajectory bytes; storage schema 2).
 - "ecd":       x_t, sigma_t, x_r, sigma_r, x0: consecutive solver points (i, i+1) in the EDM view (one teacher
                ODE step), plus the endpoint; all K steps or `points_per_trajectory` of them per trajectory.
 
@@ -92,10 +97,12 @@ __all__ = [
     "TrajectoryStream",
     "UnusablePointsWarning",
     "make_stream",
+    "sample_template",
+    "samples_to_batch",
 ]
 
 MODES = ("cm", "mf", "endpoints", "ecd")
-STATE_FORMAT = "cmt-trajectory-stream/1"
+STATE_FORMAT = "cmt-trajectory-stream/2"  # 2: readers are dealt runs of chunks, not whole shards
 _ORDER_STREAM = 0  # tags of the independent random streams derived from the seed
 _BUFFER_STREAM = 1
 READ_BYTES = 32 * 2**20  # largest read (whole chunks of one shard) a reader makes at once
@@ -128,7 +135,7 @@ class UnusablePointsWarning(UserWarning):
 
 
 class NotEnoughShardsError(StreamError):
-    """More consumers (ranks × workers) than shards, or too few samples per consumer for one batch."""
+    """More consumers (ranks × workers) than chunks, or too few samples per consumer for one batch."""
 
 
 class StreamStateError(StreamError, ValueError):
@@ -255,9 +262,9 @@ class _Items:
 
 @dataclass(frozen=True)
 class _EpochPlan:
-    """One epoch's shard assignment: pool positions per consumer and the batches every consumer yields."""
+    """One epoch's chunk assignment: rows into the pool's chunk table per consumer, and the batches each yields."""
 
-    shards: tuple[np.ndarray, ...]  # per consumer: positions into the pool, in reading order
+    chunks: tuple[np.ndarray, ...]  # per consumer: rows of `_Reader.chunk_table`, in reading order
     samples: np.ndarray  # int64 [C]: samples available to each consumer
     batches_per_consumer: int
 
@@ -273,13 +280,19 @@ def _views(alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
     return {"edm_scale": edm_scale, "sigma_edm": sigma_edm, "fm_scale": fm_scale, "tau": tau}
 
 
-def _store_items(mode: str, info: _StoreInfo) -> dict[str, np.ndarray]:
-    """The sample template of one trajectory of `info` for `mode`: point indices, scale factors and times."""
-    num_points = info.spec.num_points
+def sample_template(mode: str, alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
+    """The samples one trajectory with points (alpha, sigma) [K+1] gives in `mode`: point indices, scales and times.
+
+    point_a / point_b (/ point_c) [M] are the trajectory points of each sample (see the module docstring for the
+    modes); a view of a native state x is x · scale_a (EDM view, or flow-matching view in "mf"), at time time_a.
+    Shared by the store stream and the online source (trainer/online.py), so both make the same samples.
+    """
+    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+    num_points = len(alpha)
     last = num_points - 1
-    usable = info.alpha > 0  # [K+1]; α = 0 means σ̃ = ∞
+    usable = alpha > 0  # [K+1]; α = 0 means σ̃ = ∞
     with np.errstate(divide="ignore", invalid="ignore"):
-        view = _views(info.alpha, info.sigma)
+        view = _views(alpha, sigma)
     sigma_edm, tau = view["sigma_edm"], view["tau"]
     if mode == "cm":
         points_a = np.array([i for i in range(last) if usable[i] and sigma_edm[i] != sigma_edm[last]], np.int64)
@@ -311,7 +324,7 @@ def _store_items(mode: str, info: _StoreInfo) -> dict[str, np.ndarray]:
 
 def _build_items(cfg: StreamConfig, infos: Sequence[_StoreInfo]) -> _Items:
     """Templates of all stores, with the number drawn per trajectory; errors when a store yields no sample."""
-    templates = [_store_items(cfg.mode, info) for info in infos]
+    templates = [sample_template(cfg.mode, info.alpha, info.sigma) for info in infos]
     counts = np.array([len(template["point_a"]) for template in templates], np.int64)
     subset = cfg.pairs_per_trajectory if cfg.mode == "mf" else cfg.points_per_trajectory
     for info, count in zip(infos, counts):
@@ -391,9 +404,12 @@ class _Reader:
         self.sample_shape = self.infos[0].spec.sample_shape
         self.conditional = self.infos[0].spec.is_conditional
         self.storage_dtype = np.result_type(*(np.dtype(info.spec.dtype) for info in self.infos))
-        lengths = np.array([self.infos[s].spec.shard_bounds(int(shard)) for s, shard in pool], np.int64)  # [n, 2]
-        self.shard_trajectories = lengths[:, 1] - lengths[:, 0]  # [n]
-        self.shard_samples = self.shard_trajectories * self.items.drawn[pool[:, 0]]  # [n]
+        rows = [(position, int(store), chunk, *self.infos[store].spec.chunk_bounds(chunk))
+                for position, (store, shard) in enumerate(pool.tolist())
+                for chunk in self.infos[store].spec.shard_chunks(shard)]
+        table = np.array(rows, np.int64).reshape(-1, 5)  # [M, 5]: pool position, store, chunk, start, stop
+        self.chunk_table = table[:, :3]  # [M, 3]
+        self.chunk_samples = (table[:, 4] - table[:, 3]) * self.items.drawn[table[:, 1]]  # [M]
         self._stores: list[TrajectoryStore] | None = None
         self._plans: dict[int, _EpochPlan] = {}
         self._block: tuple[int, int, int, dict[str, Any]] | None = None  # store, first chunk, stop chunk, data
@@ -418,11 +434,17 @@ class _Reader:
         return self._plans[epoch]
 
     def _plan(self, epoch: int) -> _EpochPlan:
-        """Compute `epoch_plan` (uncached)."""
+        """Compute `epoch_plan` (uncached): the epoch's shard order, read chunk by chunk, cut into C contiguous runs of
+        ⌊M/C⌋ or ⌈M/C⌉ chunks (M chunks in the pool), so readers get balanced work even with fewer shards than
+        readers, and each reads whole chunks of at most a few consecutive shards."""
         order = np.random.default_rng([self.cfg.seed, epoch, _ORDER_STREAM]).permutation(len(self.pool))  # [n]
-        shards = tuple(order[consumer :: self.num_consumers] for consumer in range(self.num_consumers))
-        samples = np.array([self.shard_samples[positions].sum() for positions in shards], np.int64)  # [C]
-        return _EpochPlan(shards, samples, int(samples.min()) // self.cfg.batch_per_process)
+        rank_in_order = np.empty_like(order)
+        rank_in_order[order] = np.arange(len(order))
+        sequence = np.argsort(rank_in_order[self.chunk_table[:, 0]], kind="stable")  # [M], chunk rows in shard order
+        bounds = (np.arange(self.num_consumers + 1) * len(sequence)) // self.num_consumers  # [C+1]
+        chunks = tuple(sequence[bounds[c] : bounds[c + 1]] for c in range(self.num_consumers))
+        samples = np.array([self.chunk_samples[rows].sum() for rows in chunks], np.int64)  # [C]
+        return _EpochPlan(chunks, samples, int(samples.min()) // self.cfg.batch_per_process)
 
     def batches_per_rank(self, epoch: int) -> int:
         """Batches every rank yields in `epoch` (all its consumers, the same count for every rank)."""
@@ -445,13 +467,16 @@ class _Reader:
             yield from self.consumer_epoch(epoch, consumer, skip)
             epoch, skip = epoch + 1, 0
 
-    def _chunk_list(self, epoch: int, consumer: int) -> list[tuple[int, int]]:
-        """(store position, chunk) pairs that consumer reads in `epoch`, in order."""
-        chunks = []
-        for position in self.epoch_plan(epoch).shards[consumer]:
-            store, shard = (int(value) for value in self.pool[position])
-            chunks += [(store, chunk) for chunk in self.infos[store].spec.shard_chunks(shard)]
-        return chunks
+    def _chunk_list(self, epoch: int, consumer: int) -> list[tuple[int, int, int]]:
+        """(store position, chunk, stop) triples that consumer reads in `epoch`, in order; `stop` ends the run of
+        consecutive chunks of that store the consumer reads from there on (a block read never passes it)."""
+        rows = self.chunk_table[self.epoch_plan(epoch).chunks[consumer]]  # [m, 3]
+        stores, chunks = rows[:, 1].tolist(), rows[:, 2].tolist()
+        stops = [0] * len(chunks)
+        for index in reversed(range(len(chunks))):
+            follows = index + 1 < len(chunks) and stores[index + 1] == stores[index] and chunks[index + 1] == chunks[index] + 1
+            stops[index] = stops[index + 1] if follows else chunks[index] + 1
+        return list(zip(stores, chunks, stops))
 
     def _new_buffer(self) -> _ShuffleBuffer:
         """An empty shuffle buffer with the columns this mode needs."""
@@ -476,66 +501,76 @@ class _Reader:
         rows = np.repeat(np.arange(num_rows), drawn)  # [n·k]
         return self.items.offset[store] + local, rows
 
-    def read_chunk(self, store: int, chunk: int) -> dict[str, Any]:
-        """Chunk `chunk` of store `store` as dict(traj=[n, K+1, *S], label=[n] or None, start), from the block read.
+    def read_chunk(self, store: int, chunk: int, run_stop: int) -> dict[str, Any]:
+        """Chunk `chunk` of store `store` as dict(points, label=[n] or None, start), from the block read; points is
+        traj [n, K+1, *S], or endpoint [n, *S] in mode "endpoints" (the store's `endpoint` array: 1/(K+1) the bytes).
 
-        A read covers whole chunks of one shard, from `chunk` on, up to READ_BYTES; the shard's commit record is
-        checked before its first read.
+        A read covers whole chunks of one shard, from `chunk` on, up to READ_BYTES and never past `run_stop` (the end
+        of this reader's run of consecutive chunks); the shard is checked against its commit digest before its first
+        read in an epoch.
         """
         if self._block is None or self._block[0] != store or not self._block[1] <= chunk < self._block[2]:
             self._block = None
-            self._block = self._read_block(store, chunk)
+            self._block = self._read_block(store, chunk, run_stop)
         _, first, _, data = self._block
         spec = self.infos[store].spec
         offset = (chunk - first) * spec.chunk_size
         start, stop = spec.chunk_bounds(chunk)
         label = data["label"]
         return {
-            "traj": data["traj"][offset : offset + stop - start],
+            "points": data["points"][offset : offset + stop - start],
             "label": None if label is None else label[offset : offset + stop - start],
             "start": start,
         }
 
-    def _read_block(self, store: int, chunk: int) -> tuple[int, int, int, dict[str, Any]]:
-        """Read whole chunks of one shard starting at `chunk` (traj and labels only, no per-sample reads).
+    def _read_block(self, store: int, chunk: int, run_stop: int) -> tuple[int, int, int, dict[str, Any]]:
+        """Read whole chunks of one shard starting at `chunk` (points and labels only, no per-sample reads).
 
         The first read of a shard in an epoch checks it against its digest; a shard that fits one read is read
-        whole by that check, and the check's read is the block.
+        whole by that check, and the check's read is the block (its traj or, in mode "endpoints", its endpoints).
         """
         opened, spec = self.stores()[store], self.infos[store].spec
         shard = chunk * spec.chunk_size // spec.shard_size
+        endpoints = self.cfg.mode == "endpoints"
+        points_key = "endpoint" if endpoints else "traj"
         if (store, shard) not in self._checked_shards:
             whole = verified_shard(opened, shard, READ_BYTES)
             self._checked_shards.add((store, shard))
             if whole is not None:
                 chunks = spec.shard_chunks(shard)
-                return store, chunks.start, chunks.stop, whole
-        chunk_bytes = spec.chunk_size * spec.num_points * math.prod(spec.sample_shape) * np.dtype(spec.dtype).itemsize
-        stop_chunk = min(spec.shard_chunks(shard).stop, chunk + max(1, READ_BYTES // chunk_bytes))
+                return store, chunks.start, chunks.stop, {"points": whole[points_key], "label": whole["label"]}
+        points = 1 if endpoints else spec.num_points
+        chunk_bytes = spec.chunk_size * points * math.prod(spec.sample_shape) * np.dtype(spec.dtype).itemsize
+        stop_chunk = min(spec.shard_chunks(shard).stop, run_stop, chunk + max(1, READ_BYTES // chunk_bytes))
         start, stop = spec.chunk_bounds(chunk)[0], spec.chunk_bounds(stop_chunk - 1)[1]
         # The shard was checked against its digest above; decoding errors here arrive as CorruptShardError.
-        return store, chunk, stop_chunk, opened.read_trajectories(start, stop, require_committed=False)
+        if endpoints:
+            data = opened.read_endpoints(start, stop, require_committed=False)
+        else:
+            data = opened.read_trajectories(start, stop, require_committed=False)
+        return store, chunk, stop_chunk, {"points": data[points_key], "label": data["label"]}
 
     def _write_data(self, buffer: _ShuffleBuffer, at: np.ndarray, chunk: Mapping[str, Any]) -> None:
         """Copy the points that buffer rows `at` refer to out of a chunk read from the store."""
         items = buffer.column("item")[at]
         rows = buffer.column("index")[at] - chunk["start"]
-        traj = chunk["traj"]  # [n, K+1, *S]
-        buffer.column("raw_a")[at] = traj[rows, self.items.point_a[items]]
-        if self.cfg.mode != "endpoints":
-            buffer.column("raw_b")[at] = traj[rows, self.items.point_b[items]]
+        points = chunk["points"]  # [n, K+1, *S], or the endpoints [n, *S]
+        if self.cfg.mode == "endpoints":
+            buffer.column("raw_a")[at] = points[rows]
+        else:
+            buffer.column("raw_a")[at] = points[rows, self.items.point_a[items]]
+            buffer.column("raw_b")[at] = points[rows, self.items.point_b[items]]
         if self.cfg.mode == "ecd":
-            buffer.column("raw_c")[at] = traj[rows, self.items.point_c[items]]
+            buffer.column("raw_c")[at] = points[rows, self.items.point_c[items]]
         if self.conditional:
             buffer.column("label")[at] = chunk["label"][rows]
 
-    def _read_unread(self, buffer: _ShuffleBuffer, chunks: Sequence[tuple[int, int]]) -> None:
+    def _read_unread(self, buffer: _ShuffleBuffer, chunks: Sequence[tuple[int, int, int]]) -> None:
         """After skipping: read the chunks of the samples still buffered and fill in their data."""
         sequence = buffer["chunk"]
         for position in np.unique(sequence).tolist():
-            store, chunk = chunks[position]
             buffer_rows = np.flatnonzero(sequence == position)
-            self._write_data(buffer, buffer_rows, self.read_chunk(store, chunk))
+            self._write_data(buffer, buffer_rows, self.read_chunk(*chunks[position]))
         buffer.has_unread = False
 
     def consumer_epoch(self, epoch: int, consumer: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -552,7 +587,7 @@ class _Reader:
             if live and buffer.has_unread:
                 self._read_unread(buffer, chunks)
             while buffer.size < fill_to and next_chunk < len(chunks):
-                store, chunk = chunks[next_chunk]
+                store, chunk, run_stop = chunks[next_chunk]
                 start, stop = self.infos[store].spec.chunk_bounds(chunk)
                 items, rows = self._draw_items(store, stop - start, rng)
                 at = np.arange(buffer.reserve(len(items)), buffer.size + len(items))
@@ -561,7 +596,7 @@ class _Reader:
                 buffer.column("chunk")[at] = next_chunk
                 buffer.size += len(items)
                 if live:
-                    self._write_data(buffer, at, self.read_chunk(store, chunk))
+                    self._write_data(buffer, at, self.read_chunk(store, chunk, run_stop))
                 else:
                     buffer.has_unread = True
                 next_chunk += 1
@@ -573,37 +608,16 @@ class _Reader:
     def _assemble(self, buffer: _ShuffleBuffer, picked: np.ndarray) -> dict[str, torch.Tensor]:
         """Convert the picked buffer rows into one batch of the mode's keys (float64 arithmetic, float32 out)."""
         items = buffer["item"][picked]  # [B]
-        trailing = (-1,) + (1,) * len(self.sample_shape)
-
-        def state(column: str, scale: np.ndarray) -> torch.Tensor:
-            """View of the stored points of `column`: x · scale in float64, cast to float32; [B, *S]."""
-            values = buffer[column][picked].astype(np.float64)  # [B, *S]
-            values *= scale[items].reshape(trailing)
-            return torch.from_numpy(values.astype(np.float32))
-
-        def time(values: np.ndarray) -> torch.Tensor:
-            """Per-sample times as float32; [B]."""
-            return torch.from_numpy(values[items].astype(np.float32))
-
         mode, table = self.cfg.mode, self.items
-        if mode == "cm":
-            batch = {
-                "x_t": state("raw_a", table.scale_a), "sigma": time(table.time_a),
-                "x0": state("raw_b", table.scale_b),
-            }
-        elif mode == "mf":
-            batch = {
-                "z_t": state("raw_a", table.scale_a), "t": time(table.time_a),
-                "z_r": state("raw_b", table.scale_b), "r": time(table.time_b),
-            }
-        elif mode == "endpoints":
-            batch = {"x0": state("raw_a", table.scale_a)}
-        else:
-            batch = {
-                "x_t": state("raw_a", table.scale_a), "sigma_t": time(table.time_a),
-                "x_r": state("raw_b", table.scale_b), "sigma_r": time(table.time_b),
-                "x0": state("raw_c", table.scale_c),
-            }
+        columns = {"a": "raw_a"} if mode == "endpoints" else {"a": "raw_a", "b": "raw_b"}
+        if mode == "ecd":
+            columns["c"] = "raw_c"
+        batch = samples_to_batch(
+            mode,
+            {key: buffer[column][picked] for key, column in columns.items()},
+            {key: getattr(table, f"scale_{key}")[items] for key in columns},
+            {"a": table.time_a[items], "b": table.time_b[items]},
+        )
         if self.conditional:
             batch["labels"] = torch.from_numpy(buffer["label"][picked])
         if self.cfg.include_indices:
@@ -613,6 +627,33 @@ class _Reader:
             if mode != "endpoints":
                 batch["point_r"] = torch.from_numpy(table.point_b[items])
         return batch
+
+
+def samples_to_batch(mode: str, raw: Mapping[str, np.ndarray], scale: Mapping[str, np.ndarray],
+                     time: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The mode's batch keys from each sample's native points raw["a"|"b"|"c"] [B, *S], view scales [B] and times [B].
+
+    A view is x · scale computed in float64 from the stored values and cast to float32 (times too), so every source of
+    the same points (store stream, online solver) gives bitwise the same batch.
+    """
+
+    def state(key: str) -> torch.Tensor:
+        """View of the points `key`: [B, *S] float32."""
+        values = raw[key].astype(np.float64)  # [B, *S]
+        values *= scale[key].reshape((-1,) + (1,) * (values.ndim - 1))
+        return torch.from_numpy(values.astype(np.float32))
+
+    def times(key: str) -> torch.Tensor:
+        """Per-sample times [B] as float32."""
+        return torch.from_numpy(np.asarray(time[key]).astype(np.float32))
+
+    if mode == "cm":
+        return {"x_t": state("a"), "sigma": times("a"), "x0": state("b")}
+    if mode == "mf":
+        return {"z_t": state("a"), "t": times("a"), "z_r": state("b"), "r": times("b")}
+    if mode == "endpoints":
+        return {"x0": state("a")}
+    return {"x_t": state("a"), "sigma_t": times("a"), "x_r": state("b"), "sigma_r": times("b"), "x0": state("c")}
 
 
 PackedBatch = tuple[Any, list[tuple[str, str, tuple[int, ...], int]]]
@@ -782,28 +823,29 @@ class TrajectoryStream:
                 )
 
     def _use_pool(self, pool: np.ndarray) -> None:
-        """Plan over `pool` and check that every consumer gets shards and at least one batch per epoch."""
+        """Plan over `pool` and check that every consumer gets chunks and at least one batch per epoch."""
         cfg = self.cfg
         consumers = self.world_size * cfg.consumers_per_rank
-        if len(pool) < consumers:
-            most_workers = len(pool) // self.world_size
+        reader = _Reader(cfg, self.infos, pool, self.rank, self.world_size)
+        total_chunks = len(reader.chunk_table)
+        if total_chunks < consumers:
+            most_workers = total_chunks // self.world_size
             fix = (
                 f"Set num_workers to {most_workers} or less" if most_workers >= 1
-                else f"Run at most {len(pool)} processes"
+                else f"Run at most {total_chunks} processes"
             )
             raise NotEnoughShardsError(
-                f"{len(pool)} committed shards cannot be split over {consumers} readers (world_size "
-                f"{self.world_size} × {cfg.consumers_per_rank} per process, num_workers={cfg.num_workers}): some "
-                f"reader would get none. {fix}, or generate the stores with a smaller shard_size (more shards)"
+                f"{total_chunks} committed chunks ({len(pool)} shards) cannot be split over {consumers} readers "
+                f"(world_size {self.world_size} × {cfg.consumers_per_rank} per process, num_workers={cfg.num_workers}): "
+                f"some reader would get none. {fix}, or generate the stores with a smaller chunk_size (more chunks)"
             )
-        reader = _Reader(cfg, self.infos, pool, self.rank, self.world_size)
-        fewest_shards = len(pool) // consumers
-        worst_case = int(np.sort(reader.shard_samples)[:fewest_shards].sum())
+        fewest_chunks = total_chunks // consumers
+        worst_case = int(np.sort(reader.chunk_samples)[:fewest_chunks].sum())
         if worst_case < cfg.batch_per_process:
             raise NotEnoughShardsError(
-                f"a reader may get only {fewest_shards} shard(s) = {worst_case} samples per epoch, fewer than "
-                f"batch_per_process={cfg.batch_per_process} ({len(pool)} shards over {consumers} readers); lower "
-                "batch_per_process or num_workers, or use more/larger shards"
+                f"a reader may get only {fewest_chunks} chunk(s) = {worst_case} samples per epoch, fewer than "
+                f"batch_per_process={cfg.batch_per_process} ({total_chunks} chunks over {consumers} readers); lower "
+                "batch_per_process or num_workers, or use more trajectories"
             )
         self._reader = reader
         self._pool = pool
@@ -919,13 +961,13 @@ class TrajectoryStream:
 
     # dry runs -----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        """Stores, split and epoch sizes for dry runs: shards and samples per rank, batches per epoch, drop."""
+        """Stores, split and epoch sizes for dry runs: chunks, shards and samples per rank, batches per epoch, drop."""
         reader, cfg = self._reader, self.cfg
         plan = reader.epoch_plan(self.epoch)
         workers = cfg.consumers_per_rank
         ranks = range(self.world_size)
-        per_rank_positions = [np.concatenate(plan.shards[rank * workers : (rank + 1) * workers]) for rank in ranks]
-        samples_per_epoch = int(reader.shard_samples.sum())
+        per_rank_rows = [np.concatenate(plan.chunks[rank * workers : (rank + 1) * workers]) for rank in ranks]
+        samples_per_epoch = int(reader.chunk_samples.sum())
         used = self.world_size * reader.batches_per_rank(self.epoch) * cfg.batch_per_process
         return {
             "mode": cfg.mode,
@@ -951,10 +993,12 @@ class TrajectoryStream:
             "readers": reader.num_consumers,
             "batch_per_process": cfg.batch_per_process,
             "shards_in_pool": len(self._pool),
+            "chunks_in_pool": len(reader.chunk_table),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "shards_per_rank": [len(positions) for positions in per_rank_positions],
-            "samples_per_rank": [int(reader.shard_samples[positions].sum()) for positions in per_rank_positions],
+            "chunks_per_rank": [len(rows) for rows in per_rank_rows],
+            "shards_per_rank": [len(np.unique(reader.chunk_table[rows, 0])) for rows in per_rank_rows],
+            "samples_per_rank": [int(reader.chunk_samples[rows].sum()) for rows in per_rank_rows],
             "batches_per_epoch_per_rank": reader.batches_per_rank(self.epoch),
             "samples_per_epoch": samples_per_epoch,
             "samples_used_per_epoch": used,

@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
@@ -319,14 +320,37 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def make_accelerator(cfg: LoopConfig) -> Accelerator:
-    """The Accelerator for `cfg`: project dir, TensorBoard + metrics.jsonl trackers, accumulation, precision."""
+    """The Accelerator for `cfg`: project dir, TensorBoard + metrics.jsonl trackers, accumulation, precision.
+
+    Mixed precision the device cannot run is refused (ConfigError naming loop.mixed_precision): bf16 where torch has
+    no bf16 for the device, and fp16 on CPU, which Accelerate would otherwise silently run in float32. A stage run
+    after another one in the same process (tests, in-process studies) gets its own precision: Accelerate's state
+    would otherwise keep the first run's and refuse the change.
+    """
     output_dir = Path(cfg.output_dir)
-    return Accelerator(
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        log_with=["tensorboard", JsonlTracker(output_dir / METRICS_FILE)],
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        mixed_precision=cfg.mixed_precision,
-    )
+    if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+        AcceleratorState._reset_state()  # the process group (PartialState) stays
+    try:
+        accelerator = Accelerator(
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            log_with=["tensorboard", JsonlTracker(output_dir / METRICS_FILE)],
+            gradient_accumulation_steps=cfg.grad_accum_steps,
+            mixed_precision=cfg.mixed_precision,
+        )
+    except ValueError as error:
+        if "supported device" not in str(error) and "requires" not in str(error):
+            raise
+        raise ConfigError(
+            f"loop.mixed_precision={cfg.mixed_precision} cannot run here ({error}): use loop.mixed_precision=fp16 on a "
+            "CUDA device without bf16, or loop.mixed_precision=no"
+        ) from error
+    if cfg.mixed_precision != "no" and not accelerator.native_amp:
+        raise ConfigError(
+            f"loop.mixed_precision={cfg.mixed_precision} is not available on {accelerator.device.type} (Accelerate "
+            "would train in float32 without saying so): use loop.mixed_precision=bf16 on CPU, fp16 / bf16 on CUDA, "
+            "or no"
+        )
+    return accelerator
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:
@@ -366,9 +390,10 @@ def train_loop(
 
     A step whose loss or gradient norm is not finite on any rank is skipped on every rank (no optimizer
     step, no EMA update) and counted in `skipped_steps`; it still advances the step counter and the LR
-    schedule. `evaluate(ema_model, step) -> scalars` runs on the main process every eval_every_steps and
-    after the last step, with the global RNG states saved and restored around it; `export(ema_model, dir)` writes the final
-    EMA model into `<output_dir>/export` (atomically). Objects in `extra_checkpoint_objects` (state_dict /
+    schedule. `evaluate(ema_model, step) -> scalars` runs every eval_every_steps and after the last step, with the
+    global RNG states saved and restored around it: on the main process, or on every rank when the hook has
+    `every_rank = True` (it then shares the work and returns the scalars on the main process). `export(ema_model,
+    dir)` writes the final EMA model into `<output_dir>/export` (atomically). Objects in `extra_checkpoint_objects` (state_dict /
     load_state_dict) are saved and restored with every checkpoint.
     """
     if not isinstance(batches, ResumableBatches):
@@ -429,9 +454,11 @@ def train_loop(
         # eval
         if evaluate is not None and fresh_step and _due(step, cfg.eval_every_steps, cfg.total_steps):
             ema.copy_to(ema_model.parameters())
-            if accelerator.is_main_process:
+            if accelerator.is_main_process or getattr(evaluate, "every_rank", False):
                 with _preserved_rng_state():
-                    record.update(evaluate(ema_model, step))
+                    scores = evaluate(ema_model, step)
+                if accelerator.is_main_process:
+                    record.update(scores)
             accelerator.wait_for_everyone()
         if record:
             accelerator.log(record, step=step)

@@ -371,14 +371,26 @@ def meanflow_loss(u_pred: Tensor, u_tgt: Tensor, *, p: float = 1.0, c: float = M
     return adaptive_weighted_squared_l2(u_pred - u_tgt.detach(), p=p, c=c)  # [B]
 
 
-def guided_velocity(v_cond: Tensor, v_uncond: Tensor, omega: float) -> Tensor:
-    """CFG velocity ω·v_cond + (1 − ω)·v_uncond (MeanFlow's guided ṽ_t = ω·v_t + (1 − ω)·u_θ(z_t, t, t | ∅)).
+def guided_velocity(
+    v: Tensor, u_uncond: Tensor, omega: TimeLike, *, kappa: TimeLike = 0.0, u_cond: Tensor | None = None
+) -> Tensor:
+    """MeanFlow's guided velocity ṽ = ω·v + (1 − ω − κ)·u_uncond + κ·u_cond (the official code's `guidance_fn`).
 
-    In MeanFlow v_cond is the sample velocity ε − x0 and v_uncond the network's own class-free prediction at
-    r = t, computed by the caller under no_grad; ω = 1 gives no guidance.
+    v is the sample velocity ε − x0; u_uncond = u_θ(z, t, t | ∅) and u_cond = u_θ(z, t, t | c) are the network's own
+    velocities, computed by the caller under no_grad. ω and κ are scalars or one per sample [B] (the caller sets
+    ω = 1, κ = 0 outside the guidance interval); κ = 0 is plain CFG ω·v + (1 − ω)·u_uncond, and ω = 1, κ = 0 gives v.
     """
-    _check_same_shape(v_cond, v_uncond, "v_cond and v_uncond")
-    return omega * v_cond + (1.0 - omega) * v_uncond  # [B, ...]
+    _check_same_shape(v, u_uncond, "v and u_uncond")
+    batch = v.shape[0]
+    omega = _broadcast_to(_per_sample(omega, batch, "omega", v), v)  # [B, 1, ..., 1]
+    kappa = _broadcast_to(_per_sample(kappa, batch, "kappa", v), v)  # [B, 1, ..., 1]
+    guided = omega * v + (1.0 - omega - kappa) * u_uncond  # [B, ...]
+    if u_cond is None:
+        if bool((kappa != 0).any()):
+            raise ValueError("guided_velocity with kappa != 0 needs u_cond = u_θ(z, t, t | c)")
+        return guided
+    _check_same_shape(v, u_cond, "v and u_cond")
+    return guided + kappa * u_cond  # [B, ...]
 
 
 UFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -399,23 +411,27 @@ def total_derivative_jvp(u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Te
     return u, du_dt.detach()
 
 
-def total_derivative_fd(
-    u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor, delta: float
-) -> tuple[Tensor, Tensor]:
-    """(u, du/dt) with du/dt ≈ [u(z + δv, r, t + δ) − u(z − δv, r, t − δ)]/(2δ) (JVP-free central difference).
+def central_difference(u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor, delta: float) -> Tensor:
+    """du/dt ≈ [u(z + δv, r, t + δ) − u(z − δv, r, t − δ)]/(2δ) under no_grad, detached → [B, ...].
 
-    u is computed with gradients; the two shifted calls run under no_grad and du/dt is detached. The module
-    must be deterministic across the three calls (eval mode, or one dropout mask), and t ± δ must stay inside
-    the model's time range (the caller keeps t − δ ≥ r where that matters).
+    The module must be deterministic across the two calls (eval mode, or one dropout mask), and t ± δ must stay
+    inside the model's time range (the caller keeps t − δ ≥ r where that matters).
     """
     _check_same_shape(z, v, "z and v")
     if not delta > 0:
         raise ValueError(f"finite-difference step delta must be > 0, got {delta}")
-    u = u_fn(z, r, t)  # [B, ...]
     with torch.no_grad():
         u_plus = u_fn(z + delta * v, r, t + delta)  # [B, ...]
         u_minus = u_fn(z - delta * v, r, t - delta)  # [B, ...]
-    return u, ((u_plus - u_minus) / (2.0 * delta)).detach()
+    return ((u_plus - u_minus) / (2.0 * delta)).detach()
+
+
+def total_derivative_fd(
+    u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor, delta: float
+) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) with u computed with gradients and du/dt by `central_difference` (JVP-free)."""
+    du_dt = central_difference(u_fn, z, r, t, v, delta)  # [B, ...]
+    return u_fn(z, r, t), du_dt
 
 
 def _contiguous_first_input(module: nn.Module, args: tuple) -> tuple:

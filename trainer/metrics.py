@@ -150,11 +150,9 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 
 
 @torch.no_grad()
-def feature_stats(
-    images: torch.Tensor, classifier: FeatureClassifier, *, batch_size: int = 500
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and covariance [D, D] (float64) of the classifier's features of images [N, C, H, W] in [-1, 1]."""
-    _check_images(images, classifier.image_shape)
+def feature_matrix(images: torch.Tensor, classifier: FeatureClassifier, *, batch_size: int = 500) -> np.ndarray:
+    """The classifier's features [N, D] (float64) of images [N, C, H, W], clipped to [-1, 1] first."""
+    _check_images(images, classifier.image_shape, minimum=1)
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
@@ -163,8 +161,22 @@ def feature_stats(
         for batch in images.split(batch_size)
     ]
     classifier.train(was_training)
-    features = torch.cat(chunks).numpy()  # [N, D]
+    return torch.cat(chunks).numpy()  # [N, D]
+
+
+def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] of features [N, D] (N >= 2)."""
+    if features.shape[0] < 2:
+        raise ValueError(f"feature statistics need at least 2 images, got {features.shape[0]}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def feature_stats(
+    images: torch.Tensor, classifier: FeatureClassifier, *, batch_size: int = 500
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (float64) of the classifier's features of images [N, C, H, W] in [-1, 1]."""
+    _check_images(images, classifier.image_shape)
+    return _stats(feature_matrix(images, classifier, batch_size=batch_size))
 
 
 class FDMetric:
@@ -202,8 +214,15 @@ class FDMetric:
 
     def __call__(self, images: torch.Tensor) -> float:
         """FD between generated images [N, C, H, W] (clamped to [-1, 1]) and the real reference stats."""
-        mu, cov = feature_stats(images, self.classifier)
-        return frechet_distance(mu, cov, self.reference_mu, self.reference_cov)
+        return self.score_features(self.features(images))
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """The classifier's features [N, D] of generated images (a share of them, e.g. one rank's)."""
+        return feature_matrix(images, self.classifier)
+
+    def score_features(self, features: np.ndarray) -> float:
+        """FD of the generated images whose features [N, D] (N >= 2, gathered from every share) are given."""
+        return frechet_distance(*_stats(features), self.reference_mu, self.reference_cov)
 
 
 def real_vs_real_floor(
@@ -318,16 +337,16 @@ def _train_and_cache(
     return classifier, info | {"path": weights_path, "trained": True}
 
 
-def _check_images(images: torch.Tensor, image_shape: tuple[int, int, int]) -> None:
-    """Raise a clear error unless images is a [N, C, H, W] tensor of the classifier's image shape with N >= 2."""
+def _check_images(images: torch.Tensor, image_shape: tuple[int, int, int], *, minimum: int = 2) -> None:
+    """Raise a clear error unless images is a [N, C, H, W] tensor of the classifier's image shape with N >= minimum."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(
             f"images must be a tensor [N, {', '.join(map(str, image_shape))}] in [-1, 1] (the dataset's shape); "
             f"got {shape}. Generate at the dataset's resolution or resize before scoring."
         )
-    if images.shape[0] < 2:
-        raise ValueError(f"feature statistics need at least 2 images, got {images.shape[0]}")
+    if images.shape[0] < minimum:
+        raise ValueError(f"feature statistics need at least {minimum} images, got {images.shape[0]}")
 
 
 def _as_float64(value) -> np.ndarray:

@@ -4,7 +4,9 @@
     accelerate launch trainer/mid.py --config jobs/digits/mid.yaml [key=value ...]
 
 The stores (written once by `pipeline/generate.py`) hold each teacher trajectory's K+1 solver points, point 0 the
-prior noise and point K the solver's clean endpoint x̂_{t_0}. Two objectives, both without stop-gradient, time
+prior noise and point K the solver's clean endpoint x̂_{t_0}. `data=online` instead solves fresh trajectories with the
+teacher at every step, as the CMT authors train (`trainer/online.py`: batch/K trajectories × all K points, the same
+solver, grid and seed convention as generation; `online.*` settings). Two objectives, both without stop-gradient, time
 weighting or JVP (`trainer/losses.py`):
 
 - form "cm" (Ψ_{t→0}, EDM view):  L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})        (CMT eq. for the CM form)
@@ -17,10 +19,13 @@ c_skip/c_out unless they are unbounded, as for ε-prediction teachers, and then 
 onto the teacher's denoiser at the stores' points, ‖(f_θ(x̃, σ̃) − D(x̃, σ̃))/c_out(σ̃)‖² (the teacher is kept in memory
 and runs under no_grad for those steps only).
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl, samples/step_<N>_{1,2}step.png (EMA
-1- and 2-step samples; FD-<dataset> of each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store
-shards this rank read, the corrupt shards it skipped and a sha256 of its final parameters), init_eval.json
-(eval_at_init) and export/, a student directory (`FlowMapStudent.from_pretrained`), the input of post-training.
-Re-running resumes; a corrupt store shard stops the run with the fix named (`trainer.corrupt_shards`).
+1- and 2-step samples, decoded through the teacher's VAE for latent teachers, drawn on every rank; FD-<dataset> of
+each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store chunks this rank read and the corrupt shards it
+skipped, or with data=online the seeds it solved and the teacher's cost, and a sha256 of its final parameters),
+init_eval.json (eval_at_init) and export/, a student directory (`FlowMapStudent.from_pretrained`, with the teacher's
+VAE for latent teachers), the input of post-training. Re-running resumes; a corrupt store shard stops the run with the
+fix named (`trainer.corrupt_shards`). `label_dropout` (default 0) drops class labels to the null class once per sample
+for classifier-free guidance (`trainer.label_dropout`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ if __name__ == "__main__" and not __package__:
 
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -50,7 +56,10 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
+from trainer.evaluation import StudentEvaluator, evaluate_at_init
+from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.online import OnlineOptions, OnlineTrajectories, open_online_source
 from trainer.student_options import StudentOptions, build_student
 
 RANKS_DIR = "ranks"
@@ -91,11 +100,13 @@ class StreamOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class MidConfig:
-    """Stage-2 settings: teacher, trajectory stores, objective, student init, streaming, evaluation, the loop."""
+    """Stage-2 settings: teacher, trajectory data (stores or online), objective, student init, evaluation, the loop."""
 
     loop: LoopConfig
     teacher: str
-    stores: tuple[str, ...]
+    data: Literal["stores", "online"] = "stores"  # online: solve fresh trajectories every step (trainer/online.py)
+    stores: tuple[str, ...] = ()  # data=stores: the trajectory stores (not read with data=online)
+    online: OnlineOptions = field(default_factory=OnlineOptions)  # data=online: the teacher's solver settings
     form: Literal["cm", "mf"] = "cm"
     distance: Literal["squared_l2", "pseudo_huber", "lpips"] = "squared_l2"
     pseudo_huber_c: float | None = None  # None: iCT's 0.00054·√d
@@ -103,6 +114,9 @@ class MidConfig:
     lpips_resize_to: int | None = None  # the authors compare at the images' own resolution; 224 resizes as iCT does
     init: Literal["teacher", "random"] = "teacher"
     student: StudentOptions = field(default_factory=StudentOptions)
+    # Class-drop probability for classifier-free guidance, once per sample (trainer.label_dropout); off by default:
+    # CMT regresses onto the teacher's conditional trajectories. A UNet teacher without a null class gets one.
+    label_dropout: float = 0.0
     batch_per_process: int = 128
     stream: StreamOptions = field(default_factory=StreamOptions)
     allow_incomplete: bool = False  # train on the committed shards of an unfinished store
@@ -117,8 +131,20 @@ class MidConfig:
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work, naming the fix."""
-        if not self.stores:
-            raise ConfigError("stores is empty: list at least one trajectory store (pipeline/generate.py prints it)")
+        if self.data == "stores" and not self.stores:
+            raise ConfigError(
+                "stores is empty: list at least one trajectory store (pipeline/generate.py prints it), or train on "
+                "freshly solved trajectories with data=online")
+        if self.data == "online":
+            stream_keys = [name for name in ("points_per_trajectory", "pairs_per_trajectory")
+                           if getattr(self.stream, name) is not None] + (["source"] if self.stream.source != "stream"
+                                                                         else [])
+            if stream_keys:
+                raise ConfigError(
+                    f"stream.{stream_keys[0]} applies to data=stores; data=online trains on all K points of each fresh "
+                    "trajectory (form=mf: online.pairs_per_trajectory): drop it")
+            if self.form == "cm" and self.online.pairs_per_trajectory is not None:
+                raise ConfigError("online.pairs_per_trajectory is for form=mf; form=cm trains on all K points")
         if self.batch_per_process < 1:
             raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
         if self.num_eval_samples < 1 or self.num_grid_images < 1:
@@ -133,6 +159,8 @@ class MidConfig:
             raise ConfigError("stream.points_per_trajectory is for form=cm; form=mf takes stream.pairs_per_trajectory")
         if self.distance != "pseudo_huber" and self.pseudo_huber_c is not None:
             raise ConfigError("pseudo_huber_c is only used with distance=pseudo_huber; drop it")
+        if not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         if self.student.transfer_steps >= self.loop.total_steps:
             raise ConfigError(
                 f"student.transfer_steps={self.student.transfer_steps} leaves no CMT step of loop.total_steps="
@@ -155,6 +183,7 @@ class StoreInfo:
     committed_shards: tuple[int, ...]
     num_shards: int
     shard_size: int
+    chunk_size: int
     teacher_fingerprint: str
     solver: str
     steps: int
@@ -185,7 +214,8 @@ def check_stores(
         spec = store.spec
         committed = tuple(store.committed_shards())
         info = StoreInfo(url, spec.num_trajectories, spec.num_points, tuple(spec.sample_shape), committed,
-                         spec.num_shards, spec.shard_size, spec.teacher_fingerprint, spec.solver, spec.steps, spec.grid)
+                         spec.num_shards, spec.shard_size, spec.chunk_size, spec.teacher_fingerprint, spec.solver,
+                         spec.steps, spec.grid)
         if info.sample_shape != tuple(sample_shape):
             raise MidDataError(
                 f"store {url} holds samples of shape {list(info.sample_shape)} but the teacher's samples are "
@@ -209,13 +239,13 @@ def check_stores(
     num_points = {info.num_points for info in infos}
     if cfg.form == "mf" and len(num_points) > 1:
         raise MidDataError(f"stores with different numbers of points {sorted(num_points)} cannot be mixed here")
-    total_shards = sum(len(info.committed_shards) for info in infos)
+    total_chunks = sum(len(info.committed_shards) * math.ceil(info.shard_size / info.chunk_size) for info in infos)
     readers = world_size * (max(1, cfg.stream.num_workers) if cfg.stream.source == "stream" else 1)
-    if total_shards < readers:
+    if total_chunks < readers:
         raise MidDataError(
-            f"{total_shards} committed shard(s) for {readers} readers ({world_size} process(es) × "
-            f"{max(1, cfg.stream.num_workers)} stream.num_workers): some rank would get an empty shard list. "
-            "Use fewer processes or stream.num_workers, more stores, or regenerate with a smaller --shard-size"
+            f"{total_chunks} committed chunk(s) for {readers} readers ({world_size} process(es) × "
+            f"{max(1, cfg.stream.num_workers)} stream.num_workers): some reader would get no data. Use fewer "
+            "processes or stream.num_workers, more stores, or regenerate with a smaller --chunk-size"
         )
     return infos
 
@@ -365,62 +395,6 @@ def build_distance(cfg: MidConfig, device: torch.device) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def student_samples(student: Any, cfg: MidConfig, steps: int, *, batch_size: int = 500) -> torch.Tensor:
-    """`num_eval_samples` 1- or 2-step samples [N, *S] clamped to [-1, 1]; noise seeds eval_seed + i (labels i % C)."""
-    from pipeline.solvers import prior_noise
-
-    seeds = list(range(cfg.eval_seed, cfg.eval_seed + cfg.num_eval_samples))
-    out = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start : start + batch_size]
-        noise = prior_noise(chunk, student.sample_shape)  # [b, *S]
-        labels = None if student.num_classes is None else [seed % student.num_classes for seed in chunk]
-        generator = torch.Generator().manual_seed(cfg.eval_seed + 1_000_003 + start)
-        out.append(student.sample(noise, steps, intermediate=cfg.eval_intermediate, labels=labels,
-                                  generator=generator).cpu())
-    return torch.cat(out).clamp(-1, 1)  # [N, *S]
-
-
-@dataclass
-class StudentEvaluator:
-    """Eval hook: EMA student's 1- and 2-step samples → PNG grids and FD-<dataset> (fd_1step, fd_2step)."""
-
-    cfg: MidConfig
-    samples_dir: Path
-    _metric: Any = None
-
-    def __call__(self, ema_student: torch.nn.Module, step: int | str) -> dict[str, float]:
-        """Sample, save samples/step_<step>_{1,2}step.png and score; returns the logged scalars."""
-        from trainer.images import save_grid
-
-        scores: dict[str, float] = {}
-        was_training = ema_student.training
-        ema_student.eval()
-        for steps in (1, 2):
-            images = student_samples(ema_student, self.cfg, steps)  # [N, *S]
-            if images.dim() == 4 and images.shape[1] in (1, 3):
-                save_grid(images[: self.cfg.num_grid_images], self.samples_dir / f"step_{step}_{steps}step.png")
-            if self._fd_enabled():
-                if self._metric is None:
-                    from trainer.metrics import FDMetric
-
-                    self._metric = FDMetric(self.cfg.fd_dataset)
-                scores[f"fd_{steps}step"] = float(self._metric(images))
-        ema_student.train(was_training)
-        return scores
-
-    def _fd_enabled(self) -> bool:
-        """FD is computed when asked for and the dataset has a feature classifier."""
-        from trainer.metrics import FD_DATASETS
-
-        return self.cfg.compute_fd and self.cfg.fd_dataset is not None and self.cfg.fd_dataset in FD_DATASETS
-
-
-# ------------------------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -443,11 +417,12 @@ def parameter_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class ShardRecordingStream:
-    """A TrajectoryStream (include_indices=True) that records which store shards each epoch's batches came from.
+class ChunkRecordingStream:
+    """A TrajectoryStream (include_indices=True) that records which store chunks each epoch's batches came from.
 
-    The index keys (store, index, point, point_r) are stripped before the batch reaches the loss; state_dict /
-    load_state_dict are the stream's own, so checkpoints and resume are unchanged.
+    Readers are dealt runs of whole chunks (a shard may be split between readers), so the chunk is the unit two
+    ranks must never share. The index keys (store, index, point, point_r) are stripped before the batch reaches the
+    loss; state_dict / load_state_dict are the stream's own, so checkpoints and resume are unchanged.
     """
 
     INDEX_KEYS = ("store", "index", "point", "point_r")
@@ -455,8 +430,8 @@ class ShardRecordingStream:
     def __init__(self, stream: Any, infos: Sequence[StoreInfo]) -> None:
         self.stream = stream
         self.urls = [info.url for info in infos]
-        self.shard_sizes = torch.tensor([info.shard_size for info in infos])  # [stores]
-        self.shards_by_epoch: dict[int, set[tuple[int, int]]] = {}
+        self.chunk_sizes = torch.tensor([info.chunk_size for info in infos])  # [stores]
+        self.chunks_by_epoch: dict[int, set[tuple[int, int]]] = {}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The stream's batches without the index keys; the epoch is read before each batch is drawn."""
@@ -465,9 +440,9 @@ class ShardRecordingStream:
             epoch = self.stream.epoch
             batch = next(batches)
             store = batch["store"]  # [B]
-            shard = batch["index"] // self.shard_sizes[store]  # [B]
-            seen = self.shards_by_epoch.setdefault(epoch, set())
-            seen.update(zip(store.tolist(), shard.tolist()))
+            chunk = batch["index"] // self.chunk_sizes[store]  # [B]
+            seen = self.chunks_by_epoch.setdefault(epoch, set())
+            seen.update(zip(store.tolist(), chunk.tolist()))
             yield {key: value for key, value in batch.items() if key not in self.INDEX_KEYS}
 
     def state_dict(self) -> dict[str, Any]:
@@ -482,15 +457,15 @@ class ShardRecordingStream:
         """The stream's scalars for every logged step (corrupt shards skipped)."""
         return self.stream.log_values()
 
-    def shards_read(self) -> dict[str, list[list[Any]]]:
-        """{epoch: [[store url, shard], ...]} of the batches handed out so far (this run, this rank)."""
-        return {str(epoch): [[self.urls[store], shard] for store, shard in sorted(seen)]
-                for epoch, seen in sorted(self.shards_by_epoch.items())}
+    def chunks_read(self) -> dict[str, list[list[Any]]]:
+        """{epoch: [[store url, chunk], ...]} of the batches handed out so far (this run, this rank)."""
+        return {str(epoch): [[self.urls[store], chunk] for store, chunk in sorted(seen)]
+                for epoch, seen in sorted(self.chunks_by_epoch.items())}
 
 
 def build_batches(cfg: MidConfig, infos: Sequence[StoreInfo], *, rank: int, world_size: int,
                   sample_shape: Sequence[int]) -> Any:
-    """The run's batch source: a shard-recording trainer.data.TrajectoryStream, or PreloadedBatches (source=memory).
+    """The run's batch source: a chunk-recording trainer.data.TrajectoryStream, or PreloadedBatches (source=memory).
 
     The store checks (shape, completeness, teacher fingerprint, shards per reader) ran in `check_stores` already,
     with this config's key names; the stream repeats the shape check only.
@@ -519,13 +494,22 @@ def build_batches(cfg: MidConfig, infos: Sequence[StoreInfo], *, rank: int, worl
         stream = TrajectoryStream(stream_cfg, rank=rank, world_size=world_size)
     except StreamError as error:
         raise MidDataError(str(error)) from error
-    return ShardRecordingStream(stream, infos)
+    return ChunkRecordingStream(stream, infos)
 
 
-def shards_read(batches: Any) -> Any:
-    """What this rank's batch source read: {epoch: [[url, shard], ...]} (stream) or [[url, shard], ...] (memory)."""
-    if isinstance(batches, ShardRecordingStream):
-        return batches.shards_read()
+def data_report(batches: Any) -> dict[str, Any]:
+    """What this rank's batch source read: {"chunks_read", "corrupt_shards_skipped"} for stores, {"online"} for
+    data=online."""
+    if isinstance(batches, OnlineTrajectories):
+        return {"online": batches.report()}
+    skipped = batches.stream.skipped_shards if isinstance(batches, ChunkRecordingStream) else []
+    return {"chunks_read": chunks_read(batches), "corrupt_shards_skipped": skipped}
+
+
+def chunks_read(batches: Any) -> Any:
+    """What this rank's batch source read: {epoch: [[url, chunk], ...]} (stream) or [[url, shard], ...] (memory)."""
+    if isinstance(batches, ChunkRecordingStream):
+        return batches.chunks_read()
     return [list(entry) for entry in batches.shards_read]
 
 
@@ -538,24 +522,31 @@ def run(cfg: MidConfig) -> MidResult:
     from pipeline.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher, device=accelerator.device)
-    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
-                         world_size=accelerator.num_processes)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    online = None
+    if cfg.data == "online":
+        infos, online = [], open_online_source(cfg.online, teacher, student_teacher_source=cfg.teacher, mode=cfg.form,
+                                               batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed, rank=rank,
+                                               world_size=world_size)
+    else:
+        infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                             world_size=world_size)
     set_seed(cfg.loop.seed)  # identical initial weights on every rank and every run
     student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init,
                             seed=cfg.loop.seed)
+    vae = teacher.vae
     if cfg.student.transfer_steps == 0:
         del teacher
-    evaluate = StudentEvaluator(cfg, output_dir / "samples")
-    init_metrics: dict[str, float] = {}
-    if cfg.eval_at_init and accelerator.is_main_process and not (output_dir / INIT_EVAL_FILE).exists():
-        init_metrics = evaluate(student, "init")
-        (output_dir / INIT_EVAL_FILE).write_text(json.dumps(init_metrics, indent=2))
-    batches = build_batches(cfg, infos, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            sample_shape=student.sample_shape)
+    evaluate = StudentEvaluator(cfg, output_dir / "samples", vae=vae)
+    init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, student, accelerator, output_dir / INIT_EVAL_FILE)
+    batches = online if online is not None else build_batches(cfg, infos, rank=rank, world_size=world_size,
+                                                              sample_shape=student.sample_shape)
     if cfg.form == "cm":
         loss_fn = partial(cm_loss, distance=build_distance(cfg, accelerator.device))
     else:
         loss_fn = mf_loss
+    if cfg.label_dropout > 0:
+        loss_fn = LabelDropout(loss_fn, cfg.label_dropout, null_class_for_dropout(student))
     if cfg.student.transfer_steps > 0:
         loss_fn = TransferThenCMT(loss_fn, cfg.student.transfer_steps, teacher, student)
     result = train_loop(
@@ -565,52 +556,76 @@ def run(cfg: MidConfig) -> MidResult:
         batches=batches,
         accelerator=accelerator,
         evaluate=evaluate,
-        export=lambda ema_student, directory: ema_student.save_pretrained(directory),
+        export=lambda ema_student, directory: ema_student.save_pretrained(directory, vae=vae),
     )
     report = {
-        "rank": accelerator.process_index,
-        "world_size": accelerator.num_processes,
-        "shards_read": shards_read(batches),
-        "corrupt_shards_skipped": batches.stream.skipped_shards if isinstance(batches, ShardRecordingStream) else [],
-        "parameter_sha256": parameter_hash(student.net),
+        "rank": rank,
+        "world_size": world_size,
+        **data_report(batches),
+        "parameter_sha256": parameter_hash(student),
+        "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
     }
     (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-    (output_dir / RANKS_DIR / f"rank_{accelerator.process_index}.json").write_text(json.dumps(report, indent=2))
+    (output_dir / RANKS_DIR / f"rank_{rank}.json").write_text(json.dumps(report, indent=2))
     return MidResult(loop=result, init_metrics=init_metrics, rank_report=report)
 
 
+def null_class_for_dropout(student: Any) -> int:
+    """The null class label dropout drops to (a UNet without one gets one); refused for unconditional students."""
+    from trainer.student import StudentLoadError
+
+    if student.num_classes is None:
+        raise ConfigError("label_dropout needs a class-conditional teacher; this one is unconditional: drop "
+                          "label_dropout")
+    try:
+        return student.add_null_class()
+    except StudentLoadError as error:
+        raise ConfigError(f"label_dropout: {error}") from error
+
+
 def describe(cfg: MidConfig) -> dict[str, Any]:
-    """What a run of `cfg` would do, for --dry-run: resolved config, stores, student size, samples per epoch."""
+    """What a run of `cfg` would do, for --dry-run: resolved config, data (stores or online), student size."""
     from pipeline.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher)
     world_size = PartialState().num_processes
-    infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
-                         world_size=world_size)
     student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init, seed=cfg.loop.seed)
-    per_trajectory = []
-    for info in infos:
-        k = info.num_points - 1
-        if cfg.form == "cm":
-            per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
-        else:
-            pairs = k * (k + 1) // 2
-            per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
-    samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
-    return {
-        "config": config_to_dict(cfg),
-        "processes": world_size,
-        "stores": [info.summary() for info in infos],
-        "training_samples_per_epoch": samples,
-        "steps_per_epoch": samples // (cfg.batch_per_process * world_size),
-        "student": {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
-                    "parameterization": student.parameterization.describe(),
-                    "transfer_steps": cfg.student.transfer_steps,
-                    "parameters": sum(p.numel() for p in student.parameters()),
-                    "teacher_fingerprint": student.teacher_fingerprint},
-        "output_dir": cfg.loop.output_dir,
-    }
+    plan: dict[str, Any] = {"config": config_to_dict(cfg), "processes": world_size}
+    if cfg.data == "online":
+        source = open_online_source(cfg.online, teacher, student_teacher_source=cfg.teacher, mode=cfg.form,
+                                    batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed, rank=0,
+                                    world_size=world_size)
+        plan["online"] = {
+            "teacher_fingerprint": source.teacher.fingerprint,
+            "solver": f"{cfg.online.solver} K={cfg.online.steps} grid={cfg.online.grid}",
+            "trajectories_per_step": source.trajectories_per_batch * world_size * cfg.loop.grad_accum_steps,
+            "samples_per_trajectory": source.samples_per_trajectory,
+            "teacher_forward_samples_per_step": (source.trajectories_per_batch * source.forwards_per_trajectory
+                                                 * world_size * cfg.loop.grad_accum_steps),
+            "seed_base": source.seed_base,
+        }
+    else:
+        infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
+                             world_size=world_size)
+        per_trajectory = []
+        for info in infos:
+            k = info.num_points - 1
+            if cfg.form == "cm":
+                per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
+            else:
+                pairs = k * (k + 1) // 2
+                per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
+        samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
+        plan.update({"stores": [info.summary() for info in infos], "training_samples_per_epoch": samples,
+                     "steps_per_epoch": samples // (cfg.batch_per_process * world_size)})
+    plan["student"] = {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
+                       "parameterization": student.parameterization.describe(),
+                       "transfer_steps": cfg.student.transfer_steps,
+                       "parameters": sum(p.numel() for p in student.parameters()),
+                       "teacher_fingerprint": student.teacher_fingerprint}
+    plan["output_dir"] = cfg.loop.output_dir
+    return plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:

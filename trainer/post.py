@@ -40,14 +40,11 @@ if __name__ == "__main__" and not __package__:
 
     _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
 
-import contextlib
 import json
-import math
-import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,23 +57,27 @@ from torch import Tensor
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
 from trainer.corrupt_shards import CorruptDataError
+from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.meanflow import MeanFlowConfig, MeanFlowLoss, resolve_derivative, tau_max
+from trainer.post_steps import (
+    attention_context,
+    column,
+    conditioning_labels,
+    hold_if_asked,
+    same_dropout,
+    step_generator,
+    step_seed,
+)
 
 METHODS = ("ect", "ecd", "meanflow")
 RANKS_DIR = "ranks"
 INIT_EVAL_FILE = "init_eval.json"
 STORE_PREFIX, DATASET_PREFIX, CMT_PREFIX = "store:", "dataset:", "cmt:"
-# Fault-injection hook for tests (as in trainer/mid.py): when $CMT_POST_HOLD_AT_STEP = N, training step N writes the
-# file $CMT_POST_HOLD_FILE and then waits to be killed, so a test can SIGKILL a run at a known step.
-HOLD_STEP_ENV, HOLD_FILE_ENV = "CMT_POST_HOLD_AT_STEP", "CMT_POST_HOLD_FILE"
 
 
 class InitError(ConfigError):
     """A student init that does not fit the run (wrong architecture, time convention, form); names the fix."""
-
-
-class DerivativeBackendError(ConfigError):
-    """MeanFlow's JVP requested with an attention backend that has no forward-mode derivative."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -122,34 +123,6 @@ class ECDConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MeanFlowConfig:
-    """MeanFlow's (t, r) sampler, derivative of u, adaptive weighting and optional CFG folded into the target."""
-
-    p_mean: float = -0.4
-    p_std: float = 1.0
-    fraction_r_neq_t: float = 0.25
-    derivative: Literal["jvp", "fd", "auto"] = "auto"  # auto: jvp where the attention backend allows it, else fd
-    fd_delta: float = 1e-4  # in τ; UNet time embeddings see τ·T (T = 1000), so δ = 1e-3 is already a 1-timestep jump
-    tau_min: float = 0.005  # t, r are clamped to [tau_min, min(1 − tau_min, the student's sampling τ_max)]
-    adaptive_p: float = 1.0
-    adaptive_c: float = 1e-3
-    guidance_scale: float | None = None  # CFG ω: ṽ = ω·v + (1 − ω)·u_θ(z, t, t | ∅) (conditional students only)
-    label_dropout: float = 0.1  # with guidance: share of labels replaced by the null class (their target stays v)
-
-    def __post_init__(self) -> None:
-        """Reject settings the derivative or the sampler cannot run with."""
-        if not 0 < self.fd_delta <= self.tau_min / 2:
-            raise ConfigError(
-                f"meanflow.fd_delta must lie in (0, tau_min/2] = (0, {self.tau_min / 2}] so that t − δ stays > 0, "
-                f"got {self.fd_delta}"
-            )
-        if not 0 < self.tau_min < 0.5:
-            raise ConfigError(f"meanflow.tau_min must lie in (0, 0.5), got {self.tau_min}")
-        if not 0 <= self.label_dropout < 1:
-            raise ConfigError(f"meanflow.label_dropout must lie in [0, 1), got {self.label_dropout}")
-
-
-@dataclass(frozen=True, kw_only=True)
 class StreamOptions:
     """How stores are streamed (`trainer.data.StreamConfig`) for `--data store:`."""
 
@@ -177,6 +150,9 @@ class PostConfig:
     ect: ECTConfig = field(default_factory=ECTConfig)
     ecd: ECDConfig = field(default_factory=ECDConfig)
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    # Class-drop probability for classifier-free guidance, applied once per sample (trainer.label_dropout); none:
+    # what the method needs (0.1, the official MeanFlow value, for MeanFlow with guidance; 0 otherwise).
+    label_dropout: float | None = None
     stream: StreamOptions = field(default_factory=StreamOptions)
     num_eval_samples: int = 1000
     num_grid_images: int = 64
@@ -211,6 +187,21 @@ class PostConfig:
             raise ConfigError("num_eval_samples and num_grid_images must be >= 1")
         if self.method == "meanflow":
             resolve_derivative(self.meanflow.derivative, self.attention)
+        if self.label_dropout is not None and not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"label_dropout must lie in [0, 1) or be none (the method's default), got "
+                              f"{self.label_dropout}")
+        if self.live_teacher and self.label_drop_probability > 0:
+            raise ConfigError(
+                "label_dropout with ECD from a dataset: the live teacher takes its ODE step with the real labels, so "
+                "a dropped (null) label would get a conditional target; drop label_dropout, or use --data store:<url>"
+            )
+
+    @property
+    def label_drop_probability(self) -> float:
+        """label_dropout, or the method's default: 0.1 for MeanFlow with guidance (official MeanFlow), else 0."""
+        if self.label_dropout is not None:
+            return self.label_dropout
+        return 0.1 if self.method == "meanflow" and self.meanflow.guidance_scale is not None else 0.0
 
     @property
     def data_kind(self) -> Literal["store", "dataset"]:
@@ -231,76 +222,6 @@ class PostConfig:
     def live_teacher(self) -> bool:
         """Whether training runs the teacher (ECD from a dataset); everything else never calls it."""
         return self.method == "ecd" and self.data_kind == "dataset"
-
-
-def resolve_derivative(requested: str, attention: str) -> Literal["jvp", "fd"]:
-    """MeanFlow's derivative: "jvp" needs attention with forward-mode AD ("sdpa"); "auto" falls back to "fd"."""
-    if requested == "fd":
-        return "fd"
-    if attention == "sdpa":
-        return "jvp"
-    if requested == "jvp":
-        raise DerivativeBackendError(
-            f"meanflow.derivative=jvp needs forward-mode AD through attention, and attention={attention} "
-            f"({'the flash SDPA kernel' if attention == 'flash' else 'xformers'}) has none: use attention=sdpa "
-            "(the JVP then runs attention on the math kernel), or meanflow.derivative=fd (central finite "
-            "difference) / auto (picks fd for this backend)"
-        )
-    return "fd"
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Shared glue: per-step randomness, identical dropout masks, attention backend
-
-
-def step_seed() -> int:
-    """One seed per training step from the global torch RNG (checkpointed by the loop, so resume replays it)."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-
-
-def step_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A generator on `device` seeded for this step's times and noise."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-@contextlib.contextmanager
-def same_dropout(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a forward with the RNG seeded to `seed` and restored afterwards: equal seeds give equal dropout masks."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def attention_context(backend: str) -> contextlib.AbstractContextManager:
-    """The SDPA kernel choice for student forwards: "flash" forces the flash kernel; others leave torch's choice."""
-    if backend == "flash":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
-    return contextlib.nullcontext()
-
-
-def _column(values: Tensor, like: Tensor) -> Tensor:
-    """Per-sample values [B] as [B, 1, ..., 1] in `like`'s dtype."""
-    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _labels(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor | None:
-    """The batch's labels for a class-conditional student, None for an unconditional one."""
-    student = extract_model_from_parallel(model)
-    return batch.get("labels") if getattr(student, "num_classes", None) is not None else None
-
-
-def _hold_if_asked(step: int) -> None:
-    """Fault injection for tests: at step $CMT_POST_HOLD_AT_STEP write $CMT_POST_HOLD_FILE and wait to be killed."""
-    if os.environ.get(HOLD_STEP_ENV) != str(step) or not os.environ.get(HOLD_FILE_ENV):
-        return
-    Path(os.environ[HOLD_FILE_ENV]).write_text(str(os.getpid()))
-    while True:
-        time.sleep(1.0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -365,7 +286,7 @@ def noised_ect_pair(
     generator = step_generator(seed, x0.device)
     t, r = ect_times(x0.shape[0], step, ect, sigma_range, generator)  # [B] each
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # [B, *S]
-    return seed, t, r, x0 + _column(t, x0) * noise, noise
+    return seed, t, r, x0 + column(t, x0) * noise, noise
 
 
 @dataclass
@@ -378,11 +299,11 @@ class ECTLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample ECT loss [B] of one batch."""
-        _hold_if_asked(step)
+        hold_if_asked(step)
         seed, t, r, x_t, noise = noised_ect_pair(batch["x0"], step, self.ect, self.sigma_range)
-        x_r = batch["x0"] + _column(r, noise) * noise  # [B, *S], the same ε as x_t
+        x_r = batch["x0"] + column(r, noise) * noise  # [B, *S], the same ε as x_t
         with attention_context(self.attention):
-            return consistency_pair_loss(model, x_t, t, x_r, r, _labels(model, batch), ect=self.ect,
+            return consistency_pair_loss(model, x_t, t, x_r, r, conditioning_labels(model, batch), ect=self.ect,
                                          dropout_seed=seed + 1)
 
 
@@ -395,11 +316,11 @@ class StoredECDLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample ECD loss [B] on the stored one-step pairs (x_t at σ̃_t, x_r at σ̃_r < σ̃_t)."""
-        _hold_if_asked(step)
+        hold_if_asked(step)
         t = batch["sigma_t"].to(torch.float64)  # [B]
         r = batch["sigma_r"].to(torch.float64)  # [B]
         with attention_context(self.attention):
-            return consistency_pair_loss(model, batch["x_t"], t, batch["x_r"], r, _labels(model, batch),
+            return consistency_pair_loss(model, batch["x_t"], t, batch["x_r"], r, conditioning_labels(model, batch),
                                          ect=self.ect, dropout_seed=step_seed())
 
 
@@ -417,131 +338,14 @@ class LiveECDLoss:
         """Per-sample ECD loss [B]: t, r as in ECT, x_r from the teacher's step from (x_t, t) to r."""
         from pipeline.solvers import ode_step
 
-        _hold_if_asked(step)
+        hold_if_asked(step)
         x0 = batch["x0"]  # [B, *S]
         seed, t, r, x_t, _ = noised_ect_pair(x0, step, self.ect, self.sigma_range)
-        labels = _labels(model, batch)
+        labels = conditioning_labels(model, batch)
         x_r = ode_step(self.teacher, x_t, t, r, method=self.ecd.teacher_step, labels=labels,
                        guidance_scale=self.ecd.guidance_scale).to(x0.device)  # [B, *S]
         with attention_context(self.attention):
             return consistency_pair_loss(model, x_t, t, x_r, r, labels, ect=self.ect, dropout_seed=seed + 1)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# MeanFlow
-
-
-def meanflow_times(
-    batch: int, mf: MeanFlowConfig, tau_max: float, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """(t, r) [B] float64: logit-normal pair (t ≥ r; r = t for 1 − fraction), clamped to [tau_min, tau_max]."""
-    from trainer.schedules import sample_meanflow_times
-
-    t, r = sample_meanflow_times(batch, p_mean=mf.p_mean, p_std=mf.p_std, fraction_r_neq_t=mf.fraction_r_neq_t,
-                                 generator=generator, dtype=torch.float64)
-    return t.clamp(mf.tau_min, tau_max), r.clamp(mf.tau_min, tau_max)
-
-
-def meanflow_prediction_and_derivative(
-    model: torch.nn.Module,
-    z: Tensor,
-    t: Tensor,
-    r: Tensor,
-    v: Tensor,
-    labels: Tensor | None,
-    *,
-    method: Literal["jvp", "fd"],
-    fd_delta: float,
-    dropout_seed: int,
-    attention: str = "sdpa",
-) -> tuple[Tensor, Tensor]:
-    """(u_θ(z, r, t) with gradient through `model`, sg(du/dt)), du/dt = v·∂_z u + ∂_t u; one dropout mask for all.
-
-    "jvp": torch.func.jvp on the UNWRAPPED module under no_grad and `jvp_attention_context` (DDP wrappers break
-    jvp), then the differentiable u through `model` itself, so DDP's backward all-reduces the gradients. The
-    prediction runs inside the same attention context: the math SDPA kernel consumes the RNG differently from
-    the others, and the masks must match. "fd": the central difference of `trainer.losses.total_derivative_fd`,
-    whose first (gradient-carrying) call goes through `model`.
-    """
-    from trainer.losses import jvp_attention_context, total_derivative_fd, total_derivative_jvp
-
-    student = extract_model_from_parallel(model)
-
-    def u_fn(module: torch.nn.Module):
-        """u(z, r, t) of `module` with this step's dropout mask."""
-
-        def call(z_in: Tensor, r_in: Tensor, t_in: Tensor) -> Tensor:
-            with same_dropout(dropout_seed, z.device):
-                return module("mf", z_in, t_in, r_in, labels)  # [B, *S]
-
-        return call
-
-    if method == "jvp":
-        with jvp_attention_context(student):
-            with torch.no_grad():
-                _, du_dt = total_derivative_jvp(u_fn(student), z, r, t, v)  # [B, *S]
-            u_pred = u_fn(model)(z, r, t)  # [B, *S]
-        return u_pred, du_dt
-    with attention_context(attention):
-        return total_derivative_fd(u_fn(model), z, r, t, v, fd_delta)
-
-
-def guided_target_velocity(
-    model: torch.nn.Module,
-    z: Tensor,
-    t: Tensor,
-    v: Tensor,
-    labels: Tensor,
-    dropped: Tensor,
-    *,
-    omega: float,
-    null_class: int,
-    dropout_seed: int,
-) -> Tensor:
-    """MeanFlow's CFG velocity ṽ = ω·v + (1 − ω)·sg(u_θ(z, t, t | ∅)); samples with a dropped label keep v → [B, *S]."""
-    from trainer.losses import guided_velocity
-
-    student = extract_model_from_parallel(model)
-    null = torch.full_like(labels, null_class)  # [B]
-    with torch.no_grad(), same_dropout(dropout_seed, z.device):
-        u_uncond = student("mf", z, t, t, null)  # [B, *S]
-    return torch.where(_column(dropped, v).bool(), v, guided_velocity(v, u_uncond, omega))
-
-
-@dataclass
-class MeanFlowLoss:
-    """MeanFlow on clean samples x0: z = (1 − t)·x0 + t·ε, v = ε − x0, loss sg(w)·‖u_θ(z, r, t) − sg(u_tgt)‖²."""
-
-    mf: MeanFlowConfig
-    derivative: Literal["jvp", "fd"]
-    tau_max: float
-    attention: str = "sdpa"
-    null_class: int | None = None
-
-    def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
-        """Per-sample MeanFlow loss [B] of one batch."""
-        from trainer.losses import meanflow_loss, meanflow_target
-
-        _hold_if_asked(step)
-        x0 = batch["x0"]  # [B, *S]
-        seed = step_seed()
-        generator = step_generator(seed, x0.device)
-        t, r = meanflow_times(x0.shape[0], self.mf, self.tau_max, generator)  # [B] each, float64
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # [B, *S]
-        z = (1.0 - _column(t, x0)) * x0 + _column(t, x0) * noise  # [B, *S]
-        v = noise - x0  # [B, *S]
-        labels = _labels(model, batch)
-        if self.mf.guidance_scale is not None and labels is not None:
-            dropped = torch.rand(labels.shape, generator=generator, device=x0.device) < self.mf.label_dropout  # [B]
-            v = guided_target_velocity(model, z, t, v, labels, dropped, omega=self.mf.guidance_scale,
-                                       null_class=self.null_class, dropout_seed=seed + 2)
-            labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)  # [B]
-        u_pred, du_dt = meanflow_prediction_and_derivative(
-            model, z, t, r, v, labels, method=self.derivative, fd_delta=self.mf.fd_delta, dropout_seed=seed + 1,
-            attention=self.attention,
-        )
-        u_tgt = meanflow_target(v, du_dt, t, r)  # [B, *S]
-        return meanflow_loss(u_pred, u_tgt, p=self.mf.adaptive_p, c=self.mf.adaptive_c)  # [B]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -595,7 +399,8 @@ def check_student_fits(
         )
     if teacher is None:
         return
-    ignored = {"class_embed_type"}  # the MF form's (t − r) embedding slot
+    # a student may carry a null-class row its teacher lacks (trainer.student.FlowMapStudent.add_null_class)
+    ignored = {"num_class_embeds"} if student.num_classes == teacher.num_classes else set()
     student_config = {k: v for k, v in dict(student.net.config).items() if not k.startswith("_") and k not in ignored}
     teacher_config = {k: v for k, v in dict(teacher.model.config).items() if not k.startswith("_") and k not in ignored}
     differing = sorted(key for key in student_config.keys() | teacher_config.keys()
@@ -643,9 +448,13 @@ def build_student(cfg: PostConfig, teacher: Any, device: torch.device) -> Any:
         return student.train()
     # init=teacher is the diffusion model itself (its own c_skip/c_out: the student IS its denoiser); a random init
     # takes the well-conditioned reading "auto" picks (trainer.parameterization)
-    return FlowMapStudent.from_teacher(teacher, second_time_input=cfg.method == "meanflow", init=cfg.init,
-                                       seed=cfg.loop.seed,
-                                       parameterization="teacher" if cfg.init == "teacher" else "auto").to(device).train()
+    try:
+        student = FlowMapStudent.from_teacher(teacher, second_time_input=cfg.method == "meanflow", init=cfg.init,
+                                              seed=cfg.loop.seed,
+                                              parameterization="teacher" if cfg.init == "teacher" else "auto")
+    except StudentLoadError as error:
+        raise InitError(f"--init {cfg.init} --method {cfg.method}: {error}") from error
+    return student.to(device).train()
 
 
 def _configure_attention(cfg: PostConfig, student: Any, device: torch.device) -> None:
@@ -725,6 +534,7 @@ class _Setup:
     teacher: Any
     loss_fn: Any
     derivative: str | None
+    vae: Any  # the teacher's VAE of a latent student (evaluation decodes through it; the export carries it)
 
 
 def _sigma_range(ect: ECTConfig, schedule: Any, teacher: Any = None) -> tuple[float, float]:
@@ -738,29 +548,23 @@ def _sigma_range(ect: ECTConfig, schedule: Any, teacher: Any = None) -> tuple[fl
     return low, high
 
 
-def _tau_max(student: Any, mf: MeanFlowConfig) -> float:
-    """Largest MeanFlow time: the student's 1-step sampling τ_max, kept below 1 − tau_min."""
-    sigma_max = student.default_sigma_max()
-    tau = 1.0 if math.isinf(sigma_max) or student.schedule.family == "flow" else sigma_max / (1.0 + sigma_max)
-    return min(tau, 1.0 - mf.tau_min)
-
-
 def _null_class(cfg: PostConfig, student: Any) -> int | None:
-    """The null class id MeanFlow's CFG needs, checked against the student; None without guidance."""
-    if cfg.method != "meanflow" or cfg.meanflow.guidance_scale is None:
+    """The null class id label dropout and MeanFlow's guidance need (added to a UNet that lacks one); None if unused.
+
+    Guidance or label dropout on an unconditional student is refused, naming the key to drop.
+    """
+    from trainer.student import StudentLoadError
+
+    guided = cfg.method == "meanflow" and cfg.meanflow.guidance_scale is not None
+    if not guided and cfg.label_drop_probability == 0:
         return None
     if student.num_classes is None:
-        raise ConfigError(
-            "meanflow.guidance_scale needs a class-conditional student; this one is unconditional (FlowMapStudent's "
-            "MF form supports unconditional teachers only): drop meanflow.guidance_scale"
-        )
-    rows = getattr(getattr(student.net, "class_embedding", None), "num_embeddings", None)
-    if rows is None or rows <= student.num_classes:
-        raise ConfigError(
-            f"meanflow.guidance_scale needs a null-class embedding (id {student.num_classes}), but the student's class "
-            "table has no spare row: drop meanflow.guidance_scale"
-        )
-    return int(student.num_classes)
+        key = "meanflow.guidance_scale" if guided else "label_dropout"
+        raise ConfigError(f"{key} needs a class-conditional student; this one is unconditional: drop {key}")
+    try:
+        return student.add_null_class()
+    except StudentLoadError as error:
+        raise ConfigError(f"label_dropout / meanflow.guidance_scale: {error}") from error
 
 
 def _setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Sequence[int] | None) -> _Setup:
@@ -776,6 +580,7 @@ def _setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Sequence
     source = f"--init {cfg.init}" + (f" ({_cmt_dir(cfg.init)})" if cfg.init.startswith(CMT_PREFIX) else "")
     check_student_fits(student, method=cfg.method, sample_shape=data_sample_shape, teacher=teacher, source=source)
     _configure_attention(cfg, student, device)
+    null_class = _null_class(cfg, student)
     derivative = None
     if cfg.method == "ect":
         loss_fn = ECTLoss(cfg.ect, _sigma_range(cfg.ect, student.schedule), cfg.attention)
@@ -789,11 +594,30 @@ def _setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Sequence
         if derivative == "fd" and cfg.meanflow.derivative == "auto":
             warnings.warn(f"attention={cfg.attention} has no forward-mode AD: MeanFlow uses the finite difference",
                           stacklevel=2)
-        loss_fn = MeanFlowLoss(cfg.meanflow, derivative, _tau_max(student, cfg.meanflow), cfg.attention,
-                               _null_class(cfg, student))
+        loss_fn = MeanFlowLoss(cfg.meanflow, derivative, tau_max(student, cfg.meanflow), cfg.attention, null_class)
+    if cfg.label_drop_probability > 0:
+        loss_fn = LabelDropout(loss_fn, cfg.label_drop_probability, null_class)
+    vae = _latent_decoder(cfg, student, teacher, device)
     if not cfg.live_teacher:
         teacher = None  # nothing below calls it: ECT, MeanFlow and stored ECD never run the teacher
-    return _Setup(student, teacher, loss_fn, derivative)
+    return _Setup(student, teacher, loss_fn, derivative, vae)
+
+
+def _latent_decoder(cfg: PostConfig, student: Any, teacher: Any, device: torch.device) -> Any:
+    """The VAE of a latent student: the teacher's, else the one in the --init cmt export; None for pixel students."""
+    from trainer.student_export import load_vae
+
+    if teacher is not None and teacher.vae is not None:
+        return teacher.vae
+    vae = load_vae(_cmt_dir(cfg.init), device) if cfg.init.startswith(CMT_PREFIX) else None
+    if vae is None and student.latent:
+        warnings.warn(
+            f"--init {cfg.init} is a latent student but no VAE was found (neither teacher=<dir> nor a vae/ in the "
+            "export): evaluation cannot decode its samples into images and the export carries no VAE; pass "
+            "teacher=<the teacher pipeline directory>",
+            stacklevel=3,
+        )
+    return vae
 
 
 def _data_sample_shape(cfg: PostConfig) -> tuple[int, ...] | None:
@@ -810,7 +634,8 @@ def _data_sample_shape(cfg: PostConfig) -> tuple[int, ...] | None:
 
 def run(cfg: PostConfig) -> PostResult:
     """Post-train (or resume) the student described by `cfg`; returns the loop result, initial scores, rank report."""
-    from trainer.mid import StudentEvaluator, parameter_hash
+    from trainer.evaluation import StudentEvaluator, evaluate_at_init
+    from trainer.mid import parameter_hash
 
     accelerator = make_accelerator(cfg.loop)  # first: later accelerate state must see the launcher's processes
     output_dir = Path(cfg.loop.output_dir)
@@ -822,11 +647,8 @@ def run(cfg: PostConfig) -> PostResult:
         batches = store_stream(cfg, setup.student, rank=rank, world_size=world_size)
     else:
         batches, _ = dataset_batches(cfg, rank=rank, world_size=world_size)
-    evaluate = StudentEvaluator(cfg, output_dir / "samples")
-    init_metrics: dict[str, float] = {}
-    if cfg.eval_at_init and accelerator.is_main_process and not (output_dir / INIT_EVAL_FILE).exists():
-        init_metrics = evaluate(setup.student, "init")
-        (output_dir / INIT_EVAL_FILE).write_text(json.dumps(init_metrics, indent=2))
+    evaluate = StudentEvaluator(cfg, output_dir / "samples", vae=setup.vae)
+    init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, setup.student, accelerator, output_dir / INIT_EVAL_FILE)
     teacher_calls = ForwardCounter(setup.teacher.model if setup.teacher is not None else None)
     result = train_loop(
         cfg.loop,
@@ -835,7 +657,7 @@ def run(cfg: PostConfig) -> PostResult:
         batches=batches,
         accelerator=accelerator,
         evaluate=evaluate,
-        export=lambda ema_student, directory: ema_student.save_pretrained(directory),
+        export=lambda ema_student, directory: ema_student.save_pretrained(directory, vae=setup.vae),
     )
     report = {
         "rank": rank,
@@ -844,7 +666,8 @@ def run(cfg: PostConfig) -> PostResult:
         "derivative": setup.derivative,
         "teacher_in_training": setup.teacher is not None,
         "teacher_forward_samples": teacher_calls.samples,
-        "parameter_sha256": parameter_hash(setup.student.net),
+        "parameter_sha256": parameter_hash(setup.student),
+        "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
         "skipped_steps": result.skipped_steps,
         "corrupt_shards_skipped": getattr(batches, "skipped_shards", []),
@@ -873,7 +696,8 @@ def describe(cfg: PostConfig) -> dict[str, Any]:
         "teacher_runs_during_training": cfg.live_teacher,
         "student": {"init": cfg.init, "second_time_input": setup.student.second_time_input,
                     "parameters": sum(p.numel() for p in setup.student.parameters()),
-                    "teacher_fingerprint": setup.student.teacher_fingerprint},
+                    "teacher_fingerprint": setup.student.teacher_fingerprint, "latent": setup.student.latent},
+        "label_dropout": cfg.label_drop_probability,
         "output_dir": cfg.loop.output_dir,
     }
 

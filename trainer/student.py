@@ -10,22 +10,21 @@ Two readings of the same network F (the teacher's architecture, by default the t
   is enforced exactly).
 - MF form, Ψ_{t→r} in the flow-matching view (z = (1 − τ)·x0 + τ·ε, τ ∈ [0, 1]): the average velocity
   u_θ(z, r, t), with Ψ_{t→r}(z) = z − (t − r)·u_θ(z, r, t). The instantaneous velocity v = ε̂ − x̂0 follows from
-  the same f: v = (z − f)/τ. A second time input carries (t − r) through a `class_embed_type="timestep"`
-  embedding (scaled like the model's timestep input: (t − r)·num_train_timesteps) whose last linear layer
-  starts at zero, so at init u(z, r, t) = v(z, t) for every r.
+  the same f: v = (z − f)/τ. A second time input carries (t − r) through an embedding added to the network's own
+  time embedding (`trainer.second_time`, scaled like the model's timestep input: (t − r)·num_train_timesteps) whose
+  last linear layer starts at zero, so at init u(z, r, t) = v(z, t) for every r. UNet2DModel (unconditional or
+  class-conditional) and DiTTransformer2DModel nets take it.
 
-Exports (`save_pretrained`) hold `unet/` (diffusers safetensors), `scheduler/` (the teacher's schedule) and
-`student.json` (format version, time convention, prediction type, parameterisation, second time input, teacher
-fingerprint). Exports of format 1 (before parameterisations existed) load as the teacher's own reading, with a warning.
+Class labels: ids in [0, num_classes), plus the null class (id num_classes, the unconditional embedding) where the
+net's class table has that row (`null_class`; `add_null_class` gives a UNet one). The net's own label dropout is off.
+Exports: `trainer.student_export` (format 3; formats 1 and 2 still load).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,25 +32,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.teacher import NoiseSchedule, Teacher
-from trainer.parameterization import DEFAULT_SIGMA_DATA, PARAMETERIZATION_NAMES, Parameterization, resolve_parameterization
+from pipeline.teacher import NoiseSchedule, Teacher, class_embedding_rows
+from trainer.parameterization import DEFAULT_SIGMA_DATA, Parameterization, resolve_parameterization
+from trainer.second_time import SecondTimeEmbedding, SecondTimeInputError
 
 __all__ = [
     "DEFAULT_CM_INTERMEDIATE_SIGMA",
     "DEFAULT_MF_INTERMEDIATE_TAU",
     "DEFAULT_SIGMA_MAX",
-    "STUDENT_FORMAT_VERSION",
     "STUDENT_TIME_CONVENTION",
     "FlowMapStudent",
     "StudentLoadError",
+    "disable_label_dropout",
 ]
 
-STUDENT_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)  # 1: before parameterisations (always the teacher's own reading)
 STUDENT_TIME_CONVENTION = "cm: EDM view (x̃ = x0 + σ̃·ε, σ̃ ≥ 0); mf: flow-matching view (z = (1−τ)·x0 + τ·ε, τ ∈ [0,1])"
-STUDENT_FILE = "student.json"
-NET_DIR = "unet"
-SCHEDULER_DIR = "scheduler"
 DEFAULT_SIGMA_MAX = 80.0  # the CMT / EDM prior level, clamped to what the teacher's schedule represents
 DEFAULT_CM_INTERMEDIATE_SIGMA = 0.821  # ECT / iCT's 2-step intermediate level σ̃
 DEFAULT_MF_INTERMEDIATE_TAU = 0.5  # MeanFlow's 2-step intermediate time τ
@@ -78,6 +73,20 @@ def _column(values: Tensor, like: Tensor) -> Tensor:
     return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def disable_label_dropout(net: nn.Module) -> int:
+    """Switch off the per-block label dropout of diffusers' LabelEmbedding (DiT) → how many embeddings were found.
+
+    diffusers' DiT keeps one LabelEmbedding per block, each dropping labels independently in train mode; a student
+    drops labels itself, once per sample, so every block sees the same class. The null-class row stays in the table.
+    """
+    from diffusers.models.embeddings import LabelEmbedding
+
+    embeddings = [module for module in net.modules() if isinstance(module, LabelEmbedding)]
+    for embedding in embeddings:
+        embedding.dropout_prob = 0.0
+    return len(embeddings)
+
+
 def _scheduler_from_config(config: dict[str, Any]) -> Any:
     """A diffusers scheduler rebuilt from its saved config (the class must come from the diffusers namespace)."""
     import diffusers
@@ -91,7 +100,7 @@ def _scheduler_from_config(config: dict[str, Any]) -> Any:
 
 
 class FlowMapStudent(nn.Module):
-    """The few-step student around one diffusers UNet2DModel (same architecture as the teacher)."""
+    """The few-step student around one diffusers network (UNet2DModel or DiTTransformer2DModel, the teacher's)."""
 
     def __init__(
         self,
@@ -104,8 +113,15 @@ class FlowMapStudent(nn.Module):
         sample_shape: tuple[int, ...] | None = None,
         num_classes: int | None = None,
         parameterization: Parameterization | None = None,
+        latent: bool = False,
     ):
-        """Wrap `net` (trained under `scheduler`'s schedule with `prediction_type`); see :meth:`from_teacher`."""
+        """Wrap `net` (trained under `scheduler`'s schedule with `prediction_type`); see :meth:`from_teacher`.
+
+        With `second_time_input` a zero-initialised (t − r) embedding (`trainer.second_time`) is attached to the net's
+        time embedding. Label dropout inside the net (diffusers' DiT drops labels per block in train mode) is switched
+        off: a stage drops labels itself, once per sample (`trainer.label_dropout`). `latent` records that samples
+        are latents of the teacher's VAE (decode them with `pipeline.teacher.decode_latents`).
+        """
         super().__init__()
         self.net = net
         self.scheduler = scheduler
@@ -114,6 +130,7 @@ class FlowMapStudent(nn.Module):
         self.parameterization = parameterization or Parameterization("teacher")
         self.second_time_input = bool(second_time_input)
         self.teacher_fingerprint = teacher_fingerprint
+        self.latent = bool(latent)
         config = getattr(net, "config", None)
         if sample_shape is None:
             size = config.sample_size
@@ -121,11 +138,42 @@ class FlowMapStudent(nn.Module):
             sample_shape = (int(config.in_channels), *spatial)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.num_classes = num_classes
-        if self.second_time_input and getattr(config, "class_embed_type", None) != "timestep":
+        disable_label_dropout(net)
+        if self.second_time_input:
+            try:
+                self.second_time = SecondTimeEmbedding(net)
+            except SecondTimeInputError as error:
+                raise StudentLoadError(str(error)) from error
+
+    @property
+    def null_class(self) -> int | None:
+        """The class id of the unconditional ("null") embedding: num_classes when the class table has that row."""
+        if self.num_classes is None:
+            return None
+        rows = class_embedding_rows(self.net)[1]
+        return self.num_classes if rows is not None and rows > self.num_classes else None
+
+    def add_null_class(self) -> int:
+        """Give a class-conditional UNet2DModel a null-class row (the mean of the class rows) → the null class id.
+
+        Label dropout and classifier-free guidance need an unconditional embedding; diffusers' DiT has one (its
+        LabelEmbedding keeps row num_classes), a UNet trained without label dropout does not.
+        """
+        if self.null_class is not None:
+            return self.null_class
+        table = getattr(self.net, "class_embedding", None)
+        if self.num_classes is None or not isinstance(table, nn.Embedding):
             raise StudentLoadError(
-                "second_time_input=True needs a net built with class_embed_type='timestep' (the (t − r) embedding): "
-                "build the student with FlowMapStudent.from_teacher(teacher, second_time_input=True)"
+                f"{type(self.net).__name__} has no class-embedding table to add a null class to: label dropout and "
+                "guidance need a class-conditional UNet2DModel or DiTTransformer2DModel"
             )
+        widened = nn.Embedding(table.num_embeddings + 1, table.embedding_dim).to(table.weight.device, table.weight.dtype)
+        with torch.no_grad():
+            widened.weight[: table.num_embeddings] = table.weight
+            widened.weight[table.num_embeddings] = table.weight[: self.num_classes].mean(dim=0)
+        self.net.class_embedding = widened
+        self.net.register_to_config(num_class_embeds=widened.num_embeddings)
+        return self.num_classes
 
     # ------------------------------------------------------------------------------------------------------
     # Construction
@@ -147,9 +195,8 @@ class FlowMapStudent(nn.Module):
         output is read (see `trainer.parameterization`); "auto" keeps the teacher's own reading unless its c_out is
         unbounded (ε-prediction VP teachers), where it takes EDM's with `sigma_data`.
 
-        With `second_time_input` the net gains a (t − r) embedding (UNet2DModel `class_embed_type="timestep"`)
-        whose last linear layer is zero-initialised, so the student's u(z, r, t) starts equal to the teacher's
-        velocity for every r.
+        With `second_time_input` the net gains a (t − r) embedding (`trainer.second_time`) whose last linear layer is
+        zero-initialised, so the student's u(z, r, t) starts equal to the teacher's velocity for every r.
         """
         if init not in ("teacher", "random"):
             raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
@@ -157,50 +204,18 @@ class FlowMapStudent(nn.Module):
             parameterization = resolve_parameterization(
                 str(parameterization), teacher.schedule, teacher.prediction_type, sigma_data=sigma_data
             )
-        from diffusers import UNet2DModel
-
-        source = teacher.model
-        if second_time_input:
-            if not isinstance(source, UNet2DModel):
+        net = copy.deepcopy(teacher.model)
+        torch.manual_seed(seed)
+        if init == "random":
+            if not hasattr(net, "config") or not hasattr(type(net), "from_config"):
                 raise StudentLoadError(
-                    f"second_time_input needs a UNet2DModel teacher (the (t − r) input is its class_embed_type="
-                    f"'timestep' embedding), got {type(source).__name__}: use the CM form (second_time_input=False)"
+                    f"init='random' needs a diffusers model class to re-initialise, got {type(net).__name__}"
                 )
-            if source.config.num_class_embeds is not None or source.config.class_embed_type is not None:
-                raise StudentLoadError(
-                    "second_time_input on a class-conditional UNet2DModel is not supported: its class embedding "
-                    "slot is taken by the labels, so the (t − r) embedding has no place. Use the CM form, or an "
-                    "unconditional teacher"
-                )
-            config = {key: value for key, value in source.config.items() if not key.startswith("_")}
-            config["class_embed_type"] = "timestep"
-            torch.manual_seed(seed)
-            net = UNet2DModel(**config)
-            if init == "teacher":
-                result = net.load_state_dict(source.state_dict(), strict=False)
-                unexpected = list(result.unexpected_keys)
-                foreign = [key for key in result.missing_keys if not key.startswith("class_embedding.")]
-                if unexpected or foreign or not result.missing_keys:
-                    raise StudentLoadError(
-                        f"teacher weights do not fit the student net: missing {foreign}, unexpected {unexpected} "
-                        "(only the new class_embedding.* keys may be missing)"
-                    )
-            nn.init.zeros_(net.class_embedding.linear_2.weight)
-            nn.init.zeros_(net.class_embedding.linear_2.bias)
-        else:
-            net = copy.deepcopy(source)
-            if init == "random":
-                if not hasattr(net, "config") or not hasattr(type(net), "from_config"):
-                    raise StudentLoadError(
-                        f"init='random' needs a diffusers model class to re-initialise, got {type(net).__name__}"
-                    )
-                torch.manual_seed(seed)
-                net = type(net).from_config(net.config)
+            net = type(net).from_config(net.config)
         net = net.to(teacher.device)
         if any(parameter.dtype != torch.float32 for parameter in net.parameters()):
             net = net.float()  # a student trains in float32 whatever dtype the teacher was loaded in
-        net.train()
-        return cls(
+        student = cls(
             net,
             copy.deepcopy(teacher.scheduler),
             prediction_type=teacher.prediction_type,
@@ -209,26 +224,28 @@ class FlowMapStudent(nn.Module):
             sample_shape=tuple(teacher.sample_shape),
             num_classes=teacher.num_classes,
             parameterization=parameterization,
+            latent=teacher.vae is not None,
         )
+        return student.to(teacher.device).train()
 
     # ------------------------------------------------------------------------------------------------------
     # The two readings of the network
 
     def _call_net(self, x_in: Tensor, timesteps: Tensor, labels: Tensor | None, gap: Tensor | None) -> Tensor:
         """One forward pass of the net; `gap` = (t − r)·T for the second time input → prediction [B, C, *S]."""
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {} if labels is None else {"class_labels": labels}
         if self.second_time_input:
-            kwargs["class_labels"] = gap if gap is not None else torch.zeros_like(timesteps)
-        elif labels is not None:
-            kwargs["class_labels"] = labels
-        out = self.net(x_in, timesteps, **kwargs)
+            with self.second_time.applied(gap if gap is not None else torch.zeros_like(timesteps)):
+                out = self.net(x_in, timesteps, **kwargs)
+        else:
+            out = self.net(x_in, timesteps, **kwargs)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
         if out.shape[1] == 2 * x_in.shape[1]:
             out = out[:, : x_in.shape[1]]  # learned variance: keep the mean prediction
         return out
 
     def _labels(self, labels: Any, batch: int, device: torch.device) -> Tensor | None:
-        """Validate class ids against the student's conditioning → [B] int64 or None."""
+        """Validate class ids (the classes and the null class) against the student's conditioning → [B] int64 or None."""
         if self.num_classes is None:
             if labels is not None:
                 raise ValueError("labels were given but the student is unconditional: drop labels")
@@ -238,6 +255,12 @@ class FlowMapStudent(nn.Module):
         labels = torch.as_tensor(labels).to(device=device, dtype=torch.long).reshape(-1)  # [B]
         if labels.shape[0] != batch:
             raise ValueError(f"{labels.shape[0]} labels for {batch} samples: pass one label per sample")
+        top = self.num_classes if self.null_class is None else self.null_class + 1
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= top):
+            null = "" if self.null_class is None else f" (or the null class {self.null_class})"
+            raise ValueError(
+                f"class labels must lie in [0, {self.num_classes}){null}: got {sorted(set(labels.tolist()))[:8]}"
+            )
         return labels
 
     def denoise(self, x_edm: Tensor, sigma_edm: Any, labels: Any = None) -> Tensor:
@@ -315,16 +338,16 @@ class FlowMapStudent(nn.Module):
         labels: Any = None,
         form: Literal["cm", "mf"] | None = None,
         generator: torch.Generator | None = None,
+        renoise: Tensor | None = None,
     ) -> Tensor:
         """1- or 2-step samples x0 [B, *S] in the teacher's native clean space (pixel teachers: images in [-1, 1];
-        latent teachers: latents, decode them with the teacher's `Teacher.decode`).
+        latent teachers: latents, decode them with `pipeline.teacher.decode_latents` and the teacher's VAE).
 
         `noise` is standard normal [B, *S]. CM form (default without a second time input): x̃_T = ε·√(1+σ̃_max²) (the
         VP marginal the solvers start from), x0 = f(x̃_T, σ̃_max); 2 steps re-noise to σ̃ = `intermediate`
-        (default 0.821) with fresh noise from `generator` and apply f again. MF form (default with a second time
-        input): z_T at τ_max = σ̃_max/(1+σ̃_max) (τ_max = 1 for flow-matching teachers),
-        z_0 = z_T − τ_max·u(z_T, 0, τ_max);
-        2 steps pass through τ = `intermediate` (default 0.5) deterministically.
+        (default 0.821) with fresh noise (`renoise` [B, *S], else drawn from `generator`) and apply f again. MF form
+        (default with a second time input): z_T at τ_max = σ̃_max/(1+σ̃_max) (τ_max = 1 for flow-matching teachers),
+        z_0 = z_T − τ_max·u(z_T, 0, τ_max); 2 steps pass through τ = `intermediate` (default 0.5) deterministically.
         """
         if steps not in (1, 2):
             raise ValueError(f"steps must be 1 or 2, got {steps}")
@@ -339,7 +362,9 @@ class FlowMapStudent(nn.Module):
             x0 = self.denoise(x_edm, sigma_max, labels)
             if steps == 2:
                 sigma_mid = DEFAULT_CM_INTERMEDIATE_SIGMA if intermediate is None else float(intermediate)
-                fresh = torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(device)  # [B, *S]
+                if renoise is None:
+                    renoise = torch.randn(noise.shape, generator=generator, dtype=torch.float32)  # [B, *S]
+                fresh = torch.as_tensor(renoise).to(device=device, dtype=torch.float32)  # [B, *S]
                 x0 = self.denoise(x0 + sigma_mid * fresh, sigma_mid, labels)
             return x0
         if self.schedule.family == "flow":
@@ -354,35 +379,19 @@ class FlowMapStudent(nn.Module):
         return self.flow_map(z, tau_max, 0.0, labels)
 
     # ------------------------------------------------------------------------------------------------------
-    # Export
+    # Export (the format lives in trainer.student_export)
 
     def metadata(self) -> dict[str, Any]:
         """The contents of student.json."""
-        return {
-            "format_version": STUDENT_FORMAT_VERSION,
-            "kind": "FlowMapStudent",
-            "time_convention": STUDENT_TIME_CONVENTION,
-            "net_class": type(self.net).__name__,
-            "prediction_type": self.prediction_type,
-            "parameterization": self.parameterization.to_dict(),
-            "schedule_family": self.schedule.family,
-            "second_time_input": self.second_time_input,
-            "second_time_scale": self.schedule.num_train_timesteps,
-            "teacher_fingerprint": self.teacher_fingerprint,
-            "sample_shape": list(self.sample_shape),
-            "num_classes": self.num_classes,
-        }
+        from trainer.student_export import metadata
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write unet/ (safetensors), scheduler/ and student.json into `directory` (created if missing)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if not hasattr(self.net, "save_pretrained"):
-            raise StudentLoadError(f"{type(self.net).__name__} has no save_pretrained: only diffusers nets export")
-        self.net.save_pretrained(directory / NET_DIR, safe_serialization=True)
-        self.scheduler.save_pretrained(directory / SCHEDULER_DIR)
-        (directory / STUDENT_FILE).write_text(json.dumps(self.metadata(), indent=2))
-        return directory
+        return metadata(self)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, vae: nn.Module | None = None) -> Path:
+        """Write unet/, scheduler/, the MF form's second_time.safetensors, a latent student's vae/ and student.json."""
+        from trainer.student_export import save_student
+
+        return save_student(self, directory, vae=vae)
 
     @classmethod
     def from_pretrained(
@@ -392,81 +401,7 @@ class FlowMapStudent(nn.Module):
         second_time_input: bool | None = None,
         device: str | torch.device = "cpu",
     ) -> FlowMapStudent:
-        """Load a student export; `second_time_input` (if given) must match what the export holds."""
-        import diffusers
+        """Load a student export (formats 1–3); `second_time_input` (if given) must match what the export holds."""
+        from trainer.student_export import load_student
 
-        directory = Path(directory)
-        meta_file = directory / STUDENT_FILE
-        if not meta_file.is_file():
-            hint = ""
-            if (directory / "model_index.json").is_file() or (directory / "config.json").is_file():
-                hint = (" It looks like a diffusers teacher: build a student from it with "
-                        "FlowMapStudent.from_teacher(load_teacher(dir)).")
-            raise StudentLoadError(
-                f"{directory} is not a student export (no {STUDENT_FILE}); pass the `export` directory written by "
-                f"trainer/mid.py or FlowMapStudent.save_pretrained.{hint}"
-            )
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as error:
-            raise StudentLoadError(f"{meta_file} is not valid JSON ({error}); re-export the student") from error
-        if meta.get("kind") != "FlowMapStudent" or meta.get("format_version") not in READABLE_FORMAT_VERSIONS:
-            raise StudentLoadError(
-                f"{meta_file} holds format {meta.get('kind')!r} v{meta.get('format_version')!r}; this code reads "
-                f"FlowMapStudent v{'/v'.join(map(str, READABLE_FORMAT_VERSIONS))}: re-export with this version of the "
-                "project"
-            )
-        parameterization = _recorded_parameterization(meta, directory)
-        if meta.get("time_convention") != STUDENT_TIME_CONVENTION:
-            raise StudentLoadError(
-                f"{directory} uses another time convention ({meta.get('time_convention')!r}); this code expects "
-                f"{STUDENT_TIME_CONVENTION!r}: re-export the student with this version of the project"
-            )
-        if second_time_input is not None and bool(meta["second_time_input"]) != bool(second_time_input):
-            raise StudentLoadError(
-                f"{directory} holds a student with second_time_input={meta['second_time_input']} "
-                f"({'MF' if meta['second_time_input'] else 'CM'} form), but second_time_input={second_time_input} "
-                "was asked for: pass the matching export, or the matching form"
-            )
-        net_cls = getattr(diffusers, str(meta.get("net_class")), None)
-        if not (isinstance(net_cls, type) and issubclass(net_cls, diffusers.ModelMixin)):
-            raise StudentLoadError(f"net class {meta.get('net_class')!r} of {directory} is not a diffusers model class")
-        if not (directory / NET_DIR / "config.json").is_file() or not (directory / SCHEDULER_DIR).is_dir():
-            raise StudentLoadError(f"{directory} lacks {NET_DIR}/ or {SCHEDULER_DIR}/: incomplete export, re-export it")
-        net = net_cls.from_pretrained(str(directory / NET_DIR), use_safetensors=True)
-        if meta["second_time_input"] and getattr(net.config, "class_embed_type", None) != "timestep":
-            raise StudentLoadError(f"{directory}: student.json says second_time_input but the net has no (t − r) input")
-        config = json.loads((directory / SCHEDULER_DIR / "scheduler_config.json").read_text())
-        student = cls(
-            net.to(device),
-            _scheduler_from_config(config),
-            prediction_type=meta["prediction_type"],
-            second_time_input=bool(meta["second_time_input"]),
-            teacher_fingerprint=meta.get("teacher_fingerprint"),
-            sample_shape=tuple(meta["sample_shape"]),
-            num_classes=meta.get("num_classes"),
-            parameterization=parameterization,
-        )
-        if student.schedule.family != meta.get("schedule_family"):
-            raise StudentLoadError(f"{directory}: scheduler family differs from student.json; re-export the student")
-        return student
-
-
-def _recorded_parameterization(meta: dict[str, Any], directory: Path) -> Parameterization:
-    """The parameterisation student.json records; format 1 exports predate them and read the teacher's way."""
-    if meta.get("format_version") == 1:
-        warnings.warn(
-            f"{directory} is a format-1 student export, written before parameterisations were recorded: it is read "
-            "with the teacher's own c_skip/c_out (parameterization 'teacher'), which is what wrote it. Re-export it "
-            "(load and save_pretrained) to record this and silence the warning",
-            stacklevel=3,
-        )
-        return Parameterization("teacher")
-    recorded = meta.get("parameterization")
-    try:
-        return Parameterization.from_dict(recorded)
-    except ValueError as error:
-        raise StudentLoadError(
-            f"{directory}/{STUDENT_FILE} records parameterization {recorded!r}, which this code cannot read ({error}; "
-            f"known: {', '.join(name for name in PARAMETERIZATION_NAMES if name != 'auto')}): re-export the student"
-        ) from error
+        return load_student(directory, second_time_input=second_time_input, device=device, cls=cls)

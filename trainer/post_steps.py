@@ -1,0 +1,80 @@
+"""Per-step glue shared by the post-training losses (ECT / ECD in trainer/post.py, MeanFlow in trainer/meanflow.py):
+per-step randomness, identical dropout masks, the attention kernel, labels, and the tests' fault-injection hook."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import Tensor
+
+__all__ = [
+    "HOLD_FILE_ENV",
+    "HOLD_STEP_ENV",
+    "attention_context",
+    "column",
+    "conditioning_labels",
+    "hold_if_asked",
+    "same_dropout",
+    "step_generator",
+    "step_seed",
+]
+
+# Fault-injection hook for tests (as in trainer/mid.py): when $CMT_POST_HOLD_AT_STEP = N, training step N writes the
+# file $CMT_POST_HOLD_FILE and then waits to be killed, so a test can SIGKILL a run at a known step.
+HOLD_STEP_ENV, HOLD_FILE_ENV = "CMT_POST_HOLD_AT_STEP", "CMT_POST_HOLD_FILE"
+
+
+def step_seed() -> int:
+    """One seed per training step from the global torch RNG (checkpointed by the loop, so resume replays it)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def step_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded for this step's times and noise."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@contextlib.contextmanager
+def same_dropout(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a forward with the RNG seeded to `seed` and restored afterwards: equal seeds give equal dropout masks."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def attention_context(backend: str) -> contextlib.AbstractContextManager:
+    """The SDPA kernel choice for student forwards: "flash" forces the flash kernel; others leave torch's choice."""
+    if backend == "flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    return contextlib.nullcontext()
+
+
+def column(values: Tensor, like: Tensor) -> Tensor:
+    """Per-sample values [B] as [B, 1, ..., 1] in `like`'s dtype."""
+    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def conditioning_labels(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor | None:
+    """The batch's labels for a class-conditional student, None for an unconditional one."""
+    student = extract_model_from_parallel(model)
+    return batch.get("labels") if getattr(student, "num_classes", None) is not None else None
+
+
+def hold_if_asked(step: int) -> None:
+    """Fault injection for tests: at step $CMT_POST_HOLD_AT_STEP write $CMT_POST_HOLD_FILE and wait to be killed."""
+    if os.environ.get(HOLD_STEP_ENV) != str(step) or not os.environ.get(HOLD_FILE_ENV):
+        return
+    Path(os.environ[HOLD_FILE_ENV]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(1.0)
