@@ -53,7 +53,7 @@ VARIANTS = {
     "auto+clip": ("student.parameterization=auto", "loop.grad_clip=1.0"),
     "auto+ema-constant": ("student.parameterization=auto", "loop.ema_constant=true"),
 }
-REDRAW_SEED_STRIDE = 100_003  # evaluation noise seeds of re-draw k start at k·stride (the runs use seed 0)
+REDRAW_SEED_STRIDE = 100_003  # re-draw k's evaluation noise seeds start at EVAL_SEED + k·stride (the runs use k = 0)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
     """FD-digits of the export's 1- and 2-step samples on `redraws` fresh draws of the evaluation noise."""
     from trainer.config import load_config
     from trainer.metrics import FDMetric
-    from trainer.evaluation import eval_seeds
+    from trainer.evaluation import EVAL_SEED, eval_seeds
     from trainer.mid import MidConfig
     from trainer.sample import draw_samples
     from trainer.student import FlowMapStudent
@@ -139,7 +139,7 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
     metric = FDMetric("digits")
     scores: dict[str, list[float]] = {"fd_1step": [], "fd_2step": []}
     for k in range(1, redraws + 1):
-        cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={k * REDRAW_SEED_STRIDE}",
+        cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={EVAL_SEED + k * REDRAW_SEED_STRIDE}",
                                                   f"num_eval_samples={num_samples}"])
         for steps in (1, 2):
             samples = draw_samples(student, eval_seeds(cfg), steps, intermediate=cfg.eval_intermediate)

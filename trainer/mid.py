@@ -56,7 +56,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
-from trainer.evaluation import StudentEvaluator, evaluate_at_init
+from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.online import OnlineOptions, OnlineTrajectories, open_online_source
@@ -123,7 +123,7 @@ class MidConfig:
     strict: bool = False  # a teacher-fingerprint mismatch between store and student init is an error, not a warning
     num_eval_samples: int = 1000
     num_grid_images: int = 64
-    eval_seed: int = 0
+    eval_seed: int = EVAL_SEED  # trainer.evaluation: disjoint from every training noise seed
     eval_intermediate: float | None = None  # 2-step intermediate time (σ̃ for cm, τ for mf); None: student default
     eval_at_init: bool = False  # also score the initial student (the teacher's own 1-/2-step) → init_eval.json
     fd_dataset: str | None = "digits"  # FD-<dataset> of the samples; none: no FD

@@ -57,6 +57,7 @@ from torch import Tensor
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
 from trainer.corrupt_shards import CorruptDataError
+from trainer.evaluation import EVAL_SEED
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.meanflow import MeanFlowConfig, MeanFlowLoss, resolve_derivative, tau_max
@@ -156,7 +157,7 @@ class PostConfig:
     stream: StreamOptions = field(default_factory=StreamOptions)
     num_eval_samples: int = 1000
     num_grid_images: int = 64
-    eval_seed: int = 0
+    eval_seed: int = EVAL_SEED  # trainer.evaluation: disjoint from every training noise seed
     eval_intermediate: float | None = None  # 2-step intermediate time (σ̃ for Ψ_{t→0}, τ for MeanFlow); None: default
     eval_at_init: bool = False  # also score the initial student → init_eval.json
     fd_dataset: str | None = "digits"
