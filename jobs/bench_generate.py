@@ -10,6 +10,13 @@
   and every codec, on real trajectories of this teacher (the bare loop's output re-encoded).
 - float16_worst_relative_error: max |x16 − x32| / |x32| over elements with |x32| ≥ 1e-2 (and the max absolute error).
 - cache_hit_ratio [≤ 0.05]: wall time of re-running the same command (a cache hit) over the original run.
+- precision (``--precisions fp32,bf16``, side by side in the same run): per teacher precision, the seconds per
+  network forward of one sample (in batches of ``--precision-batch`` trajectories, doubled under guidance) over a
+  K-step solve of the same seeds and labels, and the clean endpoint's error against fp32 (max |x − x_fp32| and
+  ‖x − x_fp32‖ / ‖x_fp32‖).
+
+    python jobs/bench_generate.py --teacher facebook/DiT-XL-2-256 --studies precision --precisions fp32,bf16 \
+        --steps 8 --precision-batch 4 --guidance 1.5
 """
 
 from __future__ import annotations
@@ -36,18 +43,58 @@ from storage_schema import CODECS, GenerationSpec, create_store
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bare_solver_rate(teacher, *, num: int, batch: int, steps: int, seed: int) -> tuple[float, np.ndarray]:
-    """Trajectories/s of the solver loop alone, in memory (float32 output kept for the codec study)."""
+def _solve(teacher, seeds: list[int], steps: int, guidance: float | None = None):
+    """The PF-ODE solve generate.py runs for these seeds (uniform labels from the seeds for a conditional teacher)."""
     import torch
 
+    from pipeline.generate import labels_for
     from pipeline.solvers import solve
 
+    labels = labels_for(np.asarray(seeds), "uniform", teacher.num_classes, 0)
+    with torch.no_grad():
+        return solve(teacher, seeds, steps=steps, labels=None if labels is None else torch.as_tensor(labels),
+                     guidance_scale=guidance if teacher.num_classes is not None else None).points
+
+
+def bare_solver_rate(teacher, *, num: int, batch: int, steps: int, seed: int) -> tuple[float, np.ndarray]:
+    """Trajectories/s of the solver loop alone, in memory (float32 output kept for the codec study)."""
     started = time.perf_counter()
-    outputs = []
-    for lo in range(0, num, batch):
-        with torch.no_grad():
-            outputs.append(solve(teacher, list(range(seed + lo, seed + lo + batch)), steps=steps).points.numpy())
+    outputs = [_solve(teacher, list(range(seed + lo, seed + lo + batch)), steps).numpy() for lo in range(0, num, batch)]
     return num / (time.perf_counter() - started), np.concatenate(outputs)
+
+
+def precision_study(args: argparse.Namespace) -> dict:
+    """Per precision: seconds per forward and the clean endpoint's error against fp32, same seeds, labels and grid."""
+    import torch
+
+    from pipeline import precision as precisions
+    from pipeline.teacher import load_teacher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seeds = list(range(args.precision_batch))
+    reference, rows = None, {}
+    for name in ["fp32", *[p for p in args.precisions.split(",") if p and p != "fp32"]]:
+        precisions.check_device(name, device)
+        precisions.apply(name, device)
+        teacher = load_teacher(args.teacher, revision=args.revision, device=device, dtype=precisions.compute_dtype(name))
+        _solve(teacher, seeds, 1, args.guidance)  # warm-up: kernels, allocator
+        before, started = teacher.forward_samples, time.perf_counter()
+        endpoint = _solve(teacher, seeds, args.steps, args.guidance)[:, -1].double().cpu()  # [B, *S]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds, forwards = time.perf_counter() - started, teacher.forward_samples - before
+        reference = endpoint if reference is None else reference
+        error = endpoint - reference
+        rows[name] = {
+            "seconds_per_forward_sample": seconds / forwards,
+            "forward_samples_per_s": forwards / seconds,
+            "endpoint_max_abs_error_vs_fp32": float(error.abs().max()),
+            "endpoint_relative_rms_error_vs_fp32": float(error.norm() / reference.norm()),
+        }
+        del teacher
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({args.threads} threads)",
+            "trajectories": len(seeds), "network_batch": len(seeds) * (2 if args.guidance not in (None, 1.0) else 1),
+            "steps": args.steps, "guidance": args.guidance, "precisions": rows}
 
 
 def run_job(args: argparse.Namespace, out: Path, env: dict[str, str]) -> tuple[float, dict]:
@@ -57,7 +104,7 @@ def run_job(args: argparse.Namespace, out: Path, env: dict[str, str]) -> tuple[f
         "--num-trajectories", str(args.num_trajectories), "--steps", str(args.steps),
         "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--chunk-size", str(args.chunk_size),
         "--cpus-per-worker", str(args.threads), "--num-workers", "1", "--codec", args.codec, "--out", str(out),
-        "--no-progress",
+        "--no-progress", *(["--revision", args.revision] if args.revision else []),
     ]
     started = time.perf_counter()
     done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True)
@@ -113,6 +160,11 @@ def main() -> int:
     parser.add_argument("--codec", default="blosc-zstd-shuffle")
     parser.add_argument("--bare-trajectories", type=int, default=1024)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--revision", default=None, help="hub ids: branch, tag, commit or refs/pr/N")
+    parser.add_argument("--studies", default="job,precision", help="comma-separated: job, precision")
+    parser.add_argument("--precisions", default="fp32,bf16", help="teacher precisions to compare against fp32")
+    parser.add_argument("--precision-batch", type=int, default=8, help="samples per forward in the precision study")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (conditional teachers)")
     args = parser.parse_args()
 
     import torch
@@ -121,12 +173,17 @@ def main() -> int:
     from pipeline.teacher import load_teacher
 
     torch.set_num_threads(args.threads)
+    studies = set(args.studies.split(","))
+    result = {"precision": precision_study(args)} if "precision" in studies else {}
+    if "job" not in studies:
+        print(json.dumps(result, indent=2))
+        return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-generate-"))
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, CMT_CACHE_DIR=str(workdir / "cache"))
 
     started = time.perf_counter()
-    teacher = load_teacher(args.teacher)
+    teacher = load_teacher(args.teacher, revision=args.revision)
     teacher_load_seconds = time.perf_counter() - started
     bare = {"num": args.bare_trajectories, "batch": args.batch_size, "steps": args.steps}
     bare_solver_rate(teacher, seed=0, num=args.batch_size, batch=args.batch_size, steps=args.steps)  # warm-up
@@ -138,6 +195,7 @@ def main() -> int:
 
     alpha, sigma = time_grid(teacher, args.steps, "dpmpp-3m", "logsnr")
     result = {
+        **result,
         "teacher": args.teacher,
         "trajectories": args.num_trajectories,
         "points_per_trajectory": args.steps + 1,

@@ -1,4 +1,9 @@
-"""Attention backend selection: xformers on CUDA when installed, PyTorch SDPA otherwise."""
+"""Attention backend selection: xformers on CUDA when installed, PyTorch SDPA otherwise.
+
+diffusers' default processor (``AttnProcessor2_0``) calls ``F.scaled_dot_product_attention``, which on CUDA picks
+PyTorch's fused kernels by itself (flash attention for fp16/bf16, memory-efficient attention otherwise); on CPU it
+runs the fused CPU kernel. xformers replaces it only where it is installed (extra ``cuda``).
+"""
 
 from __future__ import annotations
 

@@ -14,22 +14,19 @@ from typing import Any, Sequence
 
 import fsspec
 
-from pipeline.paths import trajectory_cache_root
+from pipeline import paths
 from storage_schema import StoreError, open_store
-from storage_schema.spec import has_url_scheme
 
 
 def _stores(root: str) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """The filesystem of a cache root and its `*.zarr` entries, {store location (path or URL): fsspec info}."""
+    """The filesystem of a cache root and its `*.zarr` entries, {store location (path or URL, under root as given): fsspec
+    info}."""
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.isdir(path):
         return fs, {}
-    located = fs.unstrip_protocol if has_url_scheme(root) else str
-    return fs, {
-        located(info["name"].rstrip("/")): info
-        for info in fs.ls(path, detail=True)
-        if info["type"] == "directory" and info["name"].rstrip("/").endswith(".zarr")
-    }
+    named = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(path, detail=True)
+             if info["type"] == "directory"}
+    return fs, {paths.join(root, name): info for name, info in named.items() if name.endswith(".zarr")}
 
 
 def _key(location: str) -> str:
@@ -91,7 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove.add_argument("key")
     remove.add_argument("--yes", action="store_true", help="confirm the deletion")
     args = parser.parse_args(argv)
-    root = args.cache_root or str(trajectory_cache_root())
+    try:
+        root = paths.location(args.cache_root, named="--cache-root") if args.cache_root else paths.trajectory_cache_root()
+    except paths.LocationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     if args.command == "list":
         rows = list_stores(root)

@@ -31,8 +31,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.generate_options import GenerateConfig, GenerateError, parse_args, resolve_defaults
-from pipeline.paths import cache_root, trajectory_cache_root
+from pipeline.generate_options import GenerateConfig, GenerateError, parse_args, resolve_defaults, resolve_precision
+from pipeline.paths import (
+    CACHE_ENV_VAR,
+    LocationError,
+    cache_location,
+    join,
+    location,
+    read_text,
+    trajectory_cache_root,
+    write_text,
+)
 from pipeline.shard_dispatch import DispatchOutcome, ShardDispatcher, is_no_space
 from storage_schema import (
     CREATE,
@@ -49,6 +58,7 @@ from storage_schema import (
     open_store,
     store_claims,
 )
+from storage_schema.spec import has_url_scheme
 from storage_schema.store import set_write_stage_hook
 
 SUMMARY_PREFIX = "GENERATE_SUMMARY "
@@ -102,16 +112,11 @@ def _check_labels_option(cfg: GenerateConfig, num_classes: int | None) -> None:
     labels_for(np.arange(1), cfg.labels, num_classes, cfg.seed)
 
 
-def _is_local(url: str) -> bool:
-    """True for plain filesystem paths and file:// URLs (which other nodes of a cluster cannot see)."""
-    return "://" not in url or url.startswith("file://")
-
-
 def _check_writable(url: str) -> None:
     """Refuse a local output location that cannot be created or written, before any teacher work."""
-    if not _is_local(url):
+    if has_url_scheme(url):
         return
-    path = Path(url.removeprefix("file://")).expanduser()
+    path = Path(url)
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -131,37 +136,37 @@ class TeacherIdentity:
     num_classes: int | None
 
 
-def _directory_stamp(path: Path) -> str | None:
-    """sha256 of (name, size, mtime_ns) of every file under a local teacher directory; None for hub ids."""
-    if not path.is_dir():
-        return None
+def _directory_stamp(path: Path) -> str:
+    """sha256 of (name, size, mtime_ns) of every file under a teacher directory (or of one file)."""
     digest = hashlib.sha256(str(path.resolve()).encode())
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
         stat = file.stat()
-        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def teacher_identity(source: str) -> TeacherIdentity:
+def teacher_identity(source: str, revision: str | None = None, scheduler: str | None = None) -> TeacherIdentity:
     """Fingerprint, sample shape and classes of a teacher, memoised by its files' stamps (loads it only on a miss).
 
-    A cache-hit re-run therefore never imports torch or reads weights. The workers re-check the fingerprint of the
-    teacher they load, so a stale memo can never write a store under the wrong key.
+    Local directories and hub snapshots alike are stamped by their files, so a cache-hit re-run never imports torch
+    or reads weights. The workers re-check the fingerprint of the teacher they load, so a stale memo can never write
+    a store under the wrong key.
     """
-    stamp = _directory_stamp(Path(source).expanduser())
-    memo = cache_root() / "teachers" / f"{stamp}.json" if stamp else None
-    if memo is not None and memo.is_file():
-        known = json.loads(memo.read_text())
+    from pipeline.teacher_files import locate_teacher, scheduler_config_file
+
+    stamps = [_directory_stamp(locate_teacher(source, revision=revision, weights=False).root), str(revision)]
+    if scheduler is not None:
+        stamps.append(_directory_stamp(scheduler_config_file(scheduler)))
+    memo = cache_location("teachers", hashlib.sha256("\0".join(stamps).encode()).hexdigest() + ".json")
+    known = read_text(memo)
+    if known is not None:
+        known = json.loads(known)
         return TeacherIdentity(known["fingerprint"], tuple(known["sample_shape"]), known["num_classes"])
     from pipeline.teacher import load_teacher
 
-    teacher = load_teacher(source)
+    teacher = load_teacher(source, revision=revision, scheduler=scheduler)
     identity = TeacherIdentity(teacher.fingerprint, tuple(int(s) for s in teacher.sample_shape), teacher.num_classes)
-    if memo is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        temporary = memo.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(dataclasses.asdict(identity)))
-        os.replace(temporary, memo)
+    write_text(memo, json.dumps(dataclasses.asdict(identity)))
     return identity
 
 
@@ -174,7 +179,7 @@ ESTIMATED_COMPRESSION = {"float16": 0.83, "float32": 0.79}
 def _identity_for(cfg: GenerateConfig) -> TeacherIdentity:
     """The teacher's identity; a dry run of a teacher that cannot be loaded here plans with the declared shape."""
     try:
-        return teacher_identity(cfg.teacher)
+        return teacher_identity(cfg.teacher, cfg.revision, cfg.scheduler)
     except Exception as error:  # noqa: BLE001 - only a dry run with a declared shape may go on without the teacher
         if not (cfg.dry_run and cfg.sample_shape):
             raise
@@ -183,8 +188,8 @@ def _identity_for(cfg: GenerateConfig) -> TeacherIdentity:
         return TeacherIdentity(UNRESOLVED_FINGERPRINT, tuple(cfg.sample_shape), cfg.num_classes)
 
 
-def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity) -> GenerationSpec:
-    """The store's generation spec for this job and teacher (the cache key is derived from it)."""
+def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity, precision: str = "fp32") -> GenerationSpec:
+    """The store's generation spec for this job, teacher and teacher precision (the cache key is derived from it)."""
     grid_params = tuple(
         (name, float(value)) for name, value in (("sigma_max", cfg.sigma_max), ("sigma_min", cfg.sigma_min)) if value is not None
     )
@@ -204,6 +209,7 @@ def build_spec(cfg: GenerateConfig, teacher: TeacherIdentity) -> GenerationSpec:
         num_classes=teacher.num_classes,
         label_plan=None if teacher.num_classes is None else (cfg.labels or "uniform"),
         grid_params=grid_params,
+        teacher_precision=precision,
     )
 
 
@@ -219,13 +225,22 @@ class ShardWorker:
     def __init__(self, job: dict[str, Any], url: str):
         import torch
 
+        from pipeline import precision
         from pipeline.attention import configure_attention
         from pipeline.teacher import load_teacher
 
         torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
-        device = "cuda" if job["gpus_per_worker"] > 0 and torch.cuda.is_available() else "cpu"
+        device = "cuda" if job["gpus_per_worker"] > 0 else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise GenerateError(
+                f"the worker was given a GPU (--gpus-per-worker {job['gpus_per_worker']}) but its torch "
+                f"{torch.__version__} sees no CUDA device: install a CUDA build of torch on the workers"
+            )
+        precision.check_device(job["precision"], device)
+        precision.apply(job["precision"], device)
         self.job = job
-        self.teacher = load_teacher(job["teacher"], device=device)
+        self.teacher = load_teacher(job["teacher"], revision=job["revision"], scheduler=job["scheduler"], device=device,
+                                    dtype=precision.compute_dtype(job["precision"]))
         if self.teacher.fingerprint != job["fingerprint"]:
             raise GenerateError(
                 f"teacher {job['teacher']} changed on disk since the job started "
@@ -236,13 +251,6 @@ class ShardWorker:
         if HOLD_SHARD_ENV in os.environ:
             set_write_stage_hook(_hold_if_asked)
         self.claims = self.store.claims(owner=job["claims_owner"])  # the driver's claims; the driver keeps them alive
-        self.forward_samples = 0
-        self.teacher.model.register_forward_hook(self._count_forward)
-
-    def _count_forward(self, module, args, kwargs_or_output, *rest) -> None:
-        """Forward hook: count network evaluations, one per sample in the batch."""
-        sample = args[0] if args else None
-        self.forward_samples += int(sample.shape[0]) if sample is not None else 0
 
     def generate_shard(self, index: int) -> dict[str, Any]:
         """Solve the PF-ODE for every trajectory of shard `index` and write the shard (commit last)."""
@@ -250,7 +258,7 @@ class ShardWorker:
 
         from pipeline.solvers import solve
 
-        started, forward_before = time.perf_counter(), self.forward_samples
+        started, forward_before = time.perf_counter(), self.teacher.forward_samples
         spec = self.store.spec
         start, stop = spec.shard_bounds(index)
         indices = np.arange(start, stop)
@@ -290,7 +298,7 @@ class ShardWorker:
             "trajectories": len(indices),
             "seconds": time.perf_counter() - started,
             "write_seconds": time.perf_counter() - solved,
-            "forward_samples": self.forward_samples - forward_before,
+            "forward_samples": self.teacher.forward_samples - forward_before,
             "digest": digest,
             "pid": os.getpid(),
             "attention": self.attention_backend,
@@ -342,12 +350,25 @@ def _connect_ray(cfg: GenerateConfig) -> bool:
     return True
 
 
-def _check_cluster_can_see(url: str) -> None:
-    """On a multi-node cluster, refuse a local output path that other nodes cannot reach."""
+def _check_cluster(cfg: GenerateConfig, url: str) -> None:
+    """Before any actor starts: some node must fit one worker's CPUs and GPUs, and every node must see the output."""
     import ray
 
     alive = [node for node in ray.nodes() if node.get("Alive")]
-    if len(alive) > 1 and _is_local(url):
+    fits = [n for n in alive if n["Resources"].get("CPU", 0) >= cfg.cpus_per_worker
+            and n["Resources"].get("GPU", 0) >= cfg.gpus_per_worker]
+    if not fits:
+        nodes = "; ".join(
+            f"{n.get('NodeManagerAddress', '?')}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU"
+            for n in alive
+        )
+        raise GenerateError(
+            f"each worker asks for --cpus-per-worker {cfg.cpus_per_worker} and --gpus-per-worker "
+            f"{cfg.gpus_per_worker:g}, but no node of the Ray cluster has that much (nodes: {nodes}); no actor was "
+            "started. Pass --gpus-per-worker 0 to run the teacher on CPUs, lower --cpus-per-worker, or join a cluster "
+            "with GPUs (--ray-address)"
+        )
+    if len(alive) > 1 and not has_url_scheme(url):
         raise GenerateError(
             f"the Ray cluster has {len(alive)} nodes but the output {url} is a local path that other nodes cannot "
             f"reach: pass --out or --cache-root as a shared filesystem path visible on every node, or an object-store "
@@ -355,13 +376,23 @@ def _check_cluster_can_see(url: str) -> None:
         )
 
 
-def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence[int], state: str) -> dict[str, Any]:
-    """The job's plan: shards, bytes, teacher evaluations (what --dry-run prints)."""
-    points = spec.steps + 1
-    per_traj_raw = points * int(np.prod(spec.sample_shape)) * np.dtype(spec.dtype).itemsize
-    missing_traj = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
+def _bytes_to_write(spec: GenerationSpec, missing: Sequence[int]) -> tuple[int, int, int]:
+    """(trajectories, uncompressed bytes, estimated stored bytes) of the shards `missing`."""
+    per_traj_raw = (spec.steps + 1) * int(np.prod(spec.sample_shape)) * np.dtype(spec.dtype).itemsize
+    trajectories = sum(spec.shard_bounds(i)[1] - spec.shard_bounds(i)[0] for i in missing)
+    return trajectories, trajectories * per_traj_raw, int(trajectories * per_traj_raw * ESTIMATED_COMPRESSION[spec.dtype])
+
+
+def _plan(
+    cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence[int], state: str, precision_source: str
+) -> dict[str, Any]:
+    """The job's plan: shards, bytes, teacher evaluations and their cost, each number with its source."""
+    from pipeline.cost import cost_plan, teacher_forward_macs
+
+    missing_traj, raw_bytes, stored_bytes = _bytes_to_write(spec, missing)
     forward = int(missing_traj * forward_evaluations_per_trajectory(spec.solver, spec.steps, spec.guidance_scale))
-    gpu_hours = forward / cfg.forward_samples_per_gpu_s / 3600 if cfg.forward_samples_per_gpu_s else None
+    macs, macs_source = teacher_forward_macs(cfg.teacher, cfg.revision)
+    workers = min(cfg.num_workers, max(1, len(missing)))
     return {
         "url": url,
         "spec": spec.to_dict(),
@@ -370,14 +401,16 @@ def _plan(cfg: GenerateConfig, spec: GenerationSpec, url: str, missing: Sequence
         "shards_total": spec.num_shards,
         "shards_to_write": len(missing),
         "trajectories_to_write": missing_traj,
-        "points_per_trajectory": points,
-        "uncompressed_bytes_to_write": int(missing_traj * per_traj_raw),
-        "estimated_stored_bytes": int(missing_traj * per_traj_raw * ESTIMATED_COMPRESSION[spec.dtype]),
+        "points_per_trajectory": spec.steps + 1,
+        "uncompressed_bytes_to_write": raw_bytes,
+        "estimated_stored_bytes": stored_bytes,
         "teacher_forward_samples": forward,
-        "workers": min(cfg.num_workers, max(1, len(missing))),
-        "estimated_gpu_hours": gpu_hours,
-        "estimated_wall_hours": gpu_hours / max(1.0, cfg.num_workers * cfg.gpus_per_worker) if gpu_hours else None,
-        "throughput_source": cfg.throughput_source,
+        "workers": workers,
+        **cost_plan(
+            forward, macs=macs, macs_source=macs_source, precision=spec.teacher_precision,
+            precision_source=precision_source, gpu=cfg.gpu, gpus=cfg.num_workers * cfg.gpus_per_worker,
+            measured=cfg.forward_samples_per_gpu_s, measured_source=cfg.throughput_source,
+        ),
     }
 
 
@@ -407,13 +440,16 @@ def _unreachable_message(url: str, error: Exception) -> str:
     )
 
 
-def _start_actors(cfg: GenerateConfig, url: str, count: int, teacher_fingerprint: str, claims_owner: str) -> list[Any]:
+def _start_actors(cfg: GenerateConfig, spec: GenerationSpec, url: str, count: int, claims_owner: str) -> list[Any]:
     """`count` ShardWorker actors, each loading the teacher once; Ray restarts one that dies and retries its task."""
     import ray
 
     job = {
         "teacher": str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
-        "fingerprint": teacher_fingerprint,
+        "revision": cfg.revision,
+        "scheduler": None if cfg.scheduler is None else str(Path(cfg.scheduler).resolve()),
+        "precision": spec.teacher_precision,
+        "fingerprint": spec.teacher_fingerprint,
         "batch_size": cfg.batch_size,
         "cpus_per_worker": cfg.cpus_per_worker,
         "gpus_per_worker": cfg.gpus_per_worker,
@@ -435,8 +471,7 @@ def _run_shards(cfg: GenerateConfig, store: TrajectoryStore, claims: ShardClaims
     """Write the missing shards this run can claim on Ray actors, wait for the ones other runs hold; live progress bar."""
     from tqdm import tqdm
 
-    actors = _start_actors(cfg, store.url, min(cfg.num_workers, len(missing)), store.spec.teacher_fingerprint,
-                           claims.owner)
+    actors = _start_actors(cfg, store.spec, store.url, min(cfg.num_workers, len(missing)), claims.owner)
     total = sum(store.shard_bounds(i)[1] - store.shard_bounds(i)[0] for i in missing)
     with tqdm(total=total, unit="traj", desc="trajectories", disable=not cfg.progress, file=sys.stderr,
               mininterval=1.0) as bar:
@@ -448,7 +483,7 @@ def _schedule(cfg: GenerateConfig, spec: GenerationSpec) -> tuple[np.ndarray, np
     from pipeline.solvers import SolverError, time_grid
     from pipeline.teacher import load_teacher
 
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, revision=cfg.revision, scheduler=cfg.scheduler)
     if teacher.fingerprint != spec.teacher_fingerprint:
         raise GenerateError(f"teacher {cfg.teacher} changed while the job started: re-run the same command")
     try:
@@ -458,6 +493,36 @@ def _schedule(cfg: GenerateConfig, spec: GenerationSpec) -> tuple[np.ndarray, np
             f"--solver {cfg.solver} --grid {cfg.grid} --steps {cfg.steps} cannot run on the teacher {cfg.teacher}: "
             f"{error}"
         ) from error
+
+
+def output_url(cfg: GenerateConfig, spec: GenerationSpec) -> str:
+    """Where the store goes: --out, else <--cache-root or $CMT_CACHE_DIR/trajectories>/<cache key>.zarr."""
+    if cfg.out:
+        return location(cfg.out, named="--out")
+    root = location(cfg.cache_root, named="--cache-root") if cfg.cache_root else trajectory_cache_root()
+    return cache_path(root, spec)
+
+
+def _locate(cfg: GenerateConfig, spec: GenerationSpec) -> tuple[str, TrajectoryStore | None, bool, str | None]:
+    """Where the store goes, the store of this spec already there (or None), whether a store of another spec there is
+    to be replaced (--overwrite), and why the location's state is unknown (a dry run that cannot reach it; else None)."""
+    try:
+        url = output_url(cfg, spec)
+    except LocationError as error:  # a dry run still plans where the filesystem package is missing
+        if not cfg.dry_run:
+            raise
+        root = cfg.cache_root or join(os.environ.get(CACHE_ENV_VAR, ""), "trajectories")
+        return cfg.out or cache_path(root, spec), None, False, f"unknown ({error})"
+    _check_writable(url)
+    try:
+        store, replace = _existing_store(url, spec, cfg.overwrite)
+    except (GenerateError, StoreError):
+        raise
+    except Exception as error:  # noqa: BLE001 - the location cannot be reached: no backend, credentials or endpoint
+        if not cfg.dry_run:
+            raise GenerateError(_unreachable_message(url, error)) from error
+        return url, None, False, f"unknown ({type(error).__name__}: {error})"
+    return url, store, replace, None
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
@@ -470,64 +535,58 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
     if cfg.num_workers < 1 or cfg.batch_size < 1:
         raise GenerateError("--num-workers and --batch-size must be at least 1")
+    precision, precision_source = resolve_precision(cfg)
     identity = _identity_for(cfg)
     _check_labels_option(cfg, identity.num_classes)
-    spec = build_spec(cfg, identity)
-    url = cfg.out or cache_path(cfg.cache_root or str(trajectory_cache_root()), spec)
-    _check_writable(url)
-    try:
-        store, replace = _existing_store(url, spec, cfg.overwrite)
-    except (GenerateError, StoreError):
-        raise
-    except Exception as error:  # noqa: BLE001 - the location cannot be reached: no backend, credentials or endpoint
-        if not cfg.dry_run:
-            raise GenerateError(_unreachable_message(url, error)) from error
-        store, replace, unknown = None, False, f"unknown ({type(error).__name__}: {error})"
-    else:
-        unknown = None
+    spec = build_spec(cfg, identity, precision)
+    url, store, replace, unknown = _locate(cfg, spec)
     missing = list(range(spec.num_shards)) if store is None else store.missing_shards()
-    state = unknown or ("replace" if replace else "new" if store is None else "complete" if not missing else "partial")
-    plan = _plan(cfg, spec, url, missing, state)
     if cfg.dry_run:
         if store is None and spec.teacher_fingerprint != UNRESOLVED_FINGERPRINT:
             _schedule(cfg, spec)  # refuses a solver/grid/steps the teacher cannot run, as the real run would
+        state = unknown or ("replace" if replace else "new" if store is None else "complete" if not missing else "partial")
+        plan = _plan(cfg, spec, url, missing, state, precision_source)
         return GenerateResult(url, False, True, (), 0, 0, time.perf_counter() - started, {"plan": plan})
     if not missing:
         summary = _finish(url, started, cache_hit=True, results=[])
         return GenerateResult(url, True, False, (), 0, 0, summary["seconds"], summary)
+    if cfg.gpus_per_worker <= 0:
+        from pipeline.precision import check_device
+
+        check_device(precision, "cpu")
     try:
         return _generate(cfg, spec, url, replace, started)
     except OSError as error:
         if not is_no_space(error):
             raise
-        raise GenerateError(_no_space_message(cfg, spec, url, "the store's metadata or claims")) from error
+        raise GenerateError(_no_space_message(spec, url, "the store's metadata or claims")) from error
 
 
 def _generate(cfg: GenerateConfig, spec: GenerationSpec, url: str, replace: bool, started: float) -> GenerateResult:
-    """Create or join the store (next to other runs of the same spec), write the shards nobody holds, wait for the rest."""
+    """Check the Ray cluster can run the workers, then create or join the store (next to other runs of the same spec),
+    write the shards nobody holds and wait for the rest."""
     with store_claims(url).keep_alive() as claims:
-        if replace:  # --overwrite: the store of another spec that lies at url goes
-            create_store(url, spec, *_schedule(cfg, spec), overwrite=True)
-        store = open_or_create_store(url, spec, lambda: _schedule(cfg, spec), claims=claims,
-                                     on_wait=lambda claim: print(_creation_wait_message(url, claim), file=sys.stderr))
-        missing = store.missing_shards()
-        ray_started = shards_started = time.perf_counter()
-        outcome = DispatchOutcome()
-        if missing:
-            owns_ray = _connect_ray(cfg)
+        ray_started = time.perf_counter()
+        owns_ray = _connect_ray(cfg)
+        ray_seconds = time.perf_counter() - ray_started
+        try:
+            _check_cluster(cfg, url)  # before anything is written
+            if replace:  # --overwrite: the store of another spec that lies at url goes
+                create_store(url, spec, *_schedule(cfg, spec), overwrite=True)
+            store = open_or_create_store(url, spec, lambda: _schedule(cfg, spec), claims=claims,
+                                         on_wait=lambda claim: print(_creation_wait_message(url, claim), file=sys.stderr))
+            missing = store.missing_shards()
             shards_started = time.perf_counter()
-            try:
-                _check_cluster_can_see(url)
-                outcome = _run_shards(cfg, store, claims, missing)
-            finally:
-                if owns_ray:
-                    import ray
+            outcome = _run_shards(cfg, store, claims, missing) if missing else DispatchOutcome()
+        finally:
+            if owns_ray:
+                import ray
 
-                    ray.shutdown()
+                ray.shutdown()
     results = outcome.results
     if outcome.no_space:
         shards = sorted(failure["index"] for failure in outcome.failures)
-        raise GenerateError(_no_space_message(cfg, spec, url, f"shard(s) {', '.join(map(str, shards))}"))
+        raise GenerateError(_no_space_message(spec, url, f"shard(s) {', '.join(map(str, shards))}"))
     if outcome.failures:
         lines = "\n".join(f"  shard {f['index']}: {f['error']}" for f in sorted(outcome.failures, key=lambda f: f["index"]))
         raise GenerateError(
@@ -537,7 +596,7 @@ def _generate(cfg: GenerateConfig, spec: GenerationSpec, url: str, replace: bool
     summary = _finish(url, started, cache_hit=False, results=results, claims=claims)
     summary["shards_written"] = sorted(result["index"] for result in results)
     summary["shards_joined"] = sorted(outcome.joined)
-    summary.update(_timings(results, ray_seconds=shards_started - ray_started, shards_started=shards_started))
+    summary.update(_timings(results, ray_seconds=ray_seconds, shards_started=shards_started))
     return GenerateResult(
         url,
         False,
@@ -556,14 +615,14 @@ def _creation_wait_message(url: str, claim: ClaimRecord) -> str:
             f"when it is ready (or creates it itself if that run dies)")
 
 
-def _no_space_message(cfg: GenerateConfig, spec: GenerationSpec, url: str, what: str) -> str:
+def _no_space_message(spec: GenerationSpec, url: str, what: str) -> str:
     """The error for a full device: where, what is kept, how much space is still needed, and the fix."""
     try:
         store = open_store(url, "r", expected_spec=spec)
         committed, missing = store.committed_shards(), store.missing_shards()
     except StoreError:
         committed, missing = [], list(range(spec.num_shards))
-    needed = _plan(cfg, spec, url, missing, "partial")["estimated_stored_bytes"]
+    needed = _bytes_to_write(spec, missing)[2]
     return (
         f"no space left on device while writing {what} of the store {url}. The {len(committed)} shard(s) committed "
         f"before are kept and valid; nothing half-written counts as committed. Free space where the store lives (the "
@@ -607,6 +666,7 @@ def _finish(url: str, started: float, *, cache_hit: bool, results: list[dict[str
         "worker_trajectories_per_s": trajectories / solve_seconds if solve_seconds else None,
         "worker_write_fraction": sum(r["write_seconds"] for r in results) / solve_seconds if solve_seconds else None,
         "attention": sorted({r["attention"] for r in results}),
+        "teacher_precision": store.spec.teacher_precision,
         "worker_pids": sorted({r["pid"] for r in results}),
         "bytes_stored": info.get("bytes_stored"),
         "compression_ratio": info.get("compression_ratio"),
@@ -624,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.dry_run:
-        print(json.dumps(result.summary["plan"], indent=2))
+        print(json.dumps(result.summary["plan"], indent=2, ensure_ascii=False))
     else:
         if result.cache_hit:
             print(f"cache hit: {result.url} is complete; no teacher work done")

@@ -2,8 +2,9 @@
 
 A default adapts to the options the user did choose, and says so in one line: `--solver ddim` (a solver that takes no
 custom levels) runs on `--grid scheduler`; `--shard-size N` gets a chunk size that divides N; `--chunk-size C` gets a
-shard size that is a multiple of C. An explicit choice is never changed: an incompatible pair is refused in the words
-of the flags. Torch-free, so a cache hit never imports torch.
+shard size that is a multiple of C; the teacher runs in fp32 on CPU workers and in the preset's `gpu_precision` on GPU
+ones (`resolve_precision`). An explicit choice is never changed: an incompatible pair is refused in the words of the
+flags. Torch-free, so a cache hit never imports torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pipeline.paths import trajectory_cache_root
+from pipeline.precision import PRECISIONS, check_name
 from pipeline.solver_names import GRIDS, SCHEDULER_GRID, SCHEDULER_GRID_ONLY, SOLVERS
 from storage_schema import CODECS, STORAGE_DTYPES
 
@@ -35,6 +36,10 @@ class GenerateConfig:
 
     teacher: str
     num_trajectories: int
+    revision: str | None = None  # branch, tag, commit or refs/pr/N of a hub id
+    scheduler: str | None = None  # scheduler directory for a bare model directory
+    precision: str | None = None  # fp32 | tf32 | bf16 | fp16; None: gpu_precision on GPU workers, fp32 on CPU ones
+    gpu_precision: str = "fp32"  # the preset's choice for GPU workers
     solver: str = "dpmpp-3m"
     steps: int = 16
     grid: str | None = None
@@ -61,8 +66,9 @@ class GenerateConfig:
     # Planning only (--dry-run where the teacher cannot be loaded, e.g. a hub id on an offline machine):
     sample_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
-    forward_samples_per_gpu_s: float | None = None  # teacher network evaluations per GPU-second, for GPU-hour estimates
-    throughput_source: str | None = None  # where that figure comes from (a measurement, or a stated assumption)
+    forward_samples_per_gpu_s: float | None = None  # measured network evaluations per GPU-second at the precision
+    throughput_source: str | None = None  # where that measurement comes from
+    gpu: dict | None = None  # name, peak_tflops {precision: TFLOP/s}, peak_source, utilization, utilization_source
 
 
 def _largest_divisor_up_to(number: int, limit: int) -> int:
@@ -130,6 +136,15 @@ def resolve_defaults(cfg: GenerateConfig) -> tuple[GenerateConfig, list[str]]:
     return dataclasses.replace(cfg, grid=grid, shard_size=shard, chunk_size=chunk), grid_notes + layout_notes
 
 
+def resolve_precision(cfg: GenerateConfig) -> tuple[str, str]:
+    """(teacher precision, where it came from): --precision, else the preset's gpu_precision on GPUs, else fp32."""
+    if cfg.precision is not None:
+        return check_name(cfg.precision), "--precision (or the preset's precision)"
+    if cfg.gpus_per_worker > 0:
+        return check_name(cfg.gpu_precision), "gpu_precision: the preset's choice for GPU workers"
+    return "fp32", "default for CPU workers (--gpus-per-worker 0)"
+
+
 def _option_name(field_name: str) -> str:
     """`num_trajectories` → `--num-trajectories`."""
     return "--" + field_name.replace("_", "-")
@@ -164,6 +179,10 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     keep = argparse.SUPPRESS  # flags not given stay absent, so a preset's value is not overridden by a default
     parser.add_argument("--config", default=None, help="YAML preset of these options (flags given here override it)")
     parser.add_argument("--teacher", default=keep, help="diffusers pipeline/model directory or hub id")
+    parser.add_argument("--revision", default=keep, help="hub ids: branch, tag, commit or refs/pr/N (default main)")
+    parser.add_argument("--scheduler", default=keep, help="scheduler directory, for a model directory without one")
+    parser.add_argument("--precision", default=keep, choices=list(PRECISIONS),
+                        help="teacher precision (default: fp32 on CPU workers, the preset's gpu_precision on GPUs)")
     parser.add_argument("--num-trajectories", type=int, default=keep)
     parser.add_argument("--solver", default=keep, choices=SOLVERS, help="default dpmpp-3m")
     parser.add_argument("--steps", type=int, default=keep, help="K solver steps (the store keeps K+1 points; default 16)")
@@ -188,7 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     parser.add_argument("--gpus-per-worker", type=float, default=keep)
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--out", default=keep, help="store URL: a path or an fsspec URL (s3://..., gs://...)")
-    out.add_argument("--cache-root", default=keep, help=f"cache directory or URL (default {trajectory_cache_root()})")
+    out.add_argument("--cache-root", default=keep, help="cache directory or URL (default $CMT_CACHE_DIR/trajectories)")
     parser.add_argument("--overwrite", action="store_true", default=keep, help="replace a store made from another spec")
     parser.add_argument("--dry-run", action="store_true", default=keep, help="print the plan and write nothing")
     parser.add_argument("--ray-address", default=keep, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")

@@ -16,8 +16,9 @@ Three schedule families are understood (ARCHITECTURE.md, "Time convention"):
 - ``flow`` flow matching (``FlowMatchEulerDiscreteScheduler``): α = 1 − t, σ = t; the model sees
            ``x_fm`` at timestep ``t·num_train_timesteps`` and predicts the velocity ``ε − x0``.
 
-Only safetensors weights are read (``use_safetensors=True``); classes come from the ``diffusers`` namespace
-only, never from remote code.
+Teachers load from every diffusers layout, by path or hub id (``pipeline/teacher_files.py``); weights are
+safetensors, or pickled ``.bin`` files read as tensors only and converted once (``pipeline/weights.py``); classes
+come from the ``diffusers`` namespace only, never from remote code.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.teacher_files import (
+    PickleCheckpointError,
+    TeacherLoadError,
+    diffusers_class,
+    locate_teacher,
+    scheduler_config_file,
+)
 from pipeline.time_convention import vp_alpha_sigma
+from pipeline.weights import load_model_dir
 
 __all__ = [
     "SUPPORTED_SCHEDULER_FAMILIES",
@@ -61,14 +70,6 @@ SUPPORTED_SCHEDULER_FAMILIES = {
     "flow": "FlowMatchEulerDiscreteScheduler",
 }
 _SIGMA_LOG_TOLERANCE = 1e-4  # how far (in log σ̃) a level may sit outside a VP table before it is refused
-
-
-class TeacherLoadError(ValueError):
-    """The teacher could not be loaded; the message names the problem and the fix."""
-
-
-class PickleCheckpointError(TeacherLoadError):
-    """The checkpoint exists only as a pickle (.bin/.ckpt/.pt); it is refused, never unpickled."""
 
 
 class UnsupportedSchedulerError(TeacherLoadError):
@@ -259,6 +260,23 @@ def _model_output_tensor(output: Any) -> torch.Tensor:
     return output
 
 
+def takes_hidden_states(model: nn.Module) -> bool:
+    """True for DiT-style models called as model(hidden_states=, timestep=, class_labels=)."""
+    params = inspect.signature(model.forward).parameters
+    return "class_labels" in params and "hidden_states" in params
+
+
+def network_forward(
+    model: nn.Module, is_dit: bool, x_in: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor:
+    """One call of a UNet2DModel-style or DiT-style network → its output tensor [B, C_out, *spatial]."""
+    if is_dit:
+        return _model_output_tensor(model(hidden_states=x_in, timestep=timesteps, class_labels=labels))
+    if labels is not None:
+        return _model_output_tensor(model(x_in, timesteps, class_labels=labels))
+    return _model_output_tensor(model(x_in, timesteps))
+
+
 def class_embedding_rows(model: nn.Module) -> tuple[int | None, int | None]:
     """(number of real classes, rows of the class-embedding table) of a model, or (None, None) if unconditional."""
     from diffusers.models.embeddings import LabelEmbedding
@@ -278,7 +296,7 @@ def class_embedding_rows(model: nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
-def _sample_shape(model: nn.Module) -> tuple[int, ...]:
+def sample_shape_of(model: nn.Module) -> tuple[int, ...]:
     """Per-sample input shape [C, *spatial] from a diffusers model config (in_channels, sample_size)."""
     config = getattr(model, "config", None)
     in_channels = getattr(config, "in_channels", None)
@@ -292,13 +310,15 @@ def _sample_shape(model: nn.Module) -> tuple[int, ...]:
     return (int(in_channels), *spatial)
 
 
+def _needs_cast(module: nn.Module, dtype: torch.dtype) -> bool:
+    """True when some floating weight or buffer of `module` is not in `dtype`."""
+    return any(t.is_floating_point() and t.dtype != dtype for t in [*module.parameters(), *module.buffers()])
+
+
 def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Move a module to `device`, casting floating weights to `dtype` only where they differ."""
     module = module.to(device)
-    tensors = [*module.parameters(), *module.buffers()]
-    if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
-        module = module.to(dtype=dtype)
-    return module
+    return module.to(dtype=dtype) if _needs_cast(module, dtype) else module
 
 
 def _per_sample_float64(value: Any, batch: int) -> np.ndarray:
@@ -380,10 +400,10 @@ class Teacher:
             )
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = _place(model, self.device, dtype).eval()
-        self.vae = None if vae is None else _place(vae, self.device, dtype).eval()
-        self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else _sample_shape(model)
-        self._is_dit = "class_labels" in forward_params and "hidden_states" in forward_params
+        self.model, self.vae = model.eval(), None if vae is None else vae.eval()
+        self.forward_samples = 0  # network evaluations, one per sample of every batch (guidance counts both passes)
+        self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else sample_shape_of(model)
+        self._is_dit = takes_hidden_states(model)
         native_classes, table_rows = class_embedding_rows(model)
         if num_classes is not None:
             if native_classes is None:
@@ -399,6 +419,10 @@ class Teacher:
             native_classes = int(num_classes)
         self.num_classes = native_classes
         self.null_class = native_classes if native_classes is not None and native_classes < table_rows else None
+        if any(_needs_cast(module, dtype) for module in (model, vae) if module is not None):
+            _ = self.fingerprint  # hash the weights as stored, before they are cast to the compute dtype
+        self.model = _place(model, self.device, dtype)
+        self.vae = None if vae is None else _place(vae, self.device, dtype)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -454,13 +478,8 @@ class Teacher:
     def _call_model(self, x_in: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """One batched forward pass; returns the prediction channels (a learned-variance half is dropped)."""
         x_in = x_in.to(self.dtype)
-        if self._is_dit:
-            out = self.model(hidden_states=x_in, timestep=timesteps, class_labels=labels)
-        elif labels is not None:
-            out = self.model(x_in, timesteps, class_labels=labels)
-        else:
-            out = self.model(x_in, timesteps)
-        out = _model_output_tensor(out).to(torch.float32)  # [B, C_out, *spatial]
+        self.forward_samples += int(x_in.shape[0])
+        out = network_forward(self.model, self._is_dit, x_in, timesteps, labels).to(torch.float32)  # [B, C_out, *S]
         channels = x_in.shape[1]
         if out.shape[1] == 2 * channels:
             out = out[:, :channels]  # learned variance (DiT, improved DDPM): keep the mean prediction
@@ -597,83 +616,24 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, *, batch_size: int = 3
 # Loading
 
 
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-def _diffusers_class(name: str, base: type, what: str) -> type:
-    """A class from the diffusers namespace that subclasses `base` (never remote code)."""
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise TeacherLoadError(
-            f"{what} class {name!r} is not a diffusers {base.__name__} class; custom code is never loaded "
-            "(no trust_remote_code): save the component with a built-in diffusers class"
-        )
-    return cls
-
-
-def _weights_variant(directory: Path, class_name: str) -> str | None:
-    """The safetensors variant to load from a model directory (None = default name); refuses pickle-only dirs."""
-    names = sorted(p.name for p in directory.iterdir() if p.is_file())
-    default = {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"}
-    if default & set(names):
-        return None
-    for name in names:
-        parts = name.split(".")
-        if name.startswith("diffusion_pytorch_model.") and name.endswith(".safetensors") and len(parts) == 3:
-            return parts[1]
-    pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
-    if pickles:
-        raise PickleCheckpointError(
-            f"{directory} holds only a pickle checkpoint ({', '.join(pickles)}); pickles can run arbitrary code and "
-            "are never loaded. Convert it to safetensors once, in an environment you trust: "
-            f"`{class_name}.from_pretrained('{directory}', use_safetensors=False).save_pretrained('{directory}', "
-            "safe_serialization=True)`, then load again"
-        )
-    raise TeacherLoadError(
-        f"{directory} has no diffusion_pytorch_model.safetensors: save the model with "
-        "save_pretrained(dir, safe_serialization=True)"
-    )
-
-
-def _load_model_dir(directory: Path, what: str = "model") -> nn.Module:
-    """Load one diffusers model directory (config.json + safetensors weights)."""
-    from diffusers import ModelMixin
-
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise TeacherLoadError(f"{directory} has no config.json: it is not a diffusers {what} directory")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    cls = _diffusers_class(class_name, ModelMixin, what)
-    variant = _weights_variant(directory, cls.__name__)
-    return cls.from_pretrained(str(directory), use_safetensors=True, variant=variant)
-
-
-def _load_scheduler_dir(directory: Path) -> Any:
-    """Load a diffusers scheduler from a directory holding scheduler_config.json."""
+def _scheduler_from_config(config_file: Path) -> Any:
+    """A diffusers scheduler from its scheduler_config.json (built-in classes only)."""
     from diffusers import SchedulerMixin
 
-    config = json.loads((directory / "scheduler_config.json").read_text())
-    cls = _diffusers_class(config.get("_class_name"), SchedulerMixin, "scheduler")
-    return cls.from_config(config)
+    config = json.loads(config_file.read_text())
+    return diffusers_class(config.get("_class_name"), SchedulerMixin, "scheduler").from_config(config)
 
 
 def _resolve_scheduler(scheduler: Any) -> Any:
-    """Accept a scheduler instance, a config dict with _class_name, or a directory path."""
+    """Accept a scheduler instance, a config dict with _class_name, or a directory / scheduler_config.json path."""
     if scheduler is None or (hasattr(scheduler, "config") and hasattr(scheduler, "set_timesteps")):
         return scheduler
     if isinstance(scheduler, dict):
         from diffusers import SchedulerMixin
 
-        cls = _diffusers_class(scheduler.get("_class_name"), SchedulerMixin, "scheduler")
-        return cls.from_config(scheduler)
+        return diffusers_class(scheduler.get("_class_name"), SchedulerMixin, "scheduler").from_config(scheduler)
     if isinstance(scheduler, (str, os.PathLike)):
-        path = Path(scheduler)
-        for candidate in (path, path / "scheduler"):
-            if (candidate / "scheduler_config.json").is_file():
-                return _load_scheduler_dir(candidate)
-        raise TeacherLoadError(f"scheduler={scheduler!r}: no scheduler_config.json found there")
+        return _scheduler_from_config(scheduler_config_file(scheduler))
     raise TeacherLoadError(
         "scheduler must be a diffusers scheduler instance, a config dict or a directory, "
         f"got {type(scheduler).__name__}"
@@ -681,81 +641,12 @@ def _resolve_scheduler(scheduler: Any) -> Any:
 
 
 def _resolve_vae(vae: Any) -> nn.Module | None:
-    """Accept a VAE module or a directory holding one (config.json + safetensors)."""
+    """Accept a VAE module or a directory holding one (config.json + weights)."""
     if vae is None or isinstance(vae, nn.Module):
         return vae
     if isinstance(vae, (str, os.PathLike)):
-        return _load_model_dir(Path(vae), "vae")
+        return load_model_dir(Path(vae), "vae")
     raise TeacherLoadError(f"vae must be an AutoencoderKL module or a directory, got {type(vae).__name__}")
-
-
-def _looks_like_path(source: str) -> bool:
-    """True for strings that are clearly filesystem paths rather than hub ids."""
-    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or os.path.isabs(source)
-
-
-def _load_pipeline_dir(path: Path) -> tuple[nn.Module, Any, nn.Module | None]:
-    """Model, scheduler and VAE of a pipeline saved with save_pretrained (model_index.json)."""
-    index = json.loads((path / "model_index.json").read_text())
-    key = "transformer" if "transformer" in index else "unet" if "unet" in index else None
-    if key is None:
-        raise TeacherLoadError(
-            f"{path}/model_index.json lists neither a 'unet' nor a 'transformer' component "
-            f"(components: {sorted(k for k in index if not k.startswith('_'))}): pass the model directory instead"
-        )
-    for component in (key, "vae"):
-        entry = index.get(component)
-        if isinstance(entry, list) and entry and entry[0] not in ("diffusers", None):
-            raise TeacherLoadError(
-                f"component {component!r} comes from library {entry[0]!r}; only diffusers classes are loaded "
-                "(no remote code): re-save it with a diffusers class"
-            )
-    model = _load_model_dir(path / key)
-    scheduler_dir = path / "scheduler"
-    scheduler = _load_scheduler_dir(scheduler_dir) if (scheduler_dir / "scheduler_config.json").is_file() else None
-    vae_entry = index.get("vae")
-    vae = _load_model_dir(path / "vae", "vae") if isinstance(vae_entry, list) and vae_entry[0] else None
-    return model, scheduler, vae
-
-
-def _local_components(path: Path) -> tuple[nn.Module, Any, nn.Module | None]:
-    """Model, scheduler (or None) and VAE (or None) from a local pipeline or model directory."""
-    if not path.is_dir():
-        raise TeacherLoadError(f"{path} is a file, not a directory: pass a diffusers pipeline or model directory")
-    if (path / "model_index.json").is_file():
-        return _load_pipeline_dir(path)
-    if (path / "config.json").is_file():
-        model = _load_model_dir(path)
-        scheduler = None
-        for candidate in (path / "scheduler", path.parent / "scheduler"):
-            if (candidate / "scheduler_config.json").is_file():
-                scheduler = _load_scheduler_dir(candidate)
-                break
-        return model, scheduler, None
-    if (path / "scheduler_config.json").is_file():
-        raise TeacherLoadError(
-            f"{path} is a scheduler directory, not a model: pass the pipeline directory (with model_index.json) or "
-            "the model directory, and this one as scheduler=..."
-        )
-    raise TeacherLoadError(
-        f"{path} is not a diffusers model or pipeline directory: expected model_index.json (a pipeline saved with "
-        "save_pretrained) or config.json + diffusion_pytorch_model.safetensors (a model saved with save_pretrained)"
-    )
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    """Local snapshot of a hub repository (honours HF_HUB_OFFLINE; only configs and safetensors are fetched)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except Exception as error:  # offline cache miss, unknown repo, invalid id, network failure
-        raise TeacherLoadError(
-            f"{repo_id!r} is not a local directory, and fetching it as a hub id failed ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). Offline (HF_HUB_OFFLINE=1) only cached snapshots "
-            f"load: run `huggingface-cli download {repo_id}` where there is network, or pass a local diffusers "
-            "directory"
-        ) from error
 
 
 def load_teacher(
@@ -766,36 +657,38 @@ def load_teacher(
     scheduler: Any = None,
     vae: Any = None,
     num_classes: int | None = None,
+    revision: str | None = None,
 ) -> Teacher:
-    """Load a teacher from a pipeline dir, a model dir, a hub id, or an in-memory module (then scheduler= is needed).
+    """Load a teacher from any diffusers layout (pipeline, flat repository, model dir) by path or hub id, or in memory.
 
-    ``scheduler=`` / ``vae=`` override what the directory holds (instances, config dicts or directories).
-    ``num_classes`` overrides the number of real classes of a class-conditional model (the null class used by
-    guidance is id ``num_classes``; it must exist in the embedding table).
+    ``revision`` picks a branch, tag, commit or ``refs/pr/N`` of a hub id. ``scheduler=`` / ``vae=`` override what
+    the source holds (instances, config dicts or directories); a bare model directory or an in-memory module needs
+    ``scheduler=``. ``num_classes`` overrides the number of real classes of a class-conditional model (the null
+    class used by guidance is id ``num_classes``; it must exist in the embedding table). ``dtype`` is the precision
+    the network runs in (the fingerprint always hashes the weights as stored).
     """
     scheduler = _resolve_scheduler(scheduler)
     vae = _resolve_vae(vae)
     if isinstance(source, nn.Module):
-        model, found_scheduler, found_vae = source, None, None
         if scheduler is None:
             raise TeacherLoadError("an in-memory model needs scheduler=<the diffusers scheduler it was trained with>")
+        model, found_vae = source, None
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        if path.exists():
-            model, found_scheduler, found_vae = _local_components(path)
-        elif _looks_like_path(str(source)):
-            raise TeacherLoadError(f"{source} does not exist: pass an existing diffusers pipeline or model directory")
-        else:
-            model, found_scheduler, found_vae = _local_components(_hub_snapshot(str(source)))
+        files = locate_teacher(source, revision=revision)
+        model = load_model_dir(files.model_dir)
+        if scheduler is None and files.scheduler_config is None:
+            where = {"flat": "scheduler_config.json at its root", "pipeline": "scheduler/scheduler_config.json"}
+            raise TeacherLoadError(
+                f"{source}: no scheduler found (looked for {where.get(files.layout, 'scheduler_config.json next to the model')}): "
+                "give the scheduler the teacher was trained with separately (--scheduler DIR on the command line, "
+                "scheduler= in Python)"
+            )
+        if scheduler is None:
+            scheduler = _scheduler_from_config(files.scheduler_config)
+        found_vae = load_model_dir(files.vae_dir, "vae") if vae is None and files.vae_dir is not None else None
     else:
         raise TeacherLoadError(
             f"source must be a directory, a hub id or a torch.nn.Module, got {type(source).__name__}"
-        )
-    scheduler = scheduler if scheduler is not None else found_scheduler
-    if scheduler is None:
-        raise TeacherLoadError(
-            f"{source}: no scheduler found (looked for scheduler/scheduler_config.json next to the model): pass "
-            "scheduler=<the diffusers scheduler the teacher was trained with>"
         )
     return Teacher(
         model,

@@ -10,7 +10,9 @@ A store is a Zarr v3 group. Its canonical place is ``cache_path(cache_root, spec
 ``sha256(spec.canonical_json())``; the canonical JSON is the spec's fields plus ``"schema_version": 2``,
 sorted keys, separators ``","``/``":"``, ASCII, no NaN. Tuples are lists there; ``grid_params`` is
 sorted by name; ints given for float fields are normalised to floats, so equal specs share a key and a
-schema bump changes every key. Plain paths open with ``zarr.storage.LocalStore``; anything with a scheme
+schema bump changes every key. ``teacher_precision`` (fp32 | tf32 | bf16 | fp16: what the teacher network computed
+in) was added after the first version-2 stores were written: it enters the canonical JSON only when it is not
+``fp32``, so stores written before it (all fp32) keep their keys, and stores of different precisions never share one. Plain paths open with ``zarr.storage.LocalStore``; anything with a scheme
 (``memory://``, ``s3://``, ``file://`` ...) opens with ``zarr.storage.FsspecStore.from_url``. Listing,
 sizes and deletion go through ``fsspec.core.url_to_fs`` for both.
 
@@ -110,7 +112,7 @@ from storage_schema.errors import (
     StoreExistsError,
 )
 from storage_schema.joining import open_or_create_store, store_claims
-from storage_schema.spec import CODECS, SCHEMA_VERSION, STORAGE_DTYPES, GenerationSpec, cache_path
+from storage_schema.spec import CODECS, SCHEMA_VERSION, STORAGE_DTYPES, TEACHER_PRECISIONS, GenerationSpec, cache_path
 from storage_schema.store import TrajectoryStore, ValidationReport, create_store, open_store
 
 __all__ = [
@@ -118,6 +120,7 @@ __all__ = [
     "CREATE",
     "SCHEMA_VERSION",
     "STORAGE_DTYPES",
+    "TEACHER_PRECISIONS",
     "ClaimLostError",
     "ClaimRecord",
     "CorruptShardError",

@@ -17,6 +17,8 @@ from storage_schema.errors import InvalidSpecError, ShardIndexError
 SCHEMA_VERSION = 2  # 2: the clean endpoints also stored apart (`endpoint`), so endpoint readers skip trajectories
 CACHE_KEY_HEX_CHARS = 20
 STORAGE_DTYPES = ("float16", "float32")
+TEACHER_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # what the teacher network computed in
+DEFAULTS_LEFT_OUT_OF_KEY = {"teacher_precision": "fp32"}  # fields added within v2: keys of earlier (fp32) stores hold
 CODECS = ("zstd", "blosc-zstd-shuffle", "blosc-lz4-shuffle", "blosc-zstd-bitshuffle", "none")
 BLOSC_MAX_BUFFER_BYTES = 2**31 - 1
 
@@ -65,6 +67,7 @@ class GenerationSpec:
     prior: str = "gaussian"
     grid_params: tuple[tuple[str, float], ...] = ()
     label_plan: str | None = None
+    teacher_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         """Validate every field and normalise containers/numbers so equal specs hash equally."""
@@ -120,6 +123,8 @@ class GenerationSpec:
             raise InvalidSpecError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         if self.codec not in CODECS:
             raise InvalidSpecError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise InvalidSpecError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {self.teacher_precision!r}")
         chunk_bytes = chunk_size * (steps + 1) * math.prod(sample_shape) * np.dtype(self.dtype).itemsize
         if self.codec.startswith("blosc") and chunk_bytes > BLOSC_MAX_BUFFER_BYTES:
             raise InvalidSpecError(
@@ -236,8 +241,13 @@ class GenerationSpec:
         return cls(**data)
 
     def canonical_json(self) -> str:
-        """Sorted-key, compact JSON of `to_dict()` plus `schema_version`; the input of the cache key."""
-        payload = {"schema_version": SCHEMA_VERSION, **self.to_dict()}
+        """Sorted-key, compact JSON of `to_dict()` plus `schema_version`; the input of the cache key.
+
+        Fields added after stores of this schema version were first written enter only when they differ from their
+        default (`DEFAULTS_LEFT_OUT_OF_KEY`), so the keys of stores written before them stay valid.
+        """
+        fields = {k: v for k, v in self.to_dict().items() if DEFAULTS_LEFT_OUT_OF_KEY.get(k, object()) != v}
+        payload = {"schema_version": SCHEMA_VERSION, **fields}
         return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
     def cache_key(self) -> str:

@@ -223,6 +223,15 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, tmp_path, overrides, 
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_a_gpu_request_the_cluster_cannot_meet_is_refused_before_any_actor_starts(teacher_dir, tmp_path):
+    out = tmp_path / "gpu.zarr"
+    with pytest.raises(GenerateError, match=r"--gpus-per-worker 1, but no node of the Ray cluster has that much") as info:
+        run(base_config(teacher_dir, out, gpus_per_worker=1))
+    assert "0 GPU" in str(info.value) and "no actor was started" in str(info.value)
+    assert "--gpus-per-worker 0" in str(info.value), "the message names the fix"
+    assert not out.exists(), "nothing was written"
+
+
 def test_a_non_writable_output_is_refused(teacher_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -258,25 +267,63 @@ def test_a_cache_hit_does_no_teacher_work_and_never_imports_torch(reference_stor
     assert "cache hit" in done.stdout and _summary(done.stdout)["teacher_forward_samples"] == 0
 
 
+def _dry_run(preset: str, hf_home: Path, *extra: str) -> dict:
+    """The plan `pipeline/generate.py --config jobs/<preset>/generate.yaml --dry-run` prints, offline."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "pipeline" / "generate.py"), "--config", str(REPO / "jobs" / preset / "generate.yaml"),
+         "--dry-run", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=HANG_LIMIT_S, env=dict(env, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home)),
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 @pytest.mark.parametrize("preset, shape, trajectories, evaluations_per_trajectory", [
     ("cifar10", [3, 32, 32], 50000, 16),
     ("imagenet256", [4, 32, 32], 1281167, 32),
 ])
-def test_real_scale_presets_dry_run_offline(preset, shape, trajectories, evaluations_per_trajectory):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "pipeline" / "generate.py"), "--config", str(REPO / "jobs" / preset / "generate.yaml"),
-         "--dry-run"],
-        cwd=REPO, capture_output=True, text=True, timeout=HANG_LIMIT_S, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
-    assert done.returncode == 0, done.stderr
-    import json
-
-    plan = json.loads(done.stdout)
+def test_real_scale_presets_dry_run_offline_without_the_teacher(preset, shape, trajectories, evaluations_per_trajectory,
+                                                                tmp_path):
+    plan = _dry_run(preset, tmp_path)
     assert "provisional" in plan["cache_key"] and plan["url"].startswith("s3://")
     assert plan["trajectories_to_write"] == trajectories
     assert plan["teacher_forward_samples"] == trajectories * evaluations_per_trajectory
     assert plan["uncompressed_bytes_to_write"] == trajectories * 17 * int(np.prod(shape)) * 2
-    assert plan["estimated_gpu_hours"] > 0 and "assumed" in plan["throughput_source"]
+    assert plan["forward_gmacs"] is None and plan["estimated_gpu_hours"] is None, "no config here: no invented cost"
+    assert plan["forward_gmacs_source"].startswith("unknown") and "hub cache" in plan["forward_gmacs_source"]
+
+
+def test_the_cifar10_plan_derives_gpu_hours_from_the_counted_macs_and_the_presets_gpu(tmp_path):
+    import yaml
+
+    from jobs.published_teachers import populate
+
+    populate(tmp_path, scale="published", configs_only=True)
+    gpu = yaml.safe_load((REPO / "jobs" / "cifar10" / "generate.yaml").read_text())["gpu"]
+    plans = {precision: _dry_run("cifar10", tmp_path, "--precision", precision) for precision in ("fp32", "tf32")}
+    for precision, plan in plans.items():
+        assert plan["teacher_precision"] == precision and plan["forward_gmacs_source"].startswith("counted")
+        macs = plan["forward_gmacs"] * 1e9
+        rate = gpu["peak_tflops"][precision] * 1e12 * gpu["utilization"] / (2 * macs)
+        assert plan["forward_samples_per_gpu_s"] == pytest.approx(rate, rel=1e-3)
+        assert plan["estimated_gpu_hours"] == pytest.approx(plan["teacher_forward_samples"] / rate / 3600, rel=1e-2)
+        assert plan["throughput_source"].startswith("derived") and gpu["peak_source"] in plan["throughput_source"]
+    assert 5e9 < plans["fp32"]["forward_gmacs"] * 1e9 < 8e9, "the 35.7M-parameter DDPM UNet at 32×32: about 6 GMACs"
+    assert plans["fp32"]["cache_key"] != plans["tf32"]["cache_key"]
+
+
+@pytest.mark.slow  # counting DiT-XL/2 at full size on the meta device takes ~10-30 s
+def test_the_imagenet256_plan_counts_dit_xl2_at_the_papers_cost(tmp_path):
+    from jobs.published_teachers import populate
+
+    populate(tmp_path, scale="published", configs_only=True)
+    bf16, fp32 = _dry_run("imagenet256", tmp_path), _dry_run("imagenet256", tmp_path, "--precision", "fp32")
+    assert bf16["forward_gmacs"] == pytest.approx(118.6, rel=5e-3), "DiT paper (Peebles & Xie 2023), Table 4: 118.6"
+    assert bf16["teacher_precision"] == "bf16" and "gpu_precision" in bf16["teacher_precision_source"]
+    assert fp32["estimated_gpu_hours"] / bf16["estimated_gpu_hours"] == pytest.approx(989.5 / 67.0, rel=1e-2)
 
 
 def test_cli_flags_override_a_preset_and_unknown_preset_keys_are_named(teacher_dir, tmp_path):

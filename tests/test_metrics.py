@@ -107,11 +107,27 @@ def test_training_below_accuracy_floor_fails_loudly_and_caches_nothing(tmp_path,
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
+def test_a_cached_classifier_loads_from_a_url_cache_dir(digits_cache):
+    import uuid
+
+    import fsspec
+
+    root, fs = f"memory://fd-cache-{uuid.uuid4().hex}", fsspec.filesystem("memory")
+    for file in (digits_cache / "classifiers").iterdir():
+        fs.pipe_file(f"{root.removeprefix('memory://')}/classifiers/{file.name}", file.read_bytes())
+    remote, info = get_classifier("digits", cache_dir=root)
+    local, _ = get_classifier("digits", cache_dir=digits_cache)
+    assert not info["trained"] and info["path"].startswith(f"{root}/classifiers/digits-")
+    assert all(torch.equal(remote.state_dict()[k], v) for k, v in local.state_dict().items())
+    fs.rm(root.removeprefix("memory://"), recursive=True)
+
+
 def test_cache_dir_defaults_to_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("CMT_CACHE_DIR", str(tmp_path))
-    assert metrics.default_cache_dir() == tmp_path
+    assert metrics.default_cache_dir() == str(tmp_path)
     monkeypatch.delenv("CMT_CACHE_DIR")
-    assert metrics.default_cache_dir() == Path("~/.cache/cmt-pipeline").expanduser()
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert metrics.default_cache_dir() == str(Path("~/.cache/cmt-pipeline").expanduser())
 
 
 def test_fd_orders_real_noisy_and_pure_noise(digits_metric):

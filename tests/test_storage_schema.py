@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from storage_schema import (
     CODECS,
+    TEACHER_PRECISIONS,
     SCHEMA_VERSION,
     CorruptShardError,
     GenerationSpec,
@@ -123,6 +124,9 @@ FIELD_CHANGES = {
     "prior": lambda spec: spec.prior + "-b",
     "grid_params": lambda spec: (*spec.grid_params, ("zz_extra", 1.0)),
     "label_plan": lambda spec: "uniform" if spec.label_plan is None else spec.label_plan + ",0",
+    "teacher_precision": lambda spec: TEACHER_PRECISIONS[
+        (TEACHER_PRECISIONS.index(spec.teacher_precision) + 1) % len(TEACHER_PRECISIONS)
+    ],
 }
 
 text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12).filter(
@@ -150,10 +154,26 @@ specs = st.builds(
     guidance_scale=st.none() | st.floats(0, 20, allow_nan=False),
     num_classes=st.none() | st.integers(1, 1000),
     prior=text,
+    teacher_precision=st.sampled_from(TEACHER_PRECISIONS),
     grid_params=st.dictionaries(text, st.floats(-100, 100, allow_nan=False), max_size=3).map(
         lambda params: tuple(params.items())
     ),
 )
+
+
+def test_fp32_specs_keep_the_keys_they_had_before_teacher_precision_existed():
+    """The default precision is left out of the canonical JSON, so stores written before the field keep their keys."""
+    import hashlib
+
+    spec = GenerationSpec(teacher_fingerprint="t", sample_shape=(1, 8, 8), solver="euler", steps=4, grid="logsnr",
+                          seed_base=0, num_trajectories=8)
+    before = {k: v for k, v in spec.to_dict().items() if k != "teacher_precision"} | {"schema_version": SCHEMA_VERSION}
+    old_key = hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+    assert spec.cache_key() == old_key
+    keys = {dataclasses.replace(spec, teacher_precision=p).cache_key() for p in TEACHER_PRECISIONS}
+    assert len(keys) == len(TEACHER_PRECISIONS), "stores made at different precisions never share a key"
+    with pytest.raises(InvalidSpecError, match="teacher_precision must be one of"):
+        dataclasses.replace(spec, teacher_precision="fp8")
 
 
 def test_field_change_table_covers_every_spec_field():

@@ -7,7 +7,8 @@ by a small CNN trained once, deterministically, on the dataset itself. The class
     <cache dir>/classifiers/<dataset>-<hash>.json          held-out accuracy, recipe, training time
 
 where the hash covers the architecture, the training recipe and the training data, and the cache dir
-is `$CMT_CACHE_DIR` or, when that is unset, `~/.cache/cmt-pipeline`. A second call loads the file.
+is `--cache-dir`, else the project's cache root (`$CMT_CACHE_DIR`, a directory or an fsspec URL; else
+~/.cache/cmt-pipeline; `pipeline/paths.py`). A second call loads the file.
 
 FD is biased by the number of samples (the covariance estimate is): compare models only at the same
 number of generated samples, and read `real_vs_real_floor` as the value two real halves reach.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,13 +29,13 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from pipeline.paths import cache_root, join, location, read_bytes, read_text, write_bytes, write_text
 from trainer.datasets import ImageDataset, load_dataset, split_indices
 
-CACHE_DIR_ENV = "CMT_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path("~/.cache/cmt-pipeline")
 CLASSIFIER_VERSION = "feature-cnn-1"  # bump when the training code changes in a way the recipe does not show
 FD_DATASETS = ("digits", "mnist")
 MIN_HOLDOUT_ACCURACY = {"digits": 0.97, "mnist": 0.95}
@@ -99,9 +99,9 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU()]
 
 
-def default_cache_dir() -> Path:
-    """`$CMT_CACHE_DIR` if set, else `~/.cache/cmt-pipeline`."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
+def default_cache_dir() -> str:
+    """The project's cache root (`pipeline.paths.cache_root`: $CMT_CACHE_DIR, a path or URL, else ~/.cache)."""
+    return cache_root()
 
 
 def get_classifier(
@@ -116,11 +116,11 @@ def get_classifier(
     data = _load_fd_dataset(dataset)
     recipe = RECIPES[dataset]
     weights_path = _classifier_path(data, recipe, cache_dir)
-    info_path = weights_path.with_suffix(".json")
-    if weights_path.exists() and info_path.exists():
+    weights, info_text = read_bytes(weights_path), read_text(weights_path.removesuffix(".safetensors") + ".json")
+    if weights is not None and info_text is not None:
         classifier = FeatureClassifier(data.image_shape, data.num_classes, recipe)
-        classifier.load_state_dict(load_file(weights_path))
-        info = json.loads(info_path.read_text()) | {"path": str(weights_path), "trained": False}
+        classifier.load_state_dict(load_safetensors(weights))
+        info = json.loads(info_text) | {"path": weights_path, "trained": False}
     else:
         classifier, info = _train_and_cache(data, recipe, weights_path)
     return classifier.to(device).eval(), info
@@ -246,7 +246,7 @@ def _load_fd_dataset(dataset: str) -> ImageDataset:
     return load_dataset(dataset)
 
 
-def _classifier_path(data: ImageDataset, recipe: ClassifierRecipe, cache_dir: str | os.PathLike | None) -> Path:
+def _classifier_path(data: ImageDataset, recipe: ClassifierRecipe, cache_dir: str | os.PathLike | None) -> str:
     """Cache path <cache dir>/classifiers/<dataset>-<hash of architecture, recipe, data>.safetensors."""
     digest = hashlib.sha256()
     architecture = repr(FeatureClassifier(data.image_shape, data.num_classes, recipe))
@@ -254,8 +254,8 @@ def _classifier_path(data: ImageDataset, recipe: ClassifierRecipe, cache_dir: st
     digest.update(json.dumps(identity, sort_keys=True).encode())
     digest.update(data.images.numpy().tobytes())
     digest.update(data.labels.numpy().tobytes())
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "classifiers" / f"{data.name}-{digest.hexdigest()[:16]}.safetensors"
+    root = location(cache_dir, named="--cache-dir") if cache_dir is not None else default_cache_dir()
+    return join(root, "classifiers", f"{data.name}-{digest.hexdigest()[:16]}.safetensors")
 
 
 @contextmanager
@@ -287,7 +287,7 @@ def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generat
 
 
 def _train_and_cache(
-    data: ImageDataset, recipe: ClassifierRecipe, weights_path: Path
+    data: ImageDataset, recipe: ClassifierRecipe, weights_path: str
 ) -> tuple[FeatureClassifier, dict]:
     """Train the classifier on a fixed split (Adam, cosine lr, random shifts), check accuracy, cache it atomically."""
     start = time.perf_counter()
@@ -331,23 +331,10 @@ def _train_and_cache(
         "classifier_version": CLASSIFIER_VERSION,
         "recipe": asdict(recipe),
     }
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.contiguous() for key, value in classifier.state_dict().items()}
-    _atomic_write(weights_path, lambda tmp: save_file(state, tmp, metadata={"classifier_version": CLASSIFIER_VERSION}))
-    _atomic_write(weights_path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
-    return classifier, info | {"path": str(weights_path), "trained": True}
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename, so readers never see a partial file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(weights_path, save_safetensors(state, metadata={"classifier_version": CLASSIFIER_VERSION}))
+    write_text(weights_path.removesuffix(".safetensors") + ".json", json.dumps(info, indent=2))
+    return classifier, info | {"path": weights_path, "trained": True}
 
 
 def _check_images(images: torch.Tensor, image_shape: tuple[int, int, int], *, minimum: int = 2) -> None:
@@ -441,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="FD-<dataset> feature classifier: accuracy and real-vs-real floor")
     parser.add_argument("datasets", nargs="+", choices=FD_DATASETS)
-    parser.add_argument("--cache-dir", default=None, help=f"default: ${CACHE_DIR_ENV} or {DEFAULT_CACHE_DIR}")
+    parser.add_argument("--cache-dir", default=None, help="directory or URL (default: $CMT_CACHE_DIR or ~/.cache/cmt-pipeline)")
     parser.add_argument("--seeds", type=int, default=3, help="number of random halvings for the floor")
     args = parser.parse_args(argv)
     for dataset in args.datasets:

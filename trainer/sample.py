@@ -135,14 +135,15 @@ def draw_samples(
 
 def resolve_vae(cfg: SampleConfig, directory: Path, student: torch.nn.Module) -> torch.nn.Module | None:
     """The VAE a latent student's samples are decoded with: --vae, else the export's vae/; None for pixel students."""
-    from pipeline.teacher import TeacherLoadError, _load_model_dir
+    from pipeline.teacher import TeacherLoadError
+    from pipeline.weights import load_model_dir
     from trainer.student_export import load_vae
 
     if cfg.vae is not None:
         path = Path(cfg.vae).expanduser()
         path = path / "vae" if (path / "vae" / "config.json").is_file() else path
         try:
-            return _load_model_dir(path, "vae").to(cfg.device).eval()
+            return load_model_dir(path, "vae").to(cfg.device).eval()
         except TeacherLoadError as error:
             raise SampleError(f"--vae {cfg.vae}: {error}") from error
     if not student.latent:

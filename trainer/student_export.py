@@ -210,9 +210,9 @@ def load_student(directory: str | os.PathLike, *, second_time_input: bool | None
 
 def load_vae(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module | None:
     """The VAE saved with a latent student's export (`vae/`), or None when the export has none."""
-    from pipeline.teacher import _load_model_dir
+    from pipeline.weights import load_model_dir
 
     path = Path(directory) / VAE_DIR
     if not (path / "config.json").is_file():
         return None
-    return _load_model_dir(path, "vae").to(device).eval()
+    return load_model_dir(path, "vae").to(device).eval()
