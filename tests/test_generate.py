@@ -90,6 +90,7 @@ def test_store_matches_the_solver_and_deep_validates(reference_store, teacher_di
     store = open_store(str(out))
     assert store.is_complete and store.validate(deep=True).ok
     assert summary["trajectories_written"] == 40 and summary["teacher_forward_samples"] == 40 * 6
+    assert summary["worker_niceness"] == [os.nice(0)], "workers of a local run compete like the command that started them"
     teacher = load_teacher(str(teacher_dir))
     expected = solve(teacher, list(range(16, 32)), steps=6).points.numpy()  # shard 1, solved as the worker batches it
     stored = store.read_points(16, 32)
