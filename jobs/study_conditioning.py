@@ -15,6 +15,8 @@ Variants (student.* overrides of trainer/mid.py; `trainer.parameterization` expl
   edm-1.0             EDM's reading with σ_d = 1 (for an ε-teacher: the v-prediction reading of its network)
   auto+transfer       "auto" after `--transfer-steps` steps of preconditioning transfer (counted in the run's steps)
   edm-1.0+transfer    likewise for σ_d = 1
+  auto+transfer+clip  "auto+transfer" with loop.grad_clip=1.0 (the transfer's loss is in the network's output
+                      units, up to 1,600 per sample at σ̃ = 80 at init: unclipped at lr 2e-3 it diverges)
   auto+clip           "auto" with the gradient clipping the digits preset had before (loop.grad_clip=1.0; the
                       authors clip nothing, the preset's default now)
   auto+ema-constant   "auto" with the authors' EMA: a constant 0.999 decay from the teacher's weights
@@ -50,6 +52,7 @@ VARIANTS = {
     "edm-1.0": ("student.parameterization=edm", "student.sigma_data=1.0"),
     "auto+transfer": ("student.parameterization=auto", "TRANSFER"),
     "edm-1.0+transfer": ("student.parameterization=edm", "student.sigma_data=1.0", "TRANSFER"),
+    "auto+transfer+clip": ("student.parameterization=auto", "TRANSFER", "loop.grad_clip=1.0"),
     "auto+clip": ("student.parameterization=auto", "loop.grad_clip=1.0"),
     "auto+ema-constant": ("student.parameterization=auto", "loop.ema_constant=true"),
 }
@@ -86,7 +89,8 @@ def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
 def _transfer_onto_itself(teacher_dir: str, overrides: Sequence[str]) -> bool:
     """A transfer variant whose student reads the network the teacher's own way: it would regress onto itself."""
     return any(text.startswith("student.transfer_steps=") for text in overrides) and \
-        resolved_reading(teacher_dir, [text for text in overrides if not text.startswith("student.transfer")]) == \
+        resolved_reading(teacher_dir, [text for text in overrides if text.startswith(("student.parameterization=",
+                                                                                      "student.sigma_data="))]) == \
         resolved_reading(teacher_dir, ["student.parameterization=teacher"])
 
 
