@@ -764,17 +764,8 @@ class TrajectoryStore:
         """endpoint [n, *S] (= traj[:, K]) and label [n] (or None) of trajectories [start, stop): only the endpoint
         chunks are decoded, 1/(K+1) of the trajectory bytes."""
         self._check_range(start, stop, require_committed)
-        try:
-            endpoint = self._arrays[ENDPOINT][start:stop]  # [n, *S]
-            label = self._arrays[LABEL][start:stop] if self.spec.is_conditional else None  # [n]
-        except Exception as error:
-            first, last = start // self.spec.shard_size, (stop - 1) // self.spec.shard_size
-            raise CorruptShardError(
-                f"cannot decode the endpoints of trajectories {start}..{stop - 1} (shards {first}..{last}) of "
-                f"{self.url}: {type(error).__name__}: {error}; run `python -m storage_schema validate {self.url} "
-                "--deep` and rewrite the damaged shards with write_shard(..., repair=True)"
-            ) from error
-        return {"endpoint": endpoint, "label": label}
+        block = self._read_range(int(start), int(stop), None, seeds=False, trajectories=False, endpoints=True)
+        return {"endpoint": block["endpoint"], "label": block["label"]}
 
     def _check_range(self, start: int, stop: int, require_committed: bool) -> None:
         """Refuse a range outside the store (and, when asked, one touching an uncommitted shard)."""
