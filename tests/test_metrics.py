@@ -192,3 +192,13 @@ def test_mnist_classifier_accuracy_and_floor(tmp_path):
     _, info = get_classifier("mnist", cache_dir=tmp_path)
     assert info["accuracy"] >= metrics.MIN_HOLDOUT_ACCURACY["mnist"]
     assert real_vs_real_floor("mnist", cache_dir=tmp_path) > 0
+
+
+def test_frechet_distance_of_non_finite_statistics_is_infinite_not_an_error():
+    """A diverged student's features have no finite Gaussian; the study must record that, not crash in sqrtm."""
+    import numpy as np
+
+    from trainer.metrics import frechet_distance
+
+    assert frechet_distance(np.zeros(3), np.eye(3), np.ones(3), np.full((3, 3), np.inf)) == float("inf")
+    assert frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3)) < 1e-9

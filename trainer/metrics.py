@@ -130,7 +130,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """Fréchet distance of Gaussians: ‖μ1−μ2‖² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^{1/2}) (Heusel et al. 2017, eq 6).
 
     Uses scipy.linalg.sqrtm and keeps its real part; when the product is near-singular and sqrtm returns
-    non-finite values, 1e-6·I is added to both covariances. Round-off below zero is clipped to 0.
+    non-finite values (or fails), 1e-6·I is added to both covariances. Round-off below zero is clipped to 0; statistics
+    that are not finite (a diverged model's samples) give an infinite distance.
     """
     mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
     cov1, cov2 = np.atleast_2d(_as_float64(cov1)), np.atleast_2d(_as_float64(cov2))
@@ -139,7 +140,12 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
             f"frechet_distance needs means [D] and covariances [D, D] of one D; got {mu1.shape}, {cov1.shape}, "
             f"{mu2.shape}, {cov2.shape}"
         )
-    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+    if not all(np.all(np.isfinite(a)) for a in (mu1, mu2, cov1, cov2)):
+        return float("inf")  # samples of a diverged model: no finite Gaussian fits them
+    try:
+        covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+    except np.linalg.LinAlgError:  # newer scipy raises where older versions returned non-finite values
+        covmean = np.full_like(cov1, np.nan)
     if not np.all(np.isfinite(covmean)):
         offset = 1e-6 * np.eye(cov1.shape[0])
         covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
