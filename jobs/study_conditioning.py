@@ -35,6 +35,7 @@ if __name__ == "__main__":  # run by path: the project root first on sys.path
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import functools
 import json
 import statistics
 from collections.abc import Sequence
@@ -71,27 +72,43 @@ class Cell:
     reading: str  # the resolved parameterisation (+ transfer, + other overrides), for deduplication and the table
 
 
-def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
-    """The parameterisation a variant's overrides resolve to for this teacher, e.g. "edm(σ_d=0.5) + transfer 200"."""
+@functools.lru_cache(maxsize=None)
+def _teacher_form(teacher_dir: str) -> tuple[Any, str]:
+    """(noise schedule, prediction type) of a teacher, loaded once per directory."""
     from pipeline.teacher import load_teacher
+
+    teacher = load_teacher(teacher_dir)
+    return teacher.schedule, teacher.prediction_type
+
+
+def _student_options(overrides: Sequence[str]) -> dict[str, str]:
+    """The student.* overrides of a variant as {key: value}."""
+    return dict(text.split("=", 1) for text in overrides if text.startswith("student."))
+
+
+def _parameterization(teacher_dir: str, options: dict[str, str]) -> Any:
+    """The parameterisation the student options resolve to for this teacher (trainer.parameterization)."""
     from trainer.parameterization import resolve_parameterization
 
-    options = dict(text.split("=", 1) for text in overrides if text.startswith("student."))
-    teacher = load_teacher(teacher_dir)
-    reading = resolve_parameterization(options.get("student.parameterization", "auto"), teacher.schedule,
-                                       teacher.prediction_type,
-                                       sigma_data=float(options.get("student.sigma_data", 0.5)))
+    schedule, prediction_type = _teacher_form(teacher_dir)
+    return resolve_parameterization(options.get("student.parameterization", "auto"), schedule, prediction_type,
+                                    sigma_data=float(options.get("student.sigma_data", 0.5)))
+
+
+def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
+    """The parameterisation a variant's overrides resolve to for this teacher, e.g. "edm(σ_d=0.5) + transfer 200"."""
+    options = _student_options(overrides)
     transfer = int(options.get("student.transfer_steps", 0))
     others = [text for text in overrides if not text.startswith("student.")]
-    return reading.describe() + (f" + transfer {transfer}" if transfer else "") + "".join(f", {o}" for o in others)
+    return (_parameterization(teacher_dir, options).describe() + (f" + transfer {transfer}" if transfer else "")
+            + "".join(f", {o}" for o in others))
 
 
 def _transfer_onto_itself(teacher_dir: str, overrides: Sequence[str]) -> bool:
     """A transfer variant whose student reads the network the teacher's own way: it would regress onto itself."""
-    return any(text.startswith("student.transfer_steps=") for text in overrides) and \
-        resolved_reading(teacher_dir, [text for text in overrides if text.startswith(("student.parameterization=",
-                                                                                      "student.sigma_data="))]) == \
-        resolved_reading(teacher_dir, ["student.parameterization=teacher"])
+    options = _student_options(overrides)
+    return int(options.get("student.transfer_steps", 0)) > 0 and \
+        _parameterization(teacher_dir, options) == _parameterization(teacher_dir, {"student.parameterization": "teacher"})
 
 
 def plan_cells(args: argparse.Namespace) -> list[Cell]:
