@@ -20,9 +20,10 @@ Splitting, epochs, shuffling
   `traj` / `endpoint` / `label`, several consecutive chunks of one shard per read, at most READ_BYTES; never one
   sample at a time). Readers get balanced work even with fewer shards than readers, and with M a multiple of C
   (equal chunks) an epoch uses every trajectory once; a shard may be split between readers, a chunk never is, and
-  no two ranks read the same chunk. The first read of a shard in an epoch, by every reader with chunks of it, checks
-  the whole shard (traj and endpoint, also in mode "endpoints") against its commit digest before any of its samples
-  is used (`trainer.corrupt_shards`: a corrupt shard stops training with the fix named, or with
+  no two ranks read the same chunk. A reader's first read of a shard in the run (its process's lifetime: a resumed
+  run checks again) checks the whole shard (traj and endpoint, also in mode "endpoints") against its commit digest
+  before any of its samples is used; later epochs read only what their batches need (mode "endpoints": the
+  `endpoint` array, 1/(K+1) of the bytes) (`trainer.corrupt_shards`: a corrupt shard stops training with the fix named, or with
   `on_corrupt_shard="skip"` is left out of the pool).
 - Each consumer expands its chunks into samples (mode below), passes them through a shuffle buffer of
   `shuffle_buffer` samples (batches are uniform draws without replacement from what the buffer holds; it is
@@ -506,8 +507,8 @@ class _Reader:
         traj [n, K+1, *S], or endpoint [n, *S] in mode "endpoints" (the store's `endpoint` array: 1/(K+1) the bytes).
 
         A read covers whole chunks of one shard, from `chunk` on, up to READ_BYTES and never past `run_stop` (the end
-        of this reader's run of consecutive chunks); the shard is checked against its commit digest before its first
-        read in an epoch.
+        of this reader's run of consecutive chunks); the shard is checked against its commit digest before this
+        reader's first read of it in the run.
         """
         if self._block is None or self._block[0] != store or not self._block[1] <= chunk < self._block[2]:
             self._block = None
@@ -526,8 +527,10 @@ class _Reader:
     def _read_block(self, store: int, chunk: int, run_stop: int) -> tuple[int, int, int, dict[str, Any]]:
         """Read whole chunks of one shard starting at `chunk` (points and labels only, no per-sample reads).
 
-        The first read of a shard in an epoch checks it against its digest; a shard that fits one read is read
-        whole by that check, and the check's read is the block (its traj or, in mode "endpoints", its endpoints).
+        This reader's first read of a shard in the run checks it against its digest (once per run, not per epoch:
+        re-checking every epoch would decode the whole shard again and cancel what mode "endpoints" saves); a shard
+        that fits one read is read whole by that check, and the check's read is the block (its traj or, in mode
+        "endpoints", its endpoints).
         """
         opened, spec = self.stores()[store], self.infos[store].spec
         shard = chunk * spec.chunk_size // spec.shard_size
@@ -577,7 +580,6 @@ class _Reader:
         """The batches of one consumer in one epoch; the first `skip` are replayed (random draws only), not made."""
         plan = self.epoch_plan(epoch)
         chunks = self._chunk_list(epoch, consumer)
-        self._checked_shards.clear()
         rng = np.random.default_rng([self.cfg.seed, epoch, consumer, self.num_consumers, _BUFFER_STREAM])
         buffer = self._new_buffer()
         fill_to = max(self.cfg.shuffle_buffer, self.cfg.batch_per_process)
