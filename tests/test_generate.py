@@ -174,6 +174,8 @@ def test_a_worker_killed_mid_shard_is_retried_and_the_store_is_unchanged(referen
     assert store_files(out) == store_files(reference)
 
 
+@pytest.mark.slow  # two drivers, each starting a local Ray cluster: ~36 s on 2 quiet cores. In the default suite a dead
+# run's shards are taken over in test_storage_claims.py and a killed worker's retried in this file
 def test_a_killed_driver_is_resumed_by_the_same_command_with_teacher_work_only_for_missing_shards(
     reference_store, teacher_dir, tmp_path
 ):
@@ -297,6 +299,7 @@ def test_real_scale_presets_dry_run_offline_without_the_teacher(preset, shape, t
     assert plan["forward_gmacs_source"].startswith("unknown") and "hub cache" in plan["forward_gmacs_source"]
 
 
+@pytest.mark.slow  # counting the 35.7M-parameter DDPM UNet takes ~13 s; the plan's arithmetic is in test_cost.py
 def test_the_cifar10_plan_derives_gpu_hours_from_the_counted_macs_and_the_presets_gpu(tmp_path):
     import yaml
 
