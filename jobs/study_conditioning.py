@@ -10,15 +10,16 @@ jobs/digits/mid.yaml) in the CM and MF forms for every student variant and seed,
 `--redraws` other draws of the evaluation noise, so the FD's own noise is reported beside the seed-to-seed spread.
 
 Variants (student.* overrides of trainer/mid.py; `trainer.parameterization` explains the readings):
+  default             no overrides: the preset's defaults (for an ε-teacher "auto+transfer+clip", else "own")
   own                 the teacher's own c_skip/c_out (for an ε-prediction teacher c_out = −σ̃: ill-conditioned)
-  auto                the default: the teacher's own where bounded, EDM's (σ_d = 0.5) for ε-teachers
+  auto                the teacher's own where bounded, EDM's (σ_d = 0.5) for ε-teachers; no transfer
   edm-1.0             EDM's reading with σ_d = 1 (for an ε-teacher: the v-prediction reading of its network)
-  auto+transfer       "auto" after `--transfer-steps` steps of preconditioning transfer (counted in the run's steps)
+  auto+transfer       "auto" after `--transfer-steps` steps of preconditioning transfer (counted in the run's
+                      steps), unclipped
   edm-1.0+transfer    likewise for σ_d = 1
-  auto+transfer+clip  "auto+transfer" with loop.grad_clip=1.0 (the transfer's loss is in the network's output
-                      units, up to 1,600 per sample at σ̃ = 80 at init: unclipped at lr 2e-3 it diverges)
-  auto+clip           "auto" with the gradient clipping the digits preset had before (loop.grad_clip=1.0; the
-                      authors clip nothing, the preset's default now)
+  auto+transfer+clip  "auto+transfer" with the gradients clipped to 1.0 (the transfer's loss is in the network's
+                      output units, up to 1,600 per sample at σ̃ = 80 at init: unclipped at lr 2e-3 it diverges)
+  auto+clip           "auto" with loop.grad_clip=1.0, no transfer (the authors clip nothing)
   auto+ema-constant   "auto" with the authors' EMA: a constant 0.999 decay from the teacher's weights
 Variants that resolve to the same settings for a teacher are run once (for v and EDM teachers "auto" is "own"),
 and transfer variants whose reading is the teacher's own are not run (the transfer would regress onto itself).
@@ -37,6 +38,7 @@ if __name__ == "__main__":  # run by path: the project root first on sys.path
 import argparse
 import functools
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,15 +49,18 @@ from typing import Any
 from jobs.compare_inits import CompareConfig, _finished, _metrics, _short_hash, launch_training, make_store
 
 MID_PRESET = "jobs/digits/mid.yaml"
+NO_TRANSFER = "student.transfer=off"
+UNCLIPPED = "student.transfer_grad_clip=none"
 VARIANTS = {
+    "default": (),
     "own": ("student.parameterization=teacher",),
-    "auto": ("student.parameterization=auto",),
-    "edm-1.0": ("student.parameterization=edm", "student.sigma_data=1.0"),
-    "auto+transfer": ("student.parameterization=auto", "TRANSFER"),
-    "edm-1.0+transfer": ("student.parameterization=edm", "student.sigma_data=1.0", "TRANSFER"),
-    "auto+transfer+clip": ("student.parameterization=auto", "TRANSFER", "loop.grad_clip=1.0"),
-    "auto+clip": ("student.parameterization=auto", "loop.grad_clip=1.0"),
-    "auto+ema-constant": ("student.parameterization=auto", "loop.ema_constant=true"),
+    "auto": ("student.parameterization=auto", NO_TRANSFER),
+    "edm-1.0": ("student.parameterization=edm", "student.sigma_data=1.0", NO_TRANSFER),
+    "auto+transfer": ("student.parameterization=auto", "TRANSFER", UNCLIPPED),
+    "edm-1.0+transfer": ("student.parameterization=edm", "student.sigma_data=1.0", "TRANSFER", UNCLIPPED),
+    "auto+transfer+clip": ("student.parameterization=auto", "TRANSFER", "student.transfer_grad_clip=1.0"),
+    "auto+clip": ("student.parameterization=auto", NO_TRANSFER, "loop.grad_clip=1.0"),
+    "auto+ema-constant": ("student.parameterization=auto", NO_TRANSFER, "loop.ema_constant=true"),
 }
 REDRAW_SEED_STRIDE = 100_003  # re-draw k's evaluation noise seeds start at EVAL_SEED + k·stride (the runs use k = 0)
 
@@ -95,20 +100,39 @@ def _parameterization(teacher_dir: str, options: dict[str, str]) -> Any:
                                     sigma_data=float(options.get("student.sigma_data", 0.5)))
 
 
-def resolved_reading(teacher_dir: str, overrides: Sequence[str]) -> str:
-    """The parameterisation a variant's overrides resolve to for this teacher, e.g. "edm(σ_d=0.5) + transfer 200"."""
+def _reads_like_teacher(teacher_dir: str, options: dict[str, str]) -> bool:
+    """Whether the variant's reading is the teacher's own (trainer.parameterization.Parameterization)."""
+    return _parameterization(teacher_dir, options).reads_like_teacher(*_teacher_form(teacher_dir))
+
+
+def _transfer_steps(teacher_dir: str, options: dict[str, str], args: argparse.Namespace) -> int:
+    """The transfer steps the variant runs (trainer.student_options.plan_transfer's rule for this study's runs)."""
+    from trainer.student_options import StudentOptions
+
+    mode = options.get("student.transfer", StudentOptions.transfer)
+    steps = int(options.get("student.transfer_steps", args.transfer_steps))
+    if mode == "off" or (mode == "auto" and _reads_like_teacher(teacher_dir, options)) or steps >= args.mid_steps:
+        return 0
+    return steps
+
+
+def resolved_reading(teacher_dir: str, overrides: Sequence[str], args: argparse.Namespace) -> str:
+    """What a variant's overrides resolve to for this teacher, e.g. "edm(σ_d=0.5) + transfer 200, clip 1.0"."""
+    from trainer.student_options import StudentOptions
+
     options = _student_options(overrides)
-    transfer = int(options.get("student.transfer_steps", 0))
+    transfer = _transfer_steps(teacher_dir, options, args)
+    clip = options.get("student.transfer_grad_clip", str(StudentOptions.transfer_grad_clip))
     others = [text for text in overrides if not text.startswith("student.")]
-    return (_parameterization(teacher_dir, options).describe() + (f" + transfer {transfer}" if transfer else "")
-            + "".join(f", {o}" for o in others))
+    return (_parameterization(teacher_dir, options).describe()
+            + (f" + transfer {transfer}, clip {clip}" if transfer else "") + "".join(f", {o}" for o in others))
 
 
 def _transfer_onto_itself(teacher_dir: str, overrides: Sequence[str]) -> bool:
-    """A transfer variant whose student reads the network the teacher's own way: it would regress onto itself."""
+    """A variant forcing the transfer on a student that reads the network the teacher's own way: it would regress
+    onto itself."""
     options = _student_options(overrides)
-    return int(options.get("student.transfer_steps", 0)) > 0 and \
-        _parameterization(teacher_dir, options) == _parameterization(teacher_dir, {"student.parameterization": "teacher"})
+    return options.get("student.transfer") == "on" and _reads_like_teacher(teacher_dir, options)
 
 
 def plan_cells(args: argparse.Namespace) -> list[Cell]:
@@ -119,7 +143,11 @@ def plan_cells(args: argparse.Namespace) -> list[Cell]:
         for variant in args.variants:
             overrides = tuple(f"student.transfer_steps={args.transfer_steps}" if text == "TRANSFER" else text
                               for text in VARIANTS[variant])
-            reading = resolved_reading(teacher_dir, overrides)
+            overrides = tuple(part for text in overrides for part in (
+                ("student.transfer=on", text) if text.startswith("student.transfer_steps=") else (text,)))
+            if variant == "default":
+                overrides = (f"student.transfer_steps={args.transfer_steps}",)
+            reading = resolved_reading(teacher_dir, overrides, args)
             if reading in seen or _transfer_onto_itself(teacher_dir, overrides):
                 continue
             seen.add(reading)
@@ -170,7 +198,9 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for one value)."""
+    """Mean and sample standard deviation (0 for one value); a diverged run's infinite FD makes both infinite."""
+    if not all(math.isfinite(value) for value in values):
+        return {"mean": math.inf, "std": math.inf, "n": len(values)}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
 

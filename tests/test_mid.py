@@ -425,8 +425,22 @@ def test_transfer_brings_a_re_read_student_to_the_teachers_denoiser_and_the_expo
     assert after < 0.6 * start, (start, after)  # 40 steps halve it (7.8 → 3.6); a wrong target or sign would not
 
 
+def test_an_eps_teachers_default_student_transfers_first_with_clipped_gradients_and_reports_it(tiny, tmp_path):
+    """The tiny ε-teacher's default student re-reads its network (EDM's c_skip/c_out), so `student.transfer=auto`
+    runs the transfer, and the run clips its gradients though the preset's loop.grad_clip is none."""
+    run_dir = tmp_path / "run"
+    assert main(tiny_args(tiny, run_dir, "student.transfer_steps=2", "loop.grad_clip=none")) == 0
+    report = json.loads((run_dir / "ranks" / "rank_0.json").read_text())["transfer"]
+    assert report == {"transfer_steps": 2, "grad_clip": 1.0,
+                      "transfer_reason": "the student re-reads the teacher's network"}
+    assert main(tiny_args(tiny, tmp_path / "own", "student.parameterization=teacher", "student.transfer_steps=2",
+                          "loop.grad_clip=none")) == 0
+    own = json.loads((tmp_path / "own" / "ranks" / "rank_0.json").read_text())["transfer"]
+    assert (own["transfer_steps"], own["grad_clip"]) == (0, None)
+
+
 def test_transfer_steps_that_leave_no_cmt_step_are_refused(tiny, tmp_path, capsys):
-    assert main(tiny_args(tiny, tmp_path / "run", "student.transfer_steps=6")) == 2
+    assert main(tiny_args(tiny, tmp_path / "run", "student.transfer=on", "student.transfer_steps=6")) == 2
     assert "student.transfer_steps=6 leaves no CMT step of loop.total_steps=6" in capsys.readouterr().err
     assert main(tiny_args(tiny, tmp_path / "run", "student.parameterization=eps")) == 2
     assert "must be one of 'auto', 'teacher', 'edm', got 'eps'" in capsys.readouterr().err

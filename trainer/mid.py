@@ -14,10 +14,11 @@ weighting or JVP (`trainer/losses.py`):
 
 The student (`trainer.student.FlowMapStudent`) starts from the teacher's weights (init="teacher") or fresh ones, and
 reads the network through `student.parameterization` (`trainer.parameterization`: "auto" keeps the teacher's own
-c_skip/c_out unless they are unbounded, as for ε-prediction teachers, and then takes EDM's). With
-`student.transfer_steps` = N > 0 the first N steps are a preconditioning transfer instead of CMT: the student regresses
-onto the teacher's denoiser at the stores' points, ‖(f_θ(x̃, σ̃) − D(x̃, σ̃))/c_out(σ̃)‖² (the teacher is kept in memory
-and runs under no_grad for those steps only).
+c_skip/c_out unless they are unbounded, as for ε-prediction teachers, and then takes EDM's). A student that re-reads the
+teacher's network that way first runs a preconditioning transfer (`student.transfer` auto|on|off, `student.
+transfer_steps`, default 200, `trainer.student_options.plan_transfer`): it regresses onto the teacher's denoiser at the
+stores' points, ‖(f_θ(x̃, σ̃) − D(x̃, σ̃))/c_out(σ̃)‖², with the run's gradients clipped to `student.transfer_grad_clip`
+where `loop.grad_clip` is none (the teacher is kept in memory and runs under no_grad for those steps only).
 Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl, samples/step_<N>_{1,2}step.png (EMA
 1- and 2-step samples, decoded through the teacher's VAE for latent teachers, drawn on every rank; FD-<dataset> of
 each is logged as fd_1step / fd_2step), ranks/rank_<r>.json (the store chunks this rank read and the corrupt shards it
@@ -45,7 +46,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +61,7 @@ from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.online import OnlineOptions, OnlineTrajectories, open_online_source
-from trainer.student_options import StudentOptions, build_student
+from trainer.student_options import StudentOptions, build_student, plan_transfer
 
 RANKS_DIR = "ranks"
 INIT_EVAL_FILE = "init_eval.json"
@@ -161,11 +162,6 @@ class MidConfig:
             raise ConfigError("pseudo_huber_c is only used with distance=pseudo_huber; drop it")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
-        if self.student.transfer_steps >= self.loop.total_steps:
-            raise ConfigError(
-                f"student.transfer_steps={self.student.transfer_steps} leaves no CMT step of loop.total_steps="
-                f"{self.loop.total_steps}: use fewer transfer steps or more total steps"
-            )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -534,8 +530,9 @@ def run(cfg: MidConfig) -> MidResult:
     set_seed(cfg.loop.seed)  # identical initial weights on every rank and every run
     student = build_student(teacher, cfg.student, second_time_input=cfg.form == "mf", init=cfg.init,
                             seed=cfg.loop.seed)
+    transfer = plan_transfer(cfg.student, student, total_steps=cfg.loop.total_steps, loop_grad_clip=cfg.loop.grad_clip)
     vae = teacher.vae
-    if cfg.student.transfer_steps == 0:
+    if transfer.steps == 0:
         del teacher
     evaluate = StudentEvaluator(cfg, output_dir / "samples", vae=vae)
     init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, student, accelerator, output_dir / INIT_EVAL_FILE)
@@ -547,10 +544,10 @@ def run(cfg: MidConfig) -> MidResult:
         loss_fn = mf_loss
     if cfg.label_dropout > 0:
         loss_fn = LabelDropout(loss_fn, cfg.label_dropout, null_class_for_dropout(student))
-    if cfg.student.transfer_steps > 0:
-        loss_fn = TransferThenCMT(loss_fn, cfg.student.transfer_steps, teacher, student)
+    if transfer.steps > 0:
+        loss_fn = TransferThenCMT(loss_fn, transfer.steps, teacher, student)
     result = train_loop(
-        cfg.loop,
+        replace(cfg.loop, grad_clip=transfer.grad_clip),
         model=student,
         loss_fn=loss_fn,
         batches=batches,
@@ -563,6 +560,7 @@ def run(cfg: MidConfig) -> MidResult:
         "world_size": world_size,
         **data_report(batches),
         "parameter_sha256": parameter_hash(student),
+        "transfer": transfer.summary(),
         "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
     }
@@ -621,7 +619,8 @@ def describe(cfg: MidConfig) -> dict[str, Any]:
                      "steps_per_epoch": samples // (cfg.batch_per_process * world_size)})
     plan["student"] = {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,
                        "parameterization": student.parameterization.describe(),
-                       "transfer_steps": cfg.student.transfer_steps,
+                       **plan_transfer(cfg.student, student, total_steps=cfg.loop.total_steps,
+                                       loop_grad_clip=cfg.loop.grad_clip).summary(),
                        "parameters": sum(p.numel() for p in student.parameters()),
                        "teacher_fingerprint": student.teacher_fingerprint}
     plan["output_dir"] = cfg.loop.output_dir

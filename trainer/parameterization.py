@@ -71,6 +71,16 @@ class Parameterization:
         c_out = self.c_out_sign * sigma * sigma_data / torch.sqrt(denominator)  # [B]
         return c_in, c_noise, c_skip, c_out
 
+    def reads_like_teacher(self, schedule: NoiseSchedule, prediction_type: str) -> bool:
+        """Whether this reading's c_skip, c_out equal the teacher's own at the probe levels (then a transfer would
+        regress the network onto itself: "edm" with σ_d = 1 is a v-teacher's own reading)."""
+        if self.name == "teacher":
+            return True
+        levels = _probe_levels(schedule)  # [P]
+        own = edm_preconditioning(schedule, prediction_type, levels)  # 4 × [P]
+        mine = self.coefficients(schedule, prediction_type, levels)  # 4 × [P]
+        return all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(own[2:], mine[2:]))
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form recorded in a student export (student.json)."""
         if self.name == "teacher":
@@ -91,11 +101,15 @@ class Parameterization:
         return f"edm (σ_d = {self.sigma_data:g}, c_out sign {'+' if self.c_out_sign > 0 else '−'})"
 
 
+def _probe_levels(schedule: NoiseSchedule) -> torch.Tensor:
+    """A few σ̃ levels inside the teacher's schedule → float64 [P]."""
+    lo, hi = schedule.sigma_edm_min, min(schedule.sigma_edm_max, 80.0)
+    return torch.tensor([min(max(level, lo), hi) for level in _PROBE_LEVELS if level > 0], dtype=torch.float64)
+
+
 def _teacher_c_out(schedule: NoiseSchedule, prediction_type: str) -> torch.Tensor:
     """The teacher's own c_out at a few probe levels inside its schedule → float64 [P]."""
-    lo, hi = schedule.sigma_edm_min, min(schedule.sigma_edm_max, 80.0)
-    levels = torch.tensor([min(max(level, lo), hi) for level in _PROBE_LEVELS if level > 0], dtype=torch.float64)
-    return edm_preconditioning(schedule, prediction_type, levels)[3]
+    return edm_preconditioning(schedule, prediction_type, _probe_levels(schedule))[3]
 
 
 def resolve_parameterization(
