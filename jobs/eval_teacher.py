@@ -23,7 +23,7 @@ import torch
 
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
-from trainer.images import save_grid
+from pipeline.png_grid import save_grid
 from trainer.metrics import FDMetric, get_classifier, real_vs_real_floor
 
 

@@ -82,7 +82,7 @@ def trajectory_statistics(store) -> dict[str, Any]:
 
 def save_strip(store, path: str, *, num_trajectories: int = 4) -> str:
     """PNG strip: one row per trajectory, noise (left) to sample (right), each point shown as x_t/√(α²+σ²)."""
-    from trainer.images import save_grid
+    from pipeline.png_grid import save_grid
 
     first = store.committed_shards()[0]
     start, stop = store.spec.shard_bounds(first)
@@ -90,9 +90,7 @@ def save_strip(store, path: str, *, num_trajectories: int = 4) -> str:
     scale = np.sqrt(store.alpha**2 + store.sigma**2).astype(np.float32)  # [K+1]
     points = points / scale.reshape((1, -1) + (1,) * (points.ndim - 2))
     images = points.reshape((-1,) + points.shape[2:])[:, :3]  # [n·(K+1), C≤3, H, W]
-    import torch
-
-    save_grid(torch.from_numpy(images).clamp(-1, 1), path, nrow=points.shape[1])
+    save_grid(np.clip(images, -1, 1), path, nrow=points.shape[1])
     return path
 
 

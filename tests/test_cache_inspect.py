@@ -92,6 +92,25 @@ def test_inspect_cli_writes_a_strip_and_counts_nan(tmp_path):
     assert [p["nan"] for p in json.loads(done.stdout)["points"]] == [0, 0, 1, 0, 0]
 
 
+def test_a_strip_is_written_without_importing_torch_or_the_trainer(tmp_path):
+    """pipeline/inspect.py is torch-free (ARCHITECTURE.md): its strips go through pipeline/png_grid.py."""
+    url = str(tmp_path / "s.zarr")
+    make_store(url)
+    strip = tmp_path / "strip.png"
+    script = (
+        "import sys\n"
+        "from storage_schema import open_store\n"
+        "from pipeline.inspect import save_strip\n"
+        f"save_strip(open_store({url!r}), {str(strip)!r}, num_trajectories=2)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'trainer'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=HANG_LIMIT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert Image.open(strip).size[0] > 0
+
+
 def test_inspect_refuses_a_path_that_is_not_a_store(tmp_path):
     done = _cli("pipeline.inspect", str(tmp_path))
     assert done.returncode == 1 and "error" in done.stderr

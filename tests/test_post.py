@@ -38,7 +38,7 @@ from trainer.losses import (
     total_derivative_jvp,
 )
 from trainer.meanflow import DerivativeBackendError, guided_target_velocity, meanflow_prediction_and_derivative
-from trainer.mid import parameter_hash
+from trainer.evaluation import parameter_hash
 from trainer.post import (
     ECTConfig,
     ECTLoss,

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from trainer.config import load_config
-from trainer.images import grid_array, save_grid
+from pipeline.png_grid import grid_array, save_grid
 from tests.helpers import HANG_LIMIT_S, assert_close
 from trainer.loop import complete_checkpoints, read_metrics
 from trainer.pretrain import PretrainConfig, main, run

@@ -12,6 +12,7 @@ clipped to [-1, 1] where they become pixels (grids, the FD classifier's input).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch import nn
 
-__all__ = ["EVAL_SEED", "StudentEvaluator", "decode_samples", "eval_seeds", "evaluate_at_init", "rank_share"]
+__all__ = ["EVAL_SEED", "StudentEvaluator", "decode_samples", "eval_seeds", "evaluate_at_init", "parameter_hash",
+           "rank_share"]
 
 # The default eval_seed of mid- and post-training: 2³² − 2²⁰, away from the noise seeds training sees (a store's
 # trajectory i starts from seed + i, generation's default seed is 0; data=online with loop.seed s draws from
@@ -95,7 +97,7 @@ class StudentEvaluator:
                 continue
             grid = torch.cat([part for part in grid_parts if len(part)])  # [num_grid, C, H, W]
             if _is_image_batch(grid):
-                from trainer.images import save_grid
+                from pipeline.png_grid import save_grid
 
                 save_grid(grid, self.samples_dir / f"step_{step}_{steps}step.png")
             if self._fd_enabled():
@@ -137,3 +139,14 @@ def evaluate_at_init(enabled: bool, evaluate: StudentEvaluator, student: torch.n
         path.write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     return metrics
+
+
+def parameter_hash(module: torch.nn.Module) -> str:
+    """sha256 of every tensor of a module's state dict (name, dtype, shape, bytes): equal iff the weights are equal.
+    The stages' rank reports carry it, so tests and users can check that ranks ended with identical parameters."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

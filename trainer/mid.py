@@ -38,7 +38,6 @@ if __name__ == "__main__" and not __package__:
 
     _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
 
-import hashlib
 import json
 import math
 import os
@@ -57,7 +56,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
-from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init
+from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init, parameter_hash
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.online import OnlineOptions, OnlineTrajectories, open_online_source
@@ -401,16 +400,6 @@ class MidResult:
     loop: LoopResult
     init_metrics: dict[str, float]
     rank_report: dict[str, Any]
-
-
-def parameter_hash(module: torch.nn.Module) -> str:
-    """sha256 of every tensor of a module's state dict (name, dtype, shape, bytes): equal iff the weights are equal."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class ChunkRecordingStream:

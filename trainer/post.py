@@ -635,8 +635,7 @@ def _data_sample_shape(cfg: PostConfig) -> tuple[int, ...] | None:
 
 def run(cfg: PostConfig) -> PostResult:
     """Post-train (or resume) the student described by `cfg`; returns the loop result, initial scores, rank report."""
-    from trainer.evaluation import StudentEvaluator, evaluate_at_init
-    from trainer.mid import parameter_hash
+    from trainer.evaluation import StudentEvaluator, evaluate_at_init, parameter_hash
 
     accelerator = make_accelerator(cfg.loop)  # first: later accelerate state must see the launcher's processes
     output_dir = Path(cfg.loop.output_dir)

@@ -41,7 +41,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DMode
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
 from trainer.datasets import ImageDataset, load_dataset
-from trainer.images import save_grid
+from pipeline.png_grid import save_grid
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 
 

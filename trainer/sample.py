@@ -161,7 +161,7 @@ def resolve_vae(cfg: SampleConfig, directory: Path, student: torch.nn.Module) ->
 def run(cfg: SampleConfig) -> SampleResult:
     """Load the export, draw the samples, decode latents, write the grid and/or the raw tensor."""
     from trainer.evaluation import decode_samples
-    from trainer.images import save_grid
+    from pipeline.png_grid import save_grid
     from trainer.student import FlowMapStudent, StudentLoadError
 
     started = time.perf_counter()
