@@ -135,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                                 in_channels=4, out_channels=8, num_layers=args.depth, sample_size=args.latent,
                                 patch_size=2, num_embeds_ada_norm=1000)
     teacher = Teacher(dit, DDPMScheduler(beta_schedule="linear"))
-    timings = {precision: {method: round(time_method(method, precision, teacher, args), 3) for method in args.methods}
-               for precision in args.precisions}
+    timings: dict[str, dict[str, float]] = {}
+    for precision in args.precisions:
+        for method in args.methods:
+            seconds = round(time_method(method, precision, teacher, args), 3)
+            timings.setdefault(precision, {})[method] = seconds
+            print(f"[bench_steps] {precision} {method}: {seconds} s/step", file=sys.stderr, flush=True)
     print(json.dumps({"seconds_per_step": timings, "dit": {"width": args.width, "heads": args.heads,
                       "depth": args.depth, "latent": [4, args.latent, args.latent],
                       "parameters": sum(p.numel() for p in dit.parameters())},

@@ -159,10 +159,10 @@ def test_incomplete_store_is_refused_unless_allowed(tiny, tmp_path):
     teacher = load_teacher(tiny["teacher"])
     partial_store = write_store(teacher, tmp_path / "partial.zarr", num_trajectories=32, steps=4, shard_size=8,
                                 shards=[0, 2])
-    with pytest.raises(MidDataError, match=r"incomplete \(2/4 shards.*allow_incomplete=true"):
+    with pytest.raises(MidDataError, match=r"incomplete \(2/4 shards.*stream.allow_incomplete=true"):
         check_stores(tiny_cfg(tiny, stores=[partial_store]), sample_shape=teacher.sample_shape,
                      teacher_fingerprint=teacher.fingerprint, world_size=1)
-    infos = check_stores(tiny_cfg(tiny, "allow_incomplete=true", stores=[partial_store]),
+    infos = check_stores(tiny_cfg(tiny, "stream.allow_incomplete=true", stores=[partial_store]),
                          sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint, world_size=1)
     assert infos[0].committed_shards == (0, 2)
     out = tmp_path / "run"
@@ -178,14 +178,14 @@ def test_store_of_another_shape_or_teacher(tiny, tmp_path):
         check_stores(tiny_cfg(tiny, stores=[small]), sample_shape=teacher.sample_shape,
                      teacher_fingerprint=teacher.fingerprint, world_size=1)
 
-    with pytest.warns(UserWarning, match="strict=true"):
+    with pytest.warns(UserWarning, match="stream.strict=true"):
         check_stores(tiny_cfg(tiny), sample_shape=teacher.sample_shape, teacher_fingerprint="0" * 64, world_size=1)
     with pytest.raises(MidDataError, match="not this teacher's ODE"):
-        check_stores(tiny_cfg(tiny, "strict=true"), sample_shape=teacher.sample_shape,
+        check_stores(tiny_cfg(tiny, "stream.strict=true"), sample_shape=teacher.sample_shape,
                      teacher_fingerprint="0" * 64, world_size=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_stores(tiny_cfg(tiny, "strict=true"), sample_shape=teacher.sample_shape,
+        check_stores(tiny_cfg(tiny, "stream.strict=true"), sample_shape=teacher.sample_shape,
                      teacher_fingerprint=teacher.fingerprint, world_size=1)
 
 

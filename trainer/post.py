@@ -70,6 +70,7 @@ from trainer.post_steps import (
     step_generator,
     step_seed,
 )
+from trainer.stream_options import StreamOptions
 
 METHODS = ("ect", "ecd", "meanflow")
 RANKS_DIR = "ranks"
@@ -124,19 +125,6 @@ class ECDConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StreamOptions:
-    """How stores are streamed (`trainer.data.StreamConfig`) for `--data store:`."""
-
-    points_per_trajectory: int | None = None  # ecd: random subset of the K steps per trajectory (None: all)
-    shuffle_buffer: int = 4096
-    num_workers: int = 0
-    prefetch_factor: int = 2
-    allow_incomplete: bool = False
-    strict: bool = False  # a store made by another teacher than the student's is an error, not a warning
-    on_corrupt_shard: Literal["error", "skip"] = "error"  # skip: leave out shards failing their digest (corrupt_shards)
-
-
-@dataclass(frozen=True, kw_only=True)
 class PostConfig:
     """Stage-3 settings: method, init, data, the method's options, evaluation and the shared loop."""
 
@@ -186,6 +174,13 @@ class PostConfig:
             raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
         if self.num_eval_samples < 1 or self.num_grid_images < 1:
             raise ConfigError("num_eval_samples and num_grid_images must be >= 1")
+        if self.stream.pairs_per_trajectory is not None or self.stream.source != "stream":
+            key = "pairs_per_trajectory" if self.stream.pairs_per_trajectory is not None else "source"
+            raise ConfigError(f"stream.{key} is a trainer/mid.py setting; post-training streams its stores' endpoints "
+                              "(ect, meanflow) or consecutive points (ecd): drop it")
+        if self.stream.points_per_trajectory is not None and self.method != "ecd":
+            raise ConfigError(f"stream.points_per_trajectory is for method=ecd; {self.method} reads one endpoint per "
+                              "trajectory: drop it")
         if self.method == "meanflow":
             resolve_derivative(self.meanflow.derivative, self.attention)
         if self.label_dropout is not None and not 0 <= self.label_dropout < 1:
