@@ -43,7 +43,8 @@ def grid_array(images: Any, nrow: int | None = None, padding: int = 1, upscale: 
     count, channels, height, width = images.shape
     columns = nrow if nrow is not None else math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
-    pixels = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)  # [N, C, H, W], half to even
+    finite = np.nan_to_num(images, nan=-1.0, posinf=1.0, neginf=-1.0)  # a diverged student's NaN: black
+    pixels = np.round((np.clip(finite, -1, 1) + 1) * 127.5).astype(np.uint8)  # [N, C, H, W], half to even
     pixels = pixels.repeat(upscale, axis=2).repeat(upscale, axis=3)  # [N, C, H·u, W·u]
     tile_h, tile_w = height * upscale, width * upscale
     grid = np.zeros((rows * (tile_h + padding) + padding, columns * (tile_w + padding) + padding, channels), np.uint8)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,6 +97,16 @@ def test_sample_grid_layout_and_pixel_mapping(tmp_path):
     path = save_grid(images, tmp_path / "grid.png")  # 8×8 tiles are upscaled to 32×32 by default
     picture = Image.open(path)
     assert picture.size == (3 * 33 + 1, 2 * 33 + 1) and picture.mode == "L"
+
+
+def test_a_grid_of_non_finite_samples_is_written_with_black_nan_pixels_and_no_warning(tmp_path):
+    """A diverged student's samples still make a grid (its FD reports the divergence): NaN black, ±inf clipped."""
+    images = torch.zeros(3, 1, 4, 4)
+    images[0, 0, 0, 0], images[1, 0, 0, 0], images[2, 0, 0, 0] = float("nan"), float("inf"), -float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grid = grid_array(images, nrow=3, padding=0)
+    assert [int(grid[0, 4 * i, 0]) for i in range(3)] == [0, 255, 0] and int(grid[1, 1, 0]) == 128
 
 
 def test_edm_loss_is_lambda_weighted_denoiser_error_by_hand():
