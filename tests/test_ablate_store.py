@@ -110,6 +110,7 @@ def test_quick_trajectories_preset_reports_every_store_and_the_online_reference(
     assert again["rows"] == result["rows"]
 
 
+@pytest.mark.slow  # a store per solver and a mid run each: ~17 s; the refusal itself is in test_online.py
 def test_quick_solver_preset_skips_a_solver_the_teacher_cannot_run(tmp_path):
     from diffusers import DDPMPipeline, EDMEulerScheduler
 

@@ -67,6 +67,7 @@ def tiny_comparison(tmp_path_factory):
     return cfg, run(cfg), root / "out"
 
 
+@pytest.mark.slow  # the tiny comparison these four share trains 9 runs: ~30 s on 2 quiet cores
 def test_quick_run_writes_table_json_plot_and_settings_log_with_every_cell(tiny_comparison):
     _, result, out = tiny_comparison
     assert (out / PLOT_NAME).read_bytes()[:8] == PNG_MAGIC
@@ -94,6 +95,7 @@ def test_quick_run_writes_table_json_plot_and_settings_log_with_every_cell(tiny_
         assert cell["cmt_student_fd"]["1step"]["mean"] == pytest.approx(init_eval["fd_1step"])
 
 
+@pytest.mark.slow
 def test_cmt_runs_are_charged_generation_and_mid_training_and_baselines_get_that_much_more(tiny_comparison):
     _, result, out = tiny_comparison
     accounting = result["accounting"]
@@ -130,6 +132,7 @@ def test_cmt_runs_are_charged_generation_and_mid_training_and_baselines_get_that
             assert cell["post_steps"] == method["baseline_steps"]
 
 
+@pytest.mark.slow
 def test_fractions_interpolate_the_cmt_curve_against_each_baseline_final_fd(tiny_comparison):
     _, result, _ = tiny_comparison
     assert len(result["fractions"]) == len(METHODS) * 2 * 2  # 2 baselines × 1- and 2-step
@@ -148,6 +151,7 @@ def test_fractions_interpolate_the_cmt_curve_against_each_baseline_final_fd(tiny
             assert row["fraction"] == pytest.approx(expected / baseline["charged_seconds"]["mean"])
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_every_stage_and_logs_nothing_twice(tiny_comparison):
     cfg, result, out = tiny_comparison
     metrics_before = {path: path.read_text() for path in (out / "runs").glob("*/metrics.jsonl")}

@@ -63,6 +63,8 @@ def test_the_cifar10_preset_generates_from_the_flat_published_repository(hf_home
     assert not list(hf_home.rglob(MODELING_MARKER)), "the repository's modeling_ddpm.py must never run"
 
 
+@pytest.mark.slow  # ~24 s; the .bin-only DiT repository loads in test_teacher_layouts.py, the preset generates
+# guided latent trajectories in test_imagenet256_presets.py
 def test_the_imagenet256_preset_generates_from_the_bin_only_dit_repository_at_bf16(hf_home, tmp_path):
     out = tmp_path / "imagenet256.zarr"
     summary = _generate("imagenet256", hf_home, out, "--precision", "bf16")

@@ -110,6 +110,7 @@ def test_the_cache_cli_lists_shows_and_removes_stores_under_an_s3_cache_root(tea
     assert stores_on_s3() == {"complete.zarr"}
 
 
+@pytest.mark.slow  # botocore's credential chain takes ~18 s to give up, twice
 def test_an_s3_output_without_credentials_is_refused_in_cli_words_and_a_dry_run_still_plans(teacher_dir, tmp_path):
     no_credentials = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
     no_credentials.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
