@@ -22,9 +22,9 @@ Splitting, epochs, shuffling
   (equal chunks) an epoch uses every trajectory once; a shard may be split between readers, a chunk never is, and
   no two ranks read the same chunk. A reader's first read of a shard in the run (its process's lifetime: a resumed
   run checks again) checks the whole shard (traj and endpoint, also in mode "endpoints") against its commit digest
-  before any of its samples is used; later epochs read only what their batches need (mode "endpoints": the
-  `endpoint` array, 1/(K+1) of the bytes) (`trainer.corrupt_shards`: a corrupt shard stops training with the fix named, or with
-  `on_corrupt_shard="skip"` is left out of the pool).
+  before any of its samples is used (`trainer.corrupt_shards`: a corrupt shard stops training with the fix named, or
+  with `on_corrupt_shard="skip"` is left out of the pool); later epochs read only what their batches need (mode
+  "endpoints": the `endpoint` array, 1/(K+1) of the bytes).
 - Each consumer expands its chunks into samples (mode below), passes them through a shuffle buffer of
   `shuffle_buffer` samples (batches are uniform draws without replacement from what the buffer holds; it is
   refilled chunk by chunk) and makes whole batches of `batch_per_process` samples in numpy.
@@ -772,7 +772,7 @@ class TrajectoryStream:
                     "made by the student's teacher"
                 )
                 if cfg.strict:
-                    raise TeacherMismatchError(message + " (or set strict=false to only warn)")
+                    raise TeacherMismatchError(message + " (or set stream.strict=false to only warn)")
                 warnings.warn(message, TeacherMismatchWarning, stacklevel=3)
 
     def _check_incomplete(self) -> None:
@@ -786,7 +786,7 @@ class TrajectoryStream:
                 raise IncompleteStoreError(
                     f"store {info.url} has {len(info.committed)} of {total} shards committed (missing: "
                     f"{missing[:10]}{' ...' if len(missing) > 10 else ''}); finish generating it (re-run the "
-                    "generation job, it resumes) or set allow_incomplete=true to train on the committed shards"
+                    "generation job, it resumes) or set stream.allow_incomplete=true to train on the committed shards"
                 )
             if not info.committed:
                 raise IncompleteStoreError(

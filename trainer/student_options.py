@@ -75,7 +75,9 @@ class TransferPlan:
         return {"transfer_steps": self.steps, "grad_clip": self.grad_clip, "transfer_reason": self.reason}
 
 
-def plan_transfer(options: StudentOptions, student: Any, *, total_steps: int, loop_grad_clip: float | None) -> TransferPlan:
+def plan_transfer(
+    options: StudentOptions, student: Any, *, total_steps: int, loop_grad_clip: float | None
+) -> TransferPlan:
     """Resolve `student.transfer` for this student and run (a ConfigError names the fix when "on" cannot run)."""
     re_read = not student.parameterization.reads_like_teacher(student.schedule, student.prediction_type)
     if options.transfer == "off" or options.transfer_steps == 0:
