@@ -197,6 +197,18 @@ def test_mid_training_online_resumes_bitwise_from_a_checkpoint(tiny, tmp_path):
     assert report["first_batch_seeds"] == [6, 8] and report["batches_made"] == 6
 
 
+@pytest.mark.parametrize("form", ["cm", "mf"])
+def test_an_eps_teachers_online_run_transfers_on_fresh_trajectories_first(tiny, tmp_path, form):
+    """The default transfer (student.transfer=auto: the tiny ε-teacher's student re-reads its network) runs on the
+    online source's batches too, in both forms, and the run reports it."""
+    output_dir = tmp_path / "run"
+    extra = ("online.pairs_per_trajectory=4",) if form == "mf" else ()
+    assert main(online_args(tiny, output_dir, f"form={form}", "student.transfer_steps=2", *extra)) == 0
+    report = json.loads((output_dir / "ranks" / "rank_0.json").read_text())
+    assert report["transfer"]["transfer_steps"] == 2 and report["transfer"]["grad_clip"] == 1.0
+    assert report["final_step"] == 6 and report["online"]["batches_made"] == 6
+
+
 def test_two_real_processes_solve_their_own_trajectories_and_keep_identical_parameters(tiny, tmp_path):
     output_dir = tmp_path / "ddp"
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
