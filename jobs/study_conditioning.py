@@ -50,15 +50,17 @@ from jobs.compare_inits import CompareConfig, _finished, _metrics, _short_hash, 
 
 MID_PRESET = "jobs/digits/mid.yaml"
 NO_TRANSFER = "student.transfer=off"
+TRANSFER = "student.transfer=on"
+STEPS = "STEPS"  # student.transfer_steps=<--transfer-steps>
 UNCLIPPED = "student.transfer_grad_clip=none"
 VARIANTS = {
-    "default": (),
+    "default": (STEPS,),
     "own": ("student.parameterization=teacher",),
     "auto": ("student.parameterization=auto", NO_TRANSFER),
     "edm-1.0": ("student.parameterization=edm", "student.sigma_data=1.0", NO_TRANSFER),
-    "auto+transfer": ("student.parameterization=auto", "TRANSFER", UNCLIPPED),
-    "edm-1.0+transfer": ("student.parameterization=edm", "student.sigma_data=1.0", "TRANSFER", UNCLIPPED),
-    "auto+transfer+clip": ("student.parameterization=auto", "TRANSFER", "student.transfer_grad_clip=1.0"),
+    "auto+transfer": ("student.parameterization=auto", TRANSFER, STEPS, UNCLIPPED),
+    "edm-1.0+transfer": ("student.parameterization=edm", "student.sigma_data=1.0", TRANSFER, STEPS, UNCLIPPED),
+    "auto+transfer+clip": ("student.parameterization=auto", TRANSFER, STEPS, "student.transfer_grad_clip=1.0"),
     "auto+clip": ("student.parameterization=auto", NO_TRANSFER, "loop.grad_clip=1.0"),
     "auto+ema-constant": ("student.parameterization=auto", NO_TRANSFER, "loop.ema_constant=true"),
 }
@@ -86,53 +88,38 @@ def _teacher_form(teacher_dir: str) -> tuple[Any, str]:
     return teacher.schedule, teacher.prediction_type
 
 
-def _student_options(overrides: Sequence[str]) -> dict[str, str]:
-    """The student.* overrides of a variant as {key: value}."""
-    return dict(text.split("=", 1) for text in overrides if text.startswith("student."))
-
-
-def _parameterization(teacher_dir: str, options: dict[str, str]) -> Any:
-    """The parameterisation the student options resolve to for this teacher (trainer.parameterization)."""
+def _resolve(teacher_dir: str, overrides: Sequence[str], args: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """(parameterisation, transfer plan, whether the reading differs from the teacher's) of a variant's run, resolved
+    from the preset and overrides exactly as trainer/mid.py resolves them (trainer.student_options.plan_transfer)."""
+    from trainer.config import load_config
+    from trainer.mid import MidConfig
     from trainer.parameterization import resolve_parameterization
+    from trainer.student_options import plan_transfer_for
 
+    cfg = load_config(MidConfig, MID_PRESET, [f"teacher={teacher_dir}", f"loop.total_steps={args.mid_steps}",
+                                              *overrides])
     schedule, prediction_type = _teacher_form(teacher_dir)
-    return resolve_parameterization(options.get("student.parameterization", "auto"), schedule, prediction_type,
-                                    sigma_data=float(options.get("student.sigma_data", 0.5)))
-
-
-def _reads_like_teacher(teacher_dir: str, options: dict[str, str]) -> bool:
-    """Whether the variant's reading is the teacher's own (trainer.parameterization.Parameterization)."""
-    return _parameterization(teacher_dir, options).reads_like_teacher(*_teacher_form(teacher_dir))
-
-
-def _transfer_steps(teacher_dir: str, options: dict[str, str], args: argparse.Namespace) -> int:
-    """The transfer steps the variant runs (trainer.student_options.plan_transfer's rule for this study's runs)."""
-    from trainer.student_options import StudentOptions
-
-    mode = options.get("student.transfer", StudentOptions.transfer)
-    steps = int(options.get("student.transfer_steps", args.transfer_steps))
-    if mode == "off" or (mode == "auto" and _reads_like_teacher(teacher_dir, options)) or steps >= args.mid_steps:
-        return 0
-    return steps
+    reading = resolve_parameterization(cfg.student.parameterization, schedule, prediction_type,
+                                       sigma_data=cfg.student.sigma_data)
+    re_read = not reading.reads_like_teacher(schedule, prediction_type)
+    plan = plan_transfer_for(cfg.student, re_read=re_read, total_steps=args.mid_steps,
+                             loop_grad_clip=cfg.loop.grad_clip)
+    return reading, plan, re_read
 
 
 def resolved_reading(teacher_dir: str, overrides: Sequence[str], args: argparse.Namespace) -> str:
     """What a variant's overrides resolve to for this teacher, e.g. "edm(σ_d=0.5) + transfer 200, clip 1.0"."""
-    from trainer.student_options import StudentOptions
-
-    options = _student_options(overrides)
-    transfer = _transfer_steps(teacher_dir, options, args)
-    clip = options.get("student.transfer_grad_clip", str(StudentOptions.transfer_grad_clip))
+    reading, plan, _ = _resolve(teacher_dir, overrides, args)
+    clip = "none" if plan.grad_clip is None else str(plan.grad_clip)
     others = [text for text in overrides if not text.startswith("student.")]
-    return (_parameterization(teacher_dir, options).describe()
-            + (f" + transfer {transfer}, clip {clip}" if transfer else "") + "".join(f", {o}" for o in others))
+    return (reading.describe() + (f" + transfer {plan.steps}, clip {clip}" if plan.steps else "")
+            + "".join(f", {o}" for o in others))
 
 
-def _transfer_onto_itself(teacher_dir: str, overrides: Sequence[str]) -> bool:
+def _transfer_onto_itself(teacher_dir: str, overrides: Sequence[str], args: argparse.Namespace) -> bool:
     """A variant forcing the transfer on a student that reads the network the teacher's own way: it would regress
     onto itself."""
-    options = _student_options(overrides)
-    return options.get("student.transfer") == "on" and _reads_like_teacher(teacher_dir, options)
+    return "student.transfer=on" in overrides and not _resolve(teacher_dir, overrides, args)[2]
 
 
 def plan_cells(args: argparse.Namespace) -> list[Cell]:
@@ -141,14 +128,10 @@ def plan_cells(args: argparse.Namespace) -> list[Cell]:
     for name, teacher_dir in args.teacher:
         seen: set[str] = set()
         for variant in args.variants:
-            overrides = tuple(f"student.transfer_steps={args.transfer_steps}" if text == "TRANSFER" else text
+            overrides = tuple(f"student.transfer_steps={args.transfer_steps}" if text == STEPS else text
                               for text in VARIANTS[variant])
-            overrides = tuple(part for text in overrides for part in (
-                ("student.transfer=on", text) if text.startswith("student.transfer_steps=") else (text,)))
-            if variant == "default":
-                overrides = (f"student.transfer_steps={args.transfer_steps}",)
             reading = resolved_reading(teacher_dir, overrides, args)
-            if reading in seen or _transfer_onto_itself(teacher_dir, overrides):
+            if reading in seen or _transfer_onto_itself(teacher_dir, overrides, args):
                 continue
             seen.add(reading)
             for form in args.forms:

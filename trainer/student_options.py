@@ -21,7 +21,7 @@ import torch
 from trainer.config import ConfigError
 from trainer.parameterization import DEFAULT_SIGMA_DATA, PARAMETERIZATION_NAMES
 
-__all__ = ["StudentOptions", "TransferPlan", "build_student", "plan_transfer", "set_dropout"]
+__all__ = ["StudentOptions", "TransferPlan", "build_student", "plan_transfer", "plan_transfer_for", "set_dropout"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,14 @@ def plan_transfer(
 ) -> TransferPlan:
     """Resolve `student.transfer` for this student and run (a ConfigError names the fix when "on" cannot run)."""
     re_read = not student.parameterization.reads_like_teacher(student.schedule, student.prediction_type)
+    return plan_transfer_for(options, re_read=re_read, total_steps=total_steps, loop_grad_clip=loop_grad_clip)
+
+
+def plan_transfer_for(
+    options: StudentOptions, *, re_read: bool, total_steps: int, loop_grad_clip: float | None
+) -> TransferPlan:
+    """`plan_transfer` for a student that does (`re_read`) or does not read the network differently from its
+    teacher, without building it (jobs/study_conditioning.py plans its runs with it)."""
     if options.transfer == "off" or options.transfer_steps == 0:
         return TransferPlan(0, loop_grad_clip, "student.transfer=off" if options.transfer == "off"
                             else "student.transfer_steps=0")
