@@ -28,16 +28,12 @@ tiny stores and tens of steps (a smoke run; its numbers mean nothing).
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # run by path: the project root first on sys.path
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -26,16 +26,12 @@ chunks of 64 trajectories, the default codec; the loader's work does not depend 
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and not __package__:  # run by path: the project root, not jobs/, goes first
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from functools import partial

@@ -14,15 +14,10 @@ object: median seconds per step after `--warmup` steps, per method and precision
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and not __package__:  # run by path: the project root, not jobs/, goes first
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from functools import partial

@@ -54,18 +54,14 @@ running them one after another: ~1.5 h (the sum of the three invocations' wall t
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # run by path: the project root first on sys.path
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -18,14 +18,9 @@ change of f over a tiny Δt, so they grow with how rough f is, not with how far 
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # run by path: the project root first on sys.path
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
+import os
 from collections.abc import Sequence
 
 import torch
@@ -53,7 +48,7 @@ def probe(teacher_dir: str, students: dict[str, str], *, q: float, num: int, bat
     """{model name: {"ect": mean ECT loss, "ode": mean consistency loss along the teacher's ODE step}}."""
     from pipeline.solvers import ode_step
     from pipeline.teacher import load_teacher
-    from trainer.datasets import load_dataset
+    from trainer.image_datasets import load_dataset
     from trainer.losses import ect_loss, ect_target
     from trainer.post import ECTConfig, _sigma_range, ect_times
     from trainer.student import FlowMapStudent

@@ -7,14 +7,9 @@ Every row uses the same prior noise (seeds 0..num-1) and the same number of samp
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # run by path: the project root first on sys.path (jobs/ holds no shadowing names)
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path

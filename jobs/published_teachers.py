@@ -21,16 +21,12 @@ still lowers DiT-XL/2's 28 layers for CPU measurements). Weights are random (see
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # run by path: the project root first on sys.path
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import hashlib
 import io
 import json
+import os
+import sys
 from pathlib import Path
 
 DDPM_REPO, DIT_REPO = "google/ddpm-cifar10-32", "facebook/DiT-XL-2-256"

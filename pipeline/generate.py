@@ -14,9 +14,6 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__":  # run by path: put the project root, not pipeline/ (whose inspect.py shadows the stdlib), first
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Read by Ray when it is first imported: a cluster this process starts binds loopback only (127.0.0.1).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 

@@ -1,6 +1,6 @@
 """Sample grids: tile a batch of images in [-1, 1] into one PNG (numpy and PIL only: no torch, no torchvision).
 
-Used by every layer that writes pictures: `pipeline/inspect.py` (trajectory strips of a store, which stays torch-free)
+Used by every layer that writes pictures: `pipeline/store_statistics.py` (trajectory strips of a store, which stays torch-free)
 and the trainer's sample grids (`trainer/evaluation.py`, `trainer/sample.py`, `trainer/pretrain.py`). Torch tensors
 are accepted as they are (anything with `.detach()` is moved to the CPU as float32 first).
 """

@@ -1,4 +1,4 @@
-"""`python -m pipeline.cache` and `python -m pipeline.inspect` on real stores written by storage_schema."""
+"""`python -m pipeline.cache` and `python -m pipeline.store_statistics` on real stores written by storage_schema."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.inspect import trajectory_statistics
+from pipeline.store_statistics import trajectory_statistics
 from storage_schema import GenerationSpec, cache_path, create_store, open_store
 from tests.helpers import HANG_LIMIT_S
 
@@ -77,7 +77,7 @@ def test_inspect_cli_writes_a_strip_and_counts_nan(tmp_path):
     url = str(tmp_path / "s.zarr")
     make_store(url)
     strip = tmp_path / "strip.png"
-    done = _cli("pipeline.inspect", url, "--json", "--strip", str(strip), "--strip-trajectories", "3")
+    done = _cli("pipeline.store_statistics", url, "--json", "--strip", str(strip), "--strip-trajectories", "3")
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["points"]) == 5
     width, height = Image.open(strip).size
@@ -87,20 +87,20 @@ def test_inspect_cli_writes_a_strip_and_counts_nan(tmp_path):
     bad = store.read_shard(1)["traj"]
     bad[0, 2, 0, 0, 0] = np.nan
     store.write_shard(1, bad, np.arange(32, 64), repair=True)
-    done = _cli("pipeline.inspect", url, "--json")
+    done = _cli("pipeline.store_statistics", url, "--json")
     assert done.returncode == 1
     assert [p["nan"] for p in json.loads(done.stdout)["points"]] == [0, 0, 1, 0, 0]
 
 
 def test_a_strip_is_written_without_importing_torch_or_the_trainer(tmp_path):
-    """pipeline/inspect.py is torch-free (ARCHITECTURE.md): its strips go through pipeline/png_grid.py."""
+    """pipeline/store_statistics.py is torch-free (ARCHITECTURE.md): its strips go through pipeline/png_grid.py."""
     url = str(tmp_path / "s.zarr")
     make_store(url)
     strip = tmp_path / "strip.png"
     script = (
         "import sys\n"
         "from storage_schema import open_store\n"
-        "from pipeline.inspect import save_strip\n"
+        "from pipeline.store_statistics import save_strip\n"
         f"save_strip(open_store({url!r}), {str(strip)!r}, num_trajectories=2)\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'trainer'}))"
     )
@@ -112,7 +112,7 @@ def test_a_strip_is_written_without_importing_torch_or_the_trainer(tmp_path):
 
 
 def test_inspect_refuses_a_path_that_is_not_a_store(tmp_path):
-    done = _cli("pipeline.inspect", str(tmp_path))
+    done = _cli("pipeline.store_statistics", str(tmp_path))
     assert done.returncode == 1 and "error" in done.stderr
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer import metrics
-from trainer.datasets import load_dataset, split_indices
+from trainer.image_datasets import load_dataset, split_indices
 from trainer.metrics import (
     FDMetric,
     FeatureClassifier,

@@ -34,7 +34,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline.paths import cache_root, join, location, read_bytes, read_text, write_bytes, write_text
-from trainer.datasets import ImageDataset, load_dataset, split_indices
+from trainer.image_datasets import ImageDataset, load_dataset, split_indices
 
 CLASSIFIER_VERSION = "feature-cnn-1"  # bump when the training code changes in a way the recipe does not show
 FD_DATASETS = ("digits", "mnist")

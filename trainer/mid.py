@@ -31,13 +31,6 @@ for classifier-free guidance (`trainer.label_dropout`).
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:
-    # Run by path, Python puts trainer/ first on sys.path, where datasets.py would shadow the `datasets` package.
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
-
 import json
 import math
 import os

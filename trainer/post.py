@@ -18,7 +18,7 @@ Methods (losses from `trainer/losses.py`, time sampling from `trainer/schedules.
   all-reduced) or by a central finite difference; adaptive weight 1/(‖e‖² + c)^p.
 
 Data: `store:` streams the trajectory stores (`trainer.data`): ect / meanflow take the solver's clean endpoints x̂_0
-(mode "endpoints"), ecd consecutive points (mode "ecd"). `dataset:` uses real images (`trainer.datasets`).
+(mode "endpoints"), ecd consecutive points (mode "ecd"). `dataset:` uses real images (`trainer.image_datasets`).
 Init: `cmt:<dir>` (a mid-training export, `FlowMapStudent.from_pretrained`, read with the parameterisation it
 records), `teacher` (the diffusion model itself: the teacher's weights AND its own c_skip/c_out, so f is its x0
 prediction and u at r = t its velocity), `random` (the teacher's architecture, fresh weights, read the way "auto" picks
@@ -32,13 +32,6 @@ shard stops the run with the fix named, or with stream.on_corrupt_shard=skip is 
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__" and not __package__:
-    # Run by path, Python puts trainer/ first on sys.path, where datasets.py would shadow the `datasets` package.
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
 
 import json
 import sys
@@ -472,7 +465,7 @@ def _configure_attention(cfg: PostConfig, student: Any, device: torch.device) ->
 
 def dataset_batches(cfg: PostConfig, *, rank: int, world_size: int) -> tuple[InMemoryBatches, tuple[int, ...]]:
     """Real images as clean samples x0 (+ labels) in InMemoryBatches, and their sample shape."""
-    from trainer.datasets import load_dataset
+    from trainer.image_datasets import load_dataset
 
     try:
         data = load_dataset(cfg.dataset_name, image_size=cfg.image_size)
@@ -620,7 +613,7 @@ def _data_sample_shape(cfg: PostConfig) -> tuple[int, ...] | None:
     """The sample shape of the dataset (stores are checked by the stream against the student)."""
     if cfg.data_kind != "dataset":
         return None
-    from trainer.datasets import load_dataset
+    from trainer.image_datasets import load_dataset
 
     try:
         return tuple(load_dataset(cfg.dataset_name, image_size=cfg.image_size).image_shape)

@@ -18,14 +18,6 @@ FD-<dataset> of those samples is logged) and `export/`, a diffusers `DDPMPipelin
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:
-    # Run by path, Python puts trainer/ first on sys.path, where datasets.py and config.py would shadow
-    # the installed `datasets` package and others; the project itself is importable as `trainer` (pip -e).
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path[:] = [entry for entry in _sys.path if _Path(entry or ".").resolve() != _Path(__file__).resolve().parent]
-
 import json
 import sys
 from collections.abc import Sequence
@@ -40,7 +32,7 @@ from accelerate.utils import set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
-from trainer.datasets import ImageDataset, load_dataset
+from trainer.image_datasets import ImageDataset, load_dataset
 from pipeline.png_grid import save_grid
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 

@@ -1,11 +1,11 @@
-"""Tests for trainer/datasets.py: shapes, ranges, labels, splits and the image-folder loader."""
+"""Tests for trainer/image_datasets.py: shapes, ranges, labels, splits and the image-folder loader."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from trainer.datasets import ImageDataset, load_dataset, split_indices
+from trainer.image_datasets import ImageDataset, load_dataset, split_indices
 
 torch.set_num_threads(1)
 

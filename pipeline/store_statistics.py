@@ -1,4 +1,4 @@
-"""Out-of-core statistics of a trajectory store with dask: `python -m pipeline.inspect URL [--strip PNG]`.
+"""Out-of-core statistics of a trajectory store with dask: `python -m pipeline.store_statistics URL [--strip PNG]`.
 
 Per time point: mean and std of x_t, NaN/Inf counts; for the endpoint, its value range. Only committed
 shards are read, chunk by chunk (dask.array.from_zarr), so the store is never loaded into memory.
@@ -96,7 +96,7 @@ def save_strip(store, path: str, *, num_trajectories: int = 4) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: print statistics (text or --json), optionally write a PNG strip."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.store_statistics", description=__doc__.split("\n\n")[0])
     parser.add_argument("url")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--strip", default=None, help="write a PNG strip of a few trajectories here")
