@@ -18,7 +18,7 @@ student; FD-digits of both):
 
 Every store is the cache entry of `pipeline/generate.py` for its spec (teacher, N, solver, K, grid, seed 0). A store
 that does not exist is refused, naming it and the generate command that makes it, unless --generate (then it is made,
-as `jobs/compare_inits.make_store` makes stores). Runs reuse `jobs/compare_inits.py`'s plans and launcher: a finished
+as `jobs/study_store.make_store` makes stores). Runs reuse `jobs/study_runs.py`'s plans and launcher: a finished
 run is skipped on a re-run, so presets sharing a cell (N = 4,096, K = 16, DPM-Solver++(3M)) train it once.
 
 Outputs in --report-dir (default --out): ablate_<preset>.md, .json and .png (FD against the ablated quantity, 1- and
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -40,21 +39,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.bench_online_offline import online_overrides, training_pairs
-from jobs.compare_inits import (
+from jobs.compare_config import (
     METHOD_FORMS,
     METHOD_LABELS,
     CompareConfig,
     CompareError,
-    _generation_command,
-    _metrics,
-    execute,
-    make_store,
-    mid_plan,
     parse_scoped_override,
-    post_plan,
-    read_post_run,
     with_absolute_paths,
 )
+from jobs.study_runs import execute, mid_plan, post_plan, read_post_run
+from jobs.study_store import generation_command, make_store
+from trainer.run_dir import RunDir
 
 PRESETS = ("trajectories", "solver-steps", "solver")
 AXIS_LABELS = {"trajectories": "distinct trajectories N", "solver-steps": "solver steps K",
@@ -170,8 +165,7 @@ def cell_config(compare: CompareConfig, cell: StoreCell) -> CompareConfig:
 
 def generate_command(compare: CompareConfig) -> str:
     """The `python pipeline/generate.py ...` command that makes a cell's store (compare_inits' own command)."""
-    command = _generation_command(compare)
-    return shlex.join(["python", os.path.relpath(command[1]), *command[2:]])
+    return shlex.join(["python", "pipeline/generate.py", *generation_command(compare)])
 
 
 def locate_store(compare: CompareConfig) -> dict[str, Any]:
@@ -231,7 +225,7 @@ def resolve_stores(cfg: AblationConfig, compare: CompareConfig, cells: Sequence[
 
 def final_fd(run_dir: Path) -> dict[str, float]:
     """The FD of a mid-training run's last evaluation (the exported EMA student)."""
-    scored = [record for record in _metrics(run_dir) if "fd_1step" in record]
+    scored = RunDir(run_dir).read_evaluations()
     if not scored:
         raise AblationError(f"{run_dir} has no FD evaluation: delete it and re-run")
     return {key: float(scored[-1][f"fd_{key}"]) for key in STEP_KEYS}
@@ -245,7 +239,7 @@ def train_cell(compare: CompareConfig, cfg: AblationConfig, store_url: str, labe
     mid_dir = execute(compare, mid, runs_dir, log_dir)
     result = {"label": label, "mid_run": mid.name, "cmt_fd": final_fd(mid_dir),
               "pairs": training_pairs(mid_dir, mid.total_steps)}
-    online = [json.loads(path.read_text()).get("online") for path in sorted((mid_dir / "ranks").glob("rank_*.json"))]
+    online = [report.get("online") for report in RunDir(mid_dir).read_rank_reports()]
     if all(online):
         result.update(trajectories_solved=sum(rank["batches_made"] * rank["trajectories_per_batch"] for rank in online),
                       teacher_forwards=sum(rank["teacher_forward_samples"] for rank in online))

@@ -8,7 +8,7 @@ steps at the same batch size, from the same teacher with the same solver, grid a
 
 - offline: `data=stores` on the store of `pipeline/generate.py` (4,096 trajectories, the mid preset's spec; a cache hit
   when it exists, or --store), charged its generation wall time G (measured when made in this invocation, else
-  re-timed by re-solving part of it: `jobs/compare_inits.generation_cost`), once (amortised over 1 run) or G/N
+  re-timed by re-solving part of it: `jobs/study_store.generation_cost`), once (amortised over 1 run) or G/N
   (reused by N runs, --amortise-over);
 - online: `data=online` (`trainer/online.py`), batch/K fresh trajectories × all K points per step, whose solving is
   part of every training step.
@@ -37,17 +37,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jobs.compare_inits import (
-    CompareConfig,
-    CompareError,
-    execute,
-    first_crossing,
-    generation_cost,
-    mid_plan,
-    read_post_run,
-    summarise_cell,
-    with_absolute_paths,
-)
+from jobs.compare_accounting import first_crossing, summarise_cell
+from jobs.compare_config import CompareConfig, CompareError, with_absolute_paths
+from jobs.study_runs import execute, mid_plan, read_post_run
+from jobs.study_store import generation_cost
+from trainer.run_dir import RunDir
 
 MARKDOWN_NAME = "bench_online_offline.md"
 JSON_NAME = "bench_online_offline.json"
@@ -124,8 +118,8 @@ def training_pairs(run_dir: Path, steps: int) -> int:
     """Training pairs a run consumed: steps × batch_per_process × grad_accum_steps × processes (config + rank files)."""
     import yaml
 
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    processes = len(list((run_dir / "ranks").glob("rank_*.json"))) or 1
+    config = yaml.safe_load(RunDir(run_dir).config.read_text())
+    processes = len(RunDir(run_dir).read_rank_reports()) or 1
     return steps * int(config["batch_per_process"]) * int(config["loop"]["grad_accum_steps"]) * processes
 
 
@@ -279,7 +273,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     runs = {}
     for name, plan in plans.items():
         run_dir = execute(compare, plan, runs_dir, log_dir)
-        report = json.loads((run_dir / "ranks" / "rank_0.json").read_text())
+        report = RunDir(run_dir).read_rank_reports()[0]
         runs[name] = {"name": plan.name, "run": read_post_run(run_dir),
                       "pairs": training_pairs(run_dir, plan.total_steps), "report": report.get("online", {})}
     result = {"config": dataclasses.asdict(cfg), "store": generation["url"],

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from jobs.launcher import Stage, StageFailed, generation_summary, run_stage
+from trainer.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATION_ARGS = ["--steps", "16", "--solver", "dpmpp-3m", "--grid", "logsnr", "--num-trajectories", "4096"]
@@ -44,47 +46,30 @@ class DemoConfig:
     eval_every_steps: int = 200
 
 
-def _stage(title: str, command: list[str], *, capture: bool = False) -> tuple[float, str]:
-    """Run one stage's CLI with its progress shown live; (wall seconds, stdout when captured)."""
-    print(f"\n=== {title}\n$ {' '.join(command)}", flush=True)
+def _stage(title: str, stage: Stage, args: list[str]) -> tuple[float, str]:
+    """Run one stage's CLI with its progress shown live; (wall seconds, its standard output)."""
+    print(f"\n=== {title}", flush=True)
     started = time.perf_counter()
-    if capture:
-        lines = []
-        with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as process:
-            for line in process.stdout:
-                print(line, end="", flush=True)
-                lines.append(line)
-        returncode = process.returncode
-        output = "".join(lines)
-    else:
-        returncode = subprocess.run(command, check=False, cwd=REPO).returncode
-        output = ""
-    if returncode != 0:
-        raise SystemExit(f"demo: stage '{title}' failed (exit status {returncode}); re-running `make demo` resumes it")
+    try:
+        output = run_stage(stage, args)
+    except StageFailed as error:
+        raise SystemExit(f"demo: stage '{title}' failed: {error}\nre-running `make demo` resumes it") from error
     return time.perf_counter() - started, output
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    """The metrics.jsonl records of a training run."""
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _final_fd(run_dir: Path) -> dict[str, float]:
     """The last logged fd_1step / fd_2step of a run."""
-    evaluated = [record for record in _metrics(run_dir) if "fd_1step" in record]
+    evaluated = RunDir(run_dir).read_evaluations()
     return {key: evaluated[-1][key] for key in ("fd_1step", "fd_2step")} if evaluated else {}
 
 
 def _fd_curve(run_dir: Path, offset_seconds: float) -> list[tuple[float, float, float]]:
     """(charged seconds, FD 1-step, FD 2-step) at the run's start (its init_eval.json) and every evaluation, shifted
     by the cost of the stages before it."""
-    init_path = run_dir / "init_eval.json"
-    start = json.loads(init_path.read_text()) if init_path.exists() else None
+    start = RunDir(run_dir).read_init_eval()
     return [(offset_seconds, start["fd_1step"], start["fd_2step"])] * (start is not None) + [
         (offset_seconds + record.get("train_seconds", 0.0), record["fd_1step"], record["fd_2step"])
-        for record in _metrics(run_dir)
-        if "fd_1step" in record
+        for record in RunDir(run_dir).read_evaluations()
     ]
 
 
@@ -125,7 +110,6 @@ def _table(rows: list[tuple[str, float | None, float | None]], floor: float) -> 
 
 def run(cfg: DemoConfig) -> dict:
     """Run (or resume) every stage and write the report; returns the metrics that went into metrics.json."""
-    python = sys.executable
     runs, report = REPO / cfg.runs_dir, REPO / cfg.report_dir
     report.mkdir(parents=True, exist_ok=True)
     timings_path = report / TIMINGS_FILE
@@ -134,34 +118,32 @@ def run(cfg: DemoConfig) -> dict:
     started = time.perf_counter()
 
     teacher_dir = runs / "pretrain"
-    seconds, _ = _stage("1/7 stage-1 teacher (cached after the first run)", [
-        python, "trainer/pretrain.py", "--config", "jobs/digits/pretrain.yaml", f"loop.output_dir={teacher_dir}", threads,
+    seconds, _ = _stage("1/7 stage-1 teacher (cached after the first run)", "pretrain", [
+        "--config", "jobs/digits/pretrain.yaml", f"loop.output_dir={teacher_dir}", threads,
     ])
     stage_seconds.setdefault("pretrain", seconds)
-    teacher = teacher_dir / "export"
+    teacher = RunDir(teacher_dir).export
 
-    seconds, output = _stage("2/7 trajectories (Ray; cached by spec)", [
-        python, "pipeline/generate.py", "--teacher", str(teacher), *GENERATION_ARGS,
-        "--num-workers", "1", "--cpus-per-worker", str(cfg.threads),
-    ], capture=True)
-    summary = json.loads(next(line for line in output.splitlines() if line.startswith("GENERATE_SUMMARY "))[17:])
+    seconds, output = _stage("2/7 trajectories (Ray; cached by spec)", "generate", [
+        "--teacher", str(teacher), *GENERATION_ARGS, "--num-workers", "1", "--cpus-per-worker", str(cfg.threads),
+    ])
+    summary = generation_summary(output)
     store = summary["url"]
     if not summary["cache_hit"] or "generate" not in stage_seconds:  # a cache hit keeps the original run's cost
         stage_seconds["generate"] = summary["seconds"]
 
     mid_dirs = {form: runs / f"mid_{form}" for form in ("cm", "mf")}
     for form, mid_dir in mid_dirs.items():
-        _stage(f"{3 if form == 'cm' else 4}/7 CMT mid-training, {form.upper()} form", [
-            python, "trainer/mid.py", "--config", "jobs/digits/mid.yaml", f"teacher={teacher}", f"stores=[{store}]",
+        _stage(f"{3 if form == 'cm' else 4}/7 CMT mid-training, {form.upper()} form", "mid", [
+            "--config", "jobs/digits/mid.yaml", f"teacher={teacher}", f"stores=[{store}]",
             f"form={form}", f"loop.output_dir={mid_dir}", f"loop.total_steps={cfg.mid_steps}",
             f"loop.eval_every_steps={cfg.eval_every_steps}", threads,
         ])
     post_dirs = {}
     for index, (method, form) in enumerate((("ect", "cm"), ("meanflow", "mf"))):
         post_dirs[method] = runs / f"post_{method}"
-        _stage(f"{5 + index}/7 {method} post-training from the CMT ({form.upper()}) export", [
-            python, "trainer/post.py", "--config", "jobs/digits/post.yaml", "--method", method,
-            "--init", f"cmt:{mid_dirs[form] / 'export'}", "--data", f"store:{store}", f"teacher={teacher}",
+        _stage(f"{5 + index}/7 {method} post-training from the CMT ({form.upper()}) export", "post", [
+            "--config", "jobs/digits/post.yaml", "--method", method, "--init", f"cmt:{RunDir(mid_dirs[form]).export}", "--data", f"store:{store}", f"teacher={teacher}",
             f"loop.output_dir={post_dirs[method]}", f"loop.total_steps={cfg.post_steps}",
             f"loop.eval_every_steps={cfg.eval_every_steps}", threads,
         ])
@@ -170,10 +152,10 @@ def run(cfg: DemoConfig) -> dict:
     from trainer.metrics import real_vs_real_floor
 
     floor = real_vs_real_floor("digits")
-    teacher_init = json.loads((mid_dirs["cm"] / "init_eval.json").read_text())
+    teacher_init = RunDir(mid_dirs["cm"]).read_init_eval()
     cmt = {form: _final_fd(directory) for form, directory in mid_dirs.items()}
     post = {method: _final_fd(directory) for method, directory in post_dirs.items()}
-    teacher_16 = [r for r in _metrics(teacher_dir) if any(k.startswith("FD-") for k in r)]
+    teacher_16 = [r for r in RunDir(teacher_dir).read_metrics() if any(k.startswith("FD-") for k in r)]
     teacher_16_fd = next((v for k, v in teacher_16[-1].items() if k.startswith("FD-")), None) if teacher_16 else None
     rows = [
         ("teacher, 1-/2-step (its x0 prediction; the student at init)", teacher_init["fd_1step"], teacher_init["fd_2step"]),
@@ -186,7 +168,7 @@ def run(cfg: DemoConfig) -> dict:
     table = _table(rows, floor)
 
     def train_seconds(run_dir: Path) -> float:
-        return max((r.get("train_seconds", 0.0) for r in _metrics(run_dir)), default=0.0)
+        return RunDir(run_dir).last_train_seconds() or 0.0
 
     curves = {f"CMT {form.upper()}": _fd_curve(d, stage_seconds["generate"]) for form, d in mid_dirs.items()}
     curves["ECT after CMT"] = _fd_curve(post_dirs["ect"], stage_seconds["generate"] + train_seconds(mid_dirs["cm"]))
@@ -197,8 +179,8 @@ def run(cfg: DemoConfig) -> dict:
 
     stages = [("pretrain", teacher_dir), *[(f"mid_{f}", d) for f, d in mid_dirs.items()], *[(f"post_{m}", d) for m, d in post_dirs.items()]]
     for name, directory in stages:
-        shutil.copyfile(directory / "config.yaml", report / f"config_{name}.yaml")
-        grids = sorted((directory / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
+        shutil.copyfile(RunDir(directory).config, report / f"config_{name}.yaml")
+        grids = sorted(RunDir(directory).samples.glob("*.png"), key=lambda p: p.stat().st_mtime)
         for grid in grids[-2:]:
             shutil.copyfile(grid, report / f"samples_{name}_{grid.name}")
     metrics = {

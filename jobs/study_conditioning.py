@@ -41,7 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.compare_inits import CompareConfig, _finished, _metrics, _short_hash, launch_training, make_store
+from jobs.compare_config import CompareConfig
+from jobs.study_runs import launch_training, short_hash
+from jobs.study_store import make_store
+from trainer.run_dir import RunDir
 
 MID_PRESET = "jobs/digits/mid.yaml"
 NO_TRANSFER = "student.transfer=off"
@@ -141,9 +144,9 @@ def run_cell(cell: Cell, teacher_dir: str, store_url: str, args: argparse.Namesp
                 f"loop.total_steps={args.mid_steps}", f"loop.eval_every_steps={args.eval_every}",
                 "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1", f"loop.torch_threads={args.threads}",
                 "eval_at_init=true", f"num_eval_samples={args.num_eval_samples}", *cell.overrides]
-    name = f"{cell.teacher}-{cell.variant}-{cell.form}-s{cell.seed}-{_short_hash([MID_PRESET, settings])}"
+    name = f"{cell.teacher}-{cell.variant}-{cell.form}-s{cell.seed}-{short_hash([MID_PRESET, settings])}"
     run_dir = runs_dir / name
-    if not _finished(run_dir, args.mid_steps):
+    if not RunDir(run_dir).finished(args.mid_steps):
         print(f"[study_conditioning] {name}: {args.mid_steps} steps", flush=True)
         launch_training("mid", MID_PRESET, [*settings, f"loop.output_dir={run_dir}"], runs_dir.parent / "logs" /
                         f"{name}.log", "subprocess")
@@ -185,15 +188,15 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
 
 def read_cell(run_dir: Path, redraws: int, num_samples: int) -> dict[str, Any]:
     """A finished run's FD at init, along training, at the end, and on re-drawn evaluation noise."""
-    init = json.loads((run_dir / "init_eval.json").read_text())
-    curve = [{"step": r["step"], "fd_1step": r["fd_1step"], "fd_2step": r["fd_2step"]}
-             for r in _metrics(run_dir) if "fd_1step" in r]
-    return {"init": init, "curve": curve, "final": curve[-1], "redraws": fd_redraws(run_dir / "export", redraws, num_samples)}
+    run = RunDir(run_dir)
+    curve = [{"step": r["step"], "fd_1step": r["fd_1step"], "fd_2step": r["fd_2step"]} for r in run.read_evaluations()]
+    return {"init": run.read_init_eval(), "curve": curve, "final": curve[-1],
+            "redraws": fd_redraws(run.export, redraws, num_samples)}
 
 
 def teacher_fd(teacher_dir: str) -> float | None:
     """The teacher's own FD-digits at 16 DPM-Solver++ steps, as logged by trainer/pretrain.py (None if absent)."""
-    metrics = _metrics(Path(teacher_dir).parent)
+    metrics = RunDir(Path(teacher_dir).parent).read_metrics()
     scored = [record["FD-digits"] for record in metrics if "FD-digits" in record]
     return float(scored[-1]) if scored else None
 

@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from jobs.compare_inits import (
-    JSON_NAME,
-    MARKDOWN_NAME,
-    PLOT_NAME,
-    QUICK,
-    SETTINGS_LOG,
-    CompareError,
-    first_crossing,
-    main,
-    parse_scoped_override,
-    run,
-)
+from jobs.compare_accounting import first_crossing
+from jobs.compare_config import QUICK, CompareError, parse_scoped_override
+from jobs.compare_inits import main, run
+from jobs.compare_report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, SETTINGS_LOG
 from pipeline.teacher import load_teacher
 from tests.helpers import tiny_unet, write_solved_store
 
@@ -194,7 +186,7 @@ def test_first_crossing_and_override_errors():
 
 
 def test_a_baseline_that_reads_the_store_is_charged_for_generation(tmp_path):
-    from jobs.compare_inits import post_plan, reads_store
+    from jobs.study_runs import post_plan, reads_store
 
     cfg = dataclasses.replace(QUICK, methods=("ect", "ecd"), overrides=("ecd:data=store",))
     plan = {method: post_plan(cfg, method, "teacher", 0, 10, store_url="/s.zarr", cmt_export=None, runs_dir=tmp_path)
