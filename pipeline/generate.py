@@ -527,15 +527,13 @@ def _locate(cfg: GenerateConfig, spec: GenerationSpec) -> tuple[str, TrajectoryS
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
-    """Generate (or resume, or find cached) the trajectory store for cfg; raise GenerateError on any failure."""
+    """Generate (or resume, or find cached) the trajectory store for cfg; raise GenerateError on any failure.
+
+    `cfg` checked its own options when it was built (GenerateConfig); what needs the teacher is checked here."""
     started = time.perf_counter()
     cfg, notes = resolve_defaults(cfg)
     for note in notes:
         print(note, file=sys.stderr)
-    if cfg.num_trajectories < 1:
-        raise GenerateError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
-    if cfg.num_workers < 1 or cfg.batch_size < 1:
-        raise GenerateError("--num-workers and --batch-size must be at least 1")
     precision, precision_source = resolve_precision(cfg)
     identity = _identity_for(cfg)
     _check_labels_option(cfg, identity.num_classes)

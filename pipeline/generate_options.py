@@ -1,5 +1,10 @@
 """Options of the generation job: `GenerateConfig`, its command line and YAML presets, and defaults that adapt.
 
+`GenerateConfig` is a typed frozen config like the stages' ones, loaded by the same loader (`pipeline/config_loader.py`):
+the `--config` preset, then the flags given. It checks itself when built (`__post_init__`): everything that can be
+judged without the teacher is refused there, before any work, in the words of the flags (the teacher-dependent checks,
+such as --labels on an unconditional teacher, stay in `pipeline/generate.py`'s `run`).
+
 A default adapts to the options the user did choose, and says so in one line: `--solver ddim` (a solver that takes no
 custom levels) runs on `--grid scheduler`; `--shard-size N` gets a chunk size that divides N; `--chunk-size C` gets a
 shard size that is a multiple of C; the teacher runs in fp32 on CPU workers and in the preset's `gpu_precision` on GPU
@@ -14,7 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pipeline.precision import PRECISIONS, check_name
+from pipeline.config_loader import ConfigError, MissingKeyError, UnknownKeyError, load_config
+from pipeline.precision import PRECISIONS, PrecisionError, check_name
 from pipeline.solver_names import GRIDS, SCHEDULER_GRID, SCHEDULER_GRID_ONLY, SOLVERS
 from storage_schema import CODECS, STORAGE_DTYPES
 
@@ -27,11 +33,17 @@ class GenerateError(RuntimeError):
     """A generation job that cannot run as asked; the message names the problem and the fix."""
 
 
+class GenerateOptionError(GenerateError, ConfigError):
+    """Options that cannot make a job, refused by `GenerateConfig` itself: a GenerateError to callers of `run`, and a
+    ConfigError to the config loader, which passes it on unchanged (in the words of the flags)."""
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """Everything that defines one generation job (the store's spec plus how to run it).
 
     `grid`, `shard_size` and `chunk_size` left at None take defaults that fit the other options (`resolve_defaults`).
+    Options that cannot make a job are refused when the config is built (GenerateOptionError, PrecisionError).
     """
 
     teacher: str
@@ -70,10 +82,62 @@ class GenerateConfig:
     throughput_source: str | None = None  # where that measurement comes from
     gpu: dict | None = None  # name, peak_tflops {precision: TFLOP/s}, peak_source, utilization, utilization_source
 
+    def __post_init__(self) -> None:
+        """Refuse what cannot make a job, in the words of the flags, whatever set the options (preset, flags, code).
+
+        `_resolved_grid` and `_resolved_layout` refuse conflicting pairs here; their adapted values are filled in by
+        `resolve_defaults` when the job runs."""
+        _check_names(self)
+        _resolved_grid(self)
+        _resolved_layout(self)
+        _check_counts(self)
+        _check_precisions(self)
+        _check_label_list(self)
+
 
 def _largest_divisor_up_to(number: int, limit: int) -> int:
     """The largest divisor of `number` that is at most `limit`."""
     return next(size for size in range(min(number, limit), 0, -1) if number % size == 0)
+
+
+def _check_names(cfg: GenerateConfig) -> None:
+    """A solver, grid, storage dtype and codec the project knows (the flags' own choices; a preset is checked alike)."""
+    for flag, value, known in (("--solver", cfg.solver, SOLVERS), ("--grid", cfg.grid, GRIDS),
+                               ("--dtype", cfg.dtype, STORAGE_DTYPES), ("--codec", cfg.codec, CODECS)):
+        if value is not None and value not in known:
+            raise GenerateOptionError(f"{flag} {value}: unknown; choose one of {', '.join(known)}")
+
+
+def _check_counts(cfg: GenerateConfig) -> None:
+    """At least one trajectory, solver step, worker and trajectory per batch."""
+    if cfg.steps < 1:
+        raise GenerateOptionError(f"--steps must be at least 1 (got {cfg.steps}): the store keeps steps + 1 points")
+    if cfg.num_trajectories < 1:
+        raise GenerateOptionError(f"--num-trajectories must be at least 1 (got {cfg.num_trajectories})")
+    if cfg.num_workers < 1 or cfg.batch_size < 1:
+        raise GenerateOptionError("--num-workers and --batch-size must be at least 1")
+
+
+def _check_precisions(cfg: GenerateConfig) -> None:
+    """Known precision names: --precision, and the preset's gpu_precision (used whenever workers get GPUs)."""
+    if cfg.precision is not None:
+        check_name(cfg.precision)
+    if cfg.gpu_precision not in PRECISIONS:
+        raise PrecisionError(f"gpu_precision {cfg.gpu_precision}: unknown; choose one of {', '.join(PRECISIONS)}")
+
+
+def _check_label_list(cfg: GenerateConfig) -> None:
+    """--labels is 'uniform' or integer class ids; whether they are classes of the teacher is checked with it loaded."""
+    if cfg.labels is None or cfg.labels == "uniform":
+        return
+    for part in filter(str.strip, cfg.labels.split(",")):
+        try:
+            int(part)
+        except ValueError:
+            raise GenerateOptionError(
+                f"--labels {cfg.labels!r}: expected 'uniform' or comma-separated class ids such as '3,7'; fix the "
+                f"list or use --labels uniform"
+            ) from None
 
 
 def _resolved_grid(cfg: GenerateConfig) -> tuple[str, list[str]]:
@@ -86,7 +150,7 @@ def _resolved_grid(cfg: GenerateConfig) -> tuple[str, list[str]]:
             notes.append(f"note: --solver {cfg.solver} steps only between the teacher's own timesteps, so it runs on "
                          f"--grid {grid} (not the default --grid {DEFAULT_GRID})")
     elif cfg.solver in SCHEDULER_GRID_ONLY and grid != SCHEDULER_GRID:
-        raise GenerateError(
+        raise GenerateOptionError(
             f"--solver {cfg.solver} cannot run --grid {grid}: it steps only between the teacher's own timesteps "
             f"(--grid {SCHEDULER_GRID}). Drop --grid, or keep --grid {grid} with --solver euler (the same first-order "
             f"method on any grid) or --solver dpmpp-3m"
@@ -94,7 +158,7 @@ def _resolved_grid(cfg: GenerateConfig) -> tuple[str, list[str]]:
     levels = [flag for flag, value in (("--sigma-max", cfg.sigma_max), ("--sigma-min", cfg.sigma_min)) if value is not None]
     if levels and grid == SCHEDULER_GRID:
         reason = f"--solver {cfg.solver} runs only on" if cfg.solver in SCHEDULER_GRID_ONLY else "it uses"
-        raise GenerateError(
+        raise GenerateOptionError(
             f"{' and '.join(levels)} set the end levels of --grid karras or logsnr, but {reason} --grid "
             f"{SCHEDULER_GRID}, whose levels are the scheduler's own: drop {' and '.join(levels)}, or use --grid logsnr "
             f"with a solver other than {', '.join(SCHEDULER_GRID_ONLY)}"
@@ -106,11 +170,11 @@ def _resolved_layout(cfg: GenerateConfig) -> tuple[int, int, list[str]]:
     """Shard and chunk sizes: a default adapts to the other one when that is given; both given must fit."""
     for flag, value in (("--shard-size", cfg.shard_size), ("--chunk-size", cfg.chunk_size)):
         if value is not None and value < 1:
-            raise GenerateError(f"{flag} must be at least 1 (got {value})")
+            raise GenerateOptionError(f"{flag} must be at least 1 (got {value})")
     shard, chunk = cfg.shard_size, cfg.chunk_size
     if shard is not None and chunk is not None:
         if shard % chunk:
-            raise GenerateError(
+            raise GenerateOptionError(
                 f"--chunk-size {chunk} does not divide --shard-size {shard} (a shard holds whole chunks): pass a "
                 f"--chunk-size that divides {shard} (such as {_largest_divisor_up_to(shard, chunk)}), or drop "
                 f"--chunk-size and one is picked"
@@ -130,7 +194,9 @@ def _resolved_layout(cfg: GenerateConfig) -> tuple[int, int, list[str]]:
 
 
 def resolve_defaults(cfg: GenerateConfig) -> tuple[GenerateConfig, list[str]]:
-    """The config with every adaptive default filled in, and one note line per default that differs from the usual."""
+    """The config with every adaptive default filled in, and one note line per default that differs from the usual.
+
+    A conflict between explicit options never reaches here: the config refused it when it was built."""
     grid, grid_notes = _resolved_grid(cfg)
     shard, chunk, layout_notes = _resolved_layout(cfg)
     return dataclasses.replace(cfg, grid=grid, shard_size=shard, chunk_size=chunk), grid_notes + layout_notes
@@ -150,28 +216,11 @@ def _option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def read_preset(path: str) -> dict[str, Any]:
-    """A YAML preset of GenerateConfig fields (dashes or underscores); unknown keys are an error naming the closest."""
-    import difflib
-
-    import yaml
-
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
-    known = {f.name for f in dataclasses.fields(GenerateConfig)}
-    preset = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise GenerateError(f"{path}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(known))}")
-        preset[name] = tuple(value) if isinstance(value, list) else value
-    return preset
-
-
 def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
-    """Command-line flags → GenerateConfig: built-in defaults, then the --config preset, then explicit flags."""
+    """Command-line flags → GenerateConfig: built-in defaults, then the --config preset, then explicit flags.
+
+    The preset goes through the project's config loader (types parsed, unknown keys named with the closest one); the
+    flags come typed from argparse. Errors speak of the flags and the preset's keys, as the user wrote them."""
     parser = argparse.ArgumentParser(
         prog="pipeline/generate.py",
         description="Generate (or resume, or find in the cache) a store of teacher PF-ODE trajectories with Ray.",
@@ -214,13 +263,15 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     parser.add_argument("--max-task-retries", type=int, default=keep,
                         help="restarts of a lost worker (process or node), whose unfinished shards are retried (default 3)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=keep)
-    args = vars(parser.parse_args(argv))
-    fields = read_preset(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    fields.update({name.replace("-", "_"): value for name, value in args.items()})
-    for required in ("teacher", "num_trajectories"):
-        if required not in fields:
-            parser.error(f"{_option_name(required)} is required (on the command line or in the --config preset)")
-    if fields.get("out") is not None and fields.get("cache_root") is not None and "out" in args and "cache_root" not in args:
-        fields["cache_root"] = None  # an explicit --out wins over a preset's cache root
-    return GenerateConfig(**fields)
+    flags = vars(parser.parse_args(argv))
+    preset = flags.pop("config")
+    if "out" in flags and "cache_root" not in flags:
+        flags["cache_root"] = None  # an explicit --out wins over a preset's cache root
+    try:
+        return load_config(GenerateConfig, preset, parsed_values=flags)
+    except MissingKeyError as error:
+        parser.error(f"{_option_name(error.key)} is required (on the command line or in the --config preset)")
+    except UnknownKeyError as error:
+        hint = f" (did you mean {error.suggestion!r}?)" if error.suggestion else ""
+        raise GenerateError(f"{preset}: unknown key {error.key!r}{hint}; valid keys: "
+                            f"{', '.join(sorted(error.valid_keys))}") from None

@@ -8,13 +8,16 @@ The name is part of the store's spec, so stores made at different precisions nev
 
 from __future__ import annotations
 
+from pipeline.config_loader import ConfigError
 from storage_schema import TEACHER_PRECISIONS as PRECISIONS
 
 _DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class PrecisionError(ValueError):
-    """A precision the device cannot run; the message names --precision and what to use instead."""
+class PrecisionError(ConfigError):
+    """A precision unknown or that the device cannot run; the message names --precision and what to use instead.
+
+    A ConfigError (a ValueError), so the config loader passes `GenerateConfig`'s own name check on unchanged."""
 
 
 def check_name(precision: str) -> str:

@@ -9,7 +9,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from trainer.config import ConfigError, load_config, parse_stage_args, save_resolved
+from pipeline.config_loader import ConfigError, MissingKeyError, UnknownKeyError, load_config
+from trainer.config import parse_stage_args, save_resolved
 from trainer.loop import LoopConfig
 from trainer.pretrain import PretrainConfig
 
@@ -155,3 +156,40 @@ def test_stage_args_split_config_dry_run_and_overrides():
     assert args.config_path == "a.yaml" and args.dry_run
     assert args.overrides == ("loop.lr=1", "--loop.seed", "3")
     assert parse_stage_args(["--config=b.yaml"]).config_path == "b.yaml"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WithMapping:
+    """A config with a free-form mapping field and an optional string, as the generation config has."""
+
+    name: str
+    note: str | None = None
+    extra: dict | None = None
+
+
+def test_mapping_fields_come_from_the_preset_or_an_override(tmp_path):
+    preset = write_preset(tmp_path, {"name": "x", "extra": {"peak": {"fp32": 1.5}, "utilization": 0.4}})
+    assert load_config(WithMapping, preset).extra == {"peak": {"fp32": 1.5}, "utilization": 0.4}
+    assert load_config(WithMapping, preset, ["extra={a: 1}"]).extra == {"a": 1}
+    with pytest.raises(ConfigError, match="`extra` must be a mapping"):
+        load_config(WithMapping, preset, ["extra=3"])
+
+
+def test_values_a_cli_parser_already_typed_are_taken_as_they_are_and_overrides_follow_them():
+    cfg = load_config(WithMapping, None, parsed_values={"name": "none", "note": "null"})
+    assert (cfg.name, cfg.note) == ("none", "null"), "no none-word parsing of values a CLI's own parser typed"
+    assert load_config(WithMapping, None, ["note=none"], parsed_values={"name": "x", "note": "y"}).note is None
+
+
+def test_unknown_and_missing_keys_carry_the_key_for_a_cli_to_reword(tmp_path):
+    preset = write_preset(tmp_path, {"nmae": "x"})
+    with pytest.raises(UnknownKeyError) as unknown:
+        load_config(WithMapping, preset)
+    assert (unknown.value.key, unknown.value.suggestion, unknown.value.in_preset) == ("nmae", "name", True)
+    assert set(unknown.value.valid_keys) == {"name", "note", "extra"}
+    with pytest.raises(UnknownKeyError) as override:
+        load_config(WithMapping, None, ["nmae=x"])
+    assert not override.value.in_preset
+    with pytest.raises(MissingKeyError) as missing:
+        load_config(WithMapping, None, [])
+    assert missing.value.key == "name"

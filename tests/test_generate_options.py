@@ -14,7 +14,15 @@ import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from pipeline.generate import main
-from pipeline.generate_options import DEFAULT_CHUNK_SIZE, DEFAULT_GRID, DEFAULT_SHARD_SIZE
+from pipeline.config_loader import ConfigError
+from pipeline.generate import GenerateError
+from pipeline.generate_options import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_GRID,
+    DEFAULT_SHARD_SIZE,
+    GenerateConfig,
+    GenerateOptionError,
+)
 from pipeline.solver_names import GRIDS, SCHEDULER_GRID_ONLY, SOLVERS
 from storage_schema import CODECS, open_store
 from tests.helpers import tiny_unet
@@ -114,6 +122,32 @@ def test_explicit_conflicts_are_refused_in_flag_words_before_any_work(teachers, 
     assert status == 1 and words in printed.err, printed.err
     assert "open_store" not in printed.err and "grid='" not in printed.err, "API words on a CLI"
     assert not (tmp_path / "store.zarr").exists()
+
+
+@pytest.mark.parametrize("preset_text, words", [
+    ("solver: ddim\ngrid: karras\n", "--solver ddim cannot run --grid karras"),
+    ("solver: dpm\n", "--solver dpm: unknown; choose one of"),
+    ("shard_size: 12\nchunk_size: 8\n", "--chunk-size 8 does not divide --shard-size 12"),
+    ("steps: 0\n", "--steps must be at least 1"),
+    ("steps: many\n", "`steps` must be an integer, got 'many' (from preset"),
+    ("gpu_precision: fp64\n", "gpu_precision fp64: unknown"),
+    ("labels: a,b\n", "--labels 'a,b': expected 'uniform' or comma-separated class ids"),
+])
+def test_a_preset_is_checked_as_the_flags_are_before_any_work(teachers, tmp_path, capsys, preset_text, words):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(preset_text)
+    status = main(_cli(teachers["unconditional"], tmp_path / "store.zarr", "--config", str(preset)))
+    printed = capsys.readouterr()
+    assert status == 1 and words in printed.err, printed.err
+    assert not (tmp_path / "store.zarr").exists()
+
+
+def test_the_config_type_refuses_options_that_cannot_make_a_job_when_it_is_built():
+    with pytest.raises(GenerateOptionError, match="--solver ddim cannot run --grid logsnr") as refused:
+        GenerateConfig(teacher="unused", num_trajectories=1, solver="ddim", grid="logsnr")
+    assert isinstance(refused.value, GenerateError) and isinstance(refused.value, ConfigError)
+    with pytest.raises(GenerateOptionError, match="--num-workers and --batch-size must be at least 1"):
+        GenerateConfig(teacher="unused", num_trajectories=1, batch_size=0)
 
 
 def test_ddim_and_a_shard_size_without_grid_or_chunk_size_generate_a_valid_store(teachers, tmp_path, capsys):

@@ -1,50 +1,38 @@
-"""Typed stage configs: a YAML preset, then command-line overrides, resolved into a frozen dataclass.
+"""The stages' command line and run record: `--config PRESET`, `--dry-run`, `key=value` overrides, `config.yaml`.
 
-Every stage (pretrain, mid, post) has one frozen dataclass config; sub-configs are nested dataclasses
-(the training loop's `LoopConfig` sits under the key `loop`). A preset is a nested YAML mapping:
-
-    dataset: digits
-    loop:
-      total_steps: 3000
-      lr: 2.0e-4
-
-Overrides name a key by its dotted path and accept these spellings (dashes and underscores are equal):
-
-    loop.lr=1e-3    --loop.lr=1e-3    --loop.lr 1e-3    --loop.total-steps 100
-
-A leaf name that occurs once in the whole config may be used alone (`lr=1e-3` means `loop.lr=1e-3`);
-a name that occurs in several places must be written in full. A bool may be given as a bare flag
-(`--loop.ema-warmup`). Values are parsed to the field's declared type: int, float, bool, str,
-`X | None` (`none`/`null` give None), `Literal[...]` (checked against its choices), `tuple[X, ...]`
-(`[32,64]` or `32,64`) and nested dataclasses. An unknown key raises `ConfigError` naming the key,
-the closest valid key and the preset file.
+Every stage (pretrain, mid, post) has one frozen dataclass config, loaded by the project's one config loader,
+`pipeline/config_loader.py` (YAML preset, overrides in every spelling, type parsing, unknown keys named with the closest
+valid one), which the generation CLI shares. This module adds what only the stages need: splitting a stage's argv into
+the preset, `--dry-run` and the overrides; the flat view of a config for experiment trackers; and the resolved config a
+run writes to its output directory. `ConfigError`, `load_config` and `config_to_dict` are the loader's, re-exported
+here for the stage modules.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import tempfile
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any
 
 import yaml
 
-ConfigT = TypeVar("ConfigT")
+from pipeline.config_loader import ConfigError, config_to_dict, load_config
+
+__all__ = [
+    "RESOLVED_CONFIG_NAME",
+    "ConfigError",
+    "StageArgs",
+    "config_to_dict",
+    "flat_config_dict",
+    "load_config",
+    "parse_stage_args",
+    "save_resolved",
+]
 
 RESOLVED_CONFIG_NAME = "config.yaml"
-_NONE_WORDS = {"none", "null", "~"}
-_TRUE_WORDS = {"true", "yes", "on", "1"}
-_FALSE_WORDS = {"false", "no", "off", "0"}
-
-
-class ConfigError(ValueError):
-    """A preset or override that cannot be turned into the stage's config; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -80,41 +68,6 @@ def parse_stage_args(argv: Sequence[str]) -> StageArgs:
     return StageArgs(config_path=config_path, overrides=tuple(overrides), dry_run=dry_run)
 
 
-def load_config(
-    cls: type[ConfigT], yaml_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
-) -> ConfigT:
-    """Build `cls` from the YAML preset at `yaml_path` (optional), then apply `overrides` in order."""
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
-    preset_name = str(yaml_path) if yaml_path is not None else "<no preset>"
-    leaf_types = _leaf_types(cls)
-    raw: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    if yaml_path is not None:
-        preset = _read_preset(Path(yaml_path))
-        for key, value in _flatten_mapping(preset, cls, preset_name, prefix=""):
-            raw[key] = value
-            sources[key] = f"preset {preset_name}"
-    for key, value in _split_overrides(overrides, leaf_types, preset_name):
-        raw[key] = value
-        sources[key] = f"override `{key}={value}`"
-    return _build(cls, raw, sources, preset_name, prefix="")
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict of a config (tuples as lists) that YAML can write and `load_config` reads back."""
-    result: dict[str, Any] = {}
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        if dataclasses.is_dataclass(value):
-            result[field.name] = config_to_dict(value)
-        elif isinstance(value, tuple):
-            result[field.name] = list(value)
-        else:
-            result[field.name] = value
-    return result
-
-
 def flat_config_dict(cfg: Any) -> dict[str, bool | int | float | str]:
     """Flat `{dotted.key: scalar}` view of a config for experiment trackers (None and tuples as text)."""
     flat: dict[str, bool | int | float | str] = {}
@@ -143,249 +96,3 @@ def save_resolved(cfg: Any, directory: str | os.PathLike) -> Path:
         stream.write(text)
     os.replace(temp_name, target)
     return target
-
-
-def _read_preset(path: Path) -> Mapping[str, Any]:
-    """Parse a YAML preset into a mapping, with errors that name the file."""
-    if not path.is_file():
-        raise ConfigError(f"preset file {path} does not exist; pass an existing YAML file to --config")
-    try:
-        content = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"preset file {path} is not valid YAML ({error}); fix the file") from error
-    if content is None:
-        return {}
-    if not isinstance(content, Mapping):
-        raise ConfigError(f"preset file {path} must hold a mapping of config keys, got {type(content).__name__}")
-    return content
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved type annotations of a dataclass's fields (string annotations evaluated)."""
-    hints = typing.get_type_hints(cls)
-    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
-
-
-def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Every settable dotted key of a (nested) config dataclass mapped to its declared type."""
-    leaves: dict[str, Any] = {}
-    for name, annotation in _field_types(cls).items():
-        nested = _dataclass_of(annotation)
-        if nested is not None:
-            leaves.update(_leaf_types(nested, f"{prefix}{name}."))
-        else:
-            leaves[f"{prefix}{name}"] = annotation
-    return leaves
-
-
-def _dataclass_of(annotation: Any) -> type | None:
-    """The dataclass type behind an annotation (plain, not Optional), or None."""
-    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        return annotation
-    return None
-
-
-def _unknown_key_error(key: str, valid_keys: Sequence[str], preset_name: str) -> ConfigError:
-    """ConfigError for an unknown key that names the closest valid key and the preset file."""
-    close = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.0)
-    hint = f"did you mean `{close[0]}`?" if close else "no similar key exists"
-    return ConfigError(
-        f"unknown config key `{key}` (preset: {preset_name}); {hint} "
-        f"Valid keys: {', '.join(sorted(valid_keys))}"
-    )
-
-
-def _flatten_mapping(node: Mapping[str, Any], cls: type, preset_name: str, prefix: str):
-    """Yield (dotted key, raw value) for every leaf of a preset mapping, checking keys against `cls`."""
-    field_types = _field_types(cls)
-    for raw_key, value in node.items():
-        name = str(raw_key).replace("-", "_")
-        if name not in field_types:
-            raise _unknown_key_error(f"{prefix}{name}", list(_leaf_types(cls, prefix)), preset_name)
-        nested = _dataclass_of(field_types[name])
-        if nested is not None:
-            if not isinstance(value, Mapping):
-                raise ConfigError(
-                    f"`{prefix}{name}` in preset {preset_name} must be a mapping of its fields "
-                    f"({', '.join(f.name for f in dataclasses.fields(nested))}), got {value!r}"
-                )
-            yield from _flatten_mapping(value, nested, preset_name, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", value
-
-
-def _split_overrides(overrides: Sequence[str], leaf_types: Mapping[str, Any], preset_name: str):
-    """Yield (dotted key, string value) from `key=value`, `--key=value`, `--key value` and `--flag` tokens."""
-    tokens = list(overrides)
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        index += 1
-        flag_form = token.startswith("-")
-        body = token.lstrip("-")
-        if "=" in body:
-            key, value = body.split("=", 1)
-        elif flag_form:
-            key = body
-            resolved = _resolve_key(key.replace("-", "_"), leaf_types, preset_name)
-            next_token = tokens[index] if index < len(tokens) else None
-            takes_value = next_token is not None and not next_token.startswith("--")
-            if _is_bool(leaf_types[resolved]) and takes_value and next_token.lower() not in _TRUE_WORDS | _FALSE_WORDS:
-                takes_value = False
-            if takes_value:
-                value = next_token
-                index += 1
-            elif _is_bool(leaf_types[resolved]):
-                value = "true"
-            else:
-                raise ConfigError(f"override `{token}` needs a value: write `{token}=VALUE` or `{token} VALUE`")
-        else:
-            raise ConfigError(
-                f"cannot read override `{token}`; write `key=value`, `--key=value` or `--key value`"
-            )
-        yield _resolve_key(key.replace("-", "_"), leaf_types, preset_name), value
-
-
-def _resolve_key(key: str, leaf_types: Mapping[str, Any], preset_name: str) -> str:
-    """Full dotted key for an override key, allowing a leaf name that is unique in the config."""
-    if key in leaf_types:
-        return key
-    matches = [full for full in leaf_types if full.rsplit(".", 1)[-1] == key]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ConfigError(
-            f"config key `{key}` is ambiguous (preset: {preset_name}); write one of: {', '.join(sorted(matches))}"
-        )
-    raise _unknown_key_error(key, list(leaf_types), preset_name)
-
-
-def _is_bool(annotation: Any) -> bool:
-    """Whether a field's type is bool or bool | None."""
-    if annotation is bool:
-        return True
-    return _is_optional(annotation) and _strip_optional(annotation) is bool
-
-
-def _is_optional(annotation: Any) -> bool:
-    """Whether an annotation is a union that admits None."""
-    origin = typing.get_origin(annotation)
-    return origin in (Union, types.UnionType) and type(None) in typing.get_args(annotation)
-
-
-def _strip_optional(annotation: Any) -> Any:
-    """The non-None member of `X | None`."""
-    members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    if len(members) != 1:
-        raise TypeError(f"unsupported config field type {annotation!r}: only `X | None` unions are allowed")
-    return members[0]
-
-
-def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """Parse a YAML value or an override string into the declared field type, or raise ConfigError."""
-
-    def fail(expected: str) -> ConfigError:
-        return ConfigError(f"`{key}` must be {expected}, got {value!r} (from {source})")
-
-    if _is_optional(annotation):
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
-            return None
-        return _coerce(value, _strip_optional(annotation), key, source)
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        for choice in choices:
-            if value == choice or (isinstance(value, str) and not isinstance(choice, str) and value == str(choice)):
-                return choice
-        raise fail(f"one of {', '.join(repr(choice) for choice in choices)}")
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        items = value
-        if isinstance(value, str):
-            text = value.strip()
-            items = yaml.safe_load(text) if text[:1] in "[(" else [part for part in text.split(",") if part.strip()]
-            if isinstance(items, str) or not isinstance(items, (list, tuple)):
-                items = [items]
-        if not isinstance(items, (list, tuple)):
-            raise fail("a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(item, args[0], f"{key}[{i}]", source) for i, item in enumerate(items))
-        if len(items) != len(args):
-            raise fail(f"a list of {len(args)} items")
-        return tuple(_coerce(item, arg, f"{key}[{i}]", source) for i, (item, arg) in enumerate(zip(items, args)))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE_WORDS:
-            return True
-        if text in _FALSE_WORDS:
-            return False
-        raise fail("true or false")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise fail("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            raise fail("an integer") from None
-    if annotation is float:
-        if isinstance(value, bool):
-            raise fail("a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise fail("a number") from None
-    if annotation is str:
-        if isinstance(value, (Mapping, list, tuple)) or value is None:
-            raise fail("a string")
-        return str(value)
-    raise TypeError(f"unsupported config field type {annotation!r} for `{key}`")
-
-
-def _build(
-    cls: type[ConfigT],
-    raw: Mapping[str, Any],
-    sources: Mapping[str, str],
-    preset_name: str,
-    prefix: str,
-    base: Any = None,
-):
-    """Build `cls` (or update `base`, an instance of it) from flat dotted raw values, recursing into sub-configs."""
-    kwargs: dict[str, Any] = {}
-    field_types = _field_types(cls)
-    for field in dataclasses.fields(cls):
-        key = f"{prefix}{field.name}"
-        annotation = field_types[field.name]
-        nested = _dataclass_of(annotation)
-        has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
-        if nested is not None:
-            given = any(name.startswith(f"{key}.") for name in raw)
-            if base is not None:
-                nested_base = getattr(base, field.name)
-            elif field.default is not dataclasses.MISSING:
-                nested_base = field.default
-            elif field.default_factory is not dataclasses.MISSING:
-                nested_base = field.default_factory()
-            else:
-                nested_base = None
-            if given or nested_base is None:
-                kwargs[field.name] = _build(nested, raw, sources, preset_name, f"{key}.", nested_base)
-            continue
-        if key in raw:
-            kwargs[field.name] = _coerce(raw[key], annotation, key, sources[key])
-        elif base is None and not has_default:
-            raise ConfigError(
-                f"required config key `{key}` is not set; add it to the preset ({preset_name}) "
-                f"or pass `{key}=VALUE`"
-            )
-    try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"invalid {cls.__name__} (preset: {preset_name}): {error}") from error
