@@ -113,6 +113,26 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return result
 
 
+def describe_keys(cls: type) -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) of every settable key of a config dataclass; "required" where it has no default."""
+    rows = []
+    for key, annotation in _leaf_types(cls).items():
+        owner, name = cls, key
+        while "." in name:
+            head, name = name.split(".", 1)
+            owner = _dataclass_of(_field_types(owner)[head])
+        field = next(f for f in dataclasses.fields(owner) if f.name == name)
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(field.default_factory())
+        else:
+            default = "required"
+        type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+        rows.append((key, type_name, default))
+    return rows
+
+
 def read_preset(path: str | os.PathLike) -> Mapping[str, Any]:
     """Parse a YAML preset into a mapping, with errors that name the file."""
     path = Path(path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from pipeline.config_loader import ConfigError, MissingKeyError, UnknownKeyError, load_config
 from pipeline.precision import PRECISIONS, PrecisionError, check_name

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config_loader import ConfigError, config_to_dict, load_config
+from pipeline.config_loader import ConfigError, config_to_dict, describe_keys, load_config
 
 __all__ = [
     "RESOLVED_CONFIG_NAME",
@@ -30,6 +30,7 @@ __all__ = [
     "load_config",
     "parse_stage_args",
     "save_resolved",
+    "stage_help",
 ]
 
 RESOLVED_CONFIG_NAME = "config.yaml"
@@ -42,10 +43,11 @@ class StageArgs:
     config_path: str | None
     overrides: tuple[str, ...]
     dry_run: bool
+    help: bool = False
 
 
 def parse_stage_args(argv: Sequence[str]) -> StageArgs:
-    """Split a stage CLI's argv into `--config PATH`, `--dry-run` and the remaining key=value overrides."""
+    """Split a stage CLI's argv into `--config PATH`, `--dry-run`, `--help` and the remaining key=value overrides."""
     config_path: str | None = None
     dry_run = False
     overrides: list[str] = []
@@ -62,10 +64,25 @@ def parse_stage_args(argv: Sequence[str]) -> StageArgs:
             config_path = token.split("=", 1)[1]
         elif token in ("--dry-run", "--dry_run"):
             dry_run = True
+        elif token in ("-h", "--help"):
+            return StageArgs(config_path=config_path, overrides=(), dry_run=False, help=True)
         else:
             overrides.append(token)
         index += 1
     return StageArgs(config_path=config_path, overrides=tuple(overrides), dry_run=dry_run)
+
+
+def stage_help(cls: type, module_doc: str) -> str:
+    """`--help` of a stage: the module docstring's title and usage block, then every key with its default."""
+    rows = describe_keys(cls)
+    width = max(len(key) for key, _, _ in rows)
+    paragraphs = module_doc.strip().split("\n\n")
+    usage = [paragraph for paragraph in paragraphs if paragraph.startswith("    ")][:1]
+    lines = [paragraphs[0], "", *usage, "",
+             "Options: --config PRESET (a YAML file of keys), --dry-run (print the resolved run and exit), --help.",
+             "Keys (key=value on the command line; a preset's value replaces the default, the command line wins):", ""]
+    lines += [f"  {key.ljust(width)}  {default}  ({type_name})" for key, type_name, default in rows]
+    return "\n".join(lines)
 
 
 def flat_config_dict(cfg: Any) -> dict[str, bool | int | float | str]:

@@ -31,7 +31,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 
-from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
+from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.image_datasets import ImageDataset, load_dataset
 from pipeline.png_grid import save_grid
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
@@ -299,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `python trainer/pretrain.py --config PRESET [key=value ...] [--dry-run]`."""
     try:
         args = parse_stage_args(sys.argv[1:] if argv is None else argv)
+        if args.help:
+            print(stage_help(PretrainConfig, __doc__))
+            return 0
         cfg = load_config(PretrainConfig, args.config_path, args.overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
