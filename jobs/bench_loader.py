@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import StreamConfig, TrajectoryStream
     from trainer.loop import InMemoryBatches
     from trainer.losses import squared_l2
-    from trainer.mid import MidConfig, check_stores, cm_loss, mf_loss, preload_pairs
+    from trainer.methods.cmt import cm_loss, mf_loss
+    from trainer.mid import MidConfig, check_stores, preload_pairs
     from trainer.student import FlowMapStudent
 
     overrides = [f"teacher={args.teacher}", f"stores=[{','.join(args.store)}]", f"form={args.form}",

@@ -5,11 +5,12 @@ and under Accelerate's bf16 mixed precision.
         [--precisions no bf16] [--methods mid-cm mid-mf ect ecd meanflow-jvp meanflow-fd] [--threads 2]
 
 The DiT has DiT-XL/2's layout (patch 2, learned sigma, 1000 classes, 4-channel latents) with random weights; width,
-heads and depth are flags (DiT-XL/2: 1152, 16, 28). Each method runs the stage's own loss (`trainer.mid.cm_loss` /
-`mf_loss`, `trainer.post.ECTLoss` / `StoredECDLoss`, `trainer.meanflow.MeanFlowLoss` with the ImageNet-256 preset's
-guidance and 10 % label dropout) on synthetic batches of the mode's shapes (the values do not change the compute), then
-backward, gradient clipping and one RAdam step, on the model Accelerate prepared with that precision. Prints one JSON
-object: median seconds per step after `--warmup` steps, per method and precision.
+heads and depth are flags (DiT-XL/2: 1152, 16, 28). Each method runs the stage's own loss
+(`trainer.methods.cmt.cm_loss` / `mf_loss`, `trainer.methods.ect.ECTLoss` / `StoredECDLoss`,
+`trainer.methods.meanflow.MeanFlowLoss` with the ImageNet-256 preset's guidance and 10 % label dropout) on synthetic
+batches of the mode's shapes (the values do not change the compute), then backward, gradient clipping and one RAdam
+step, on the model Accelerate prepared with that precision. Prints one JSON object: median seconds per step after
+`--warmup` steps, per method and precision.
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def loss_for(method: str, student: torch.nn.Module) -> object:
     """The stage's loss of `method` (mid-training, ECT, stored ECD, MeanFlow with the ImageNet-256 guidance)."""
     from trainer.label_dropout import LabelDropout
     from trainer.losses import squared_l2
-    from trainer.meanflow import MeanFlowConfig, MeanFlowLoss, tau_max
-    from trainer.mid import cm_loss, mf_loss
-    from trainer.post import ECTConfig, ECTLoss, StoredECDLoss, _sigma_range
+    from trainer.methods.cmt import cm_loss, mf_loss
+    from trainer.methods.ect import ECTConfig, ECTLoss, StoredECDLoss, ect_sigma_range
+    from trainer.methods.meanflow import MeanFlowConfig, MeanFlowLoss, tau_max
 
     if method == "mid-cm":
         return partial(cm_loss, distance=squared_l2)
@@ -80,7 +81,7 @@ def loss_for(method: str, student: torch.nn.Module) -> object:
         return mf_loss
     ect = ECTConfig()
     if method == "ect":
-        return ECTLoss(ect, _sigma_range(ect, student.schedule))
+        return ECTLoss(ect, ect_sigma_range(ect, student.schedule))
     if method == "ecd":
         return StoredECDLoss(ect)
     mf = MeanFlowConfig(derivative=method.split("-")[1], guidance_scale=0.2, guidance_kappa=0.92, guidance_t_max=0.75)

@@ -7,7 +7,7 @@ For the teacher's own x0 prediction (the diffusion init), every named student ex
 weights of every named run (its newest checkpoint, not the EMA export), on the SAME digits images, noise and
 (t, r) draws, in eval mode, it prints:
 
-- `ect`: ECT's loss d(f(x0 + t·ε, t), f(x0 + r·ε, r))/(t − r) (trainer/post.py's ECT pair, ECT's time sampler,
+- `ect`: ECT's loss d(f(x0 + t·ε, t), f(x0 + r·ε, r))/(t − r) (trainer/methods/ect.py's ECT pair, ECT's time sampler,
   pseudo-Huber d). x_t and x_r share ε, so x_r stands in for x_t's PF-ODE neighbour.
 - `ode`: the same distance with x_r = the teacher's PF-ODE step from (x_t, t) to r (ECD's pair): how much f
   changes along the teacher's own trajectory over Δt.
@@ -50,7 +50,7 @@ def probe(teacher_dir: str, students: dict[str, str], *, q: float, num: int, bat
     from pipeline.teacher import load_teacher
     from trainer.image_datasets import load_dataset
     from trainer.losses import ect_loss, ect_target
-    from trainer.post import ECTConfig, _sigma_range, ect_times
+    from trainer.methods.ect import ECTConfig, ect_sigma_range, ect_times
     from trainer.student import FlowMapStudent
 
     teacher = load_teacher(teacher_dir)
@@ -58,7 +58,7 @@ def probe(teacher_dir: str, students: dict[str, str], *, q: float, num: int, bat
     models.update({name: FlowMapStudent.from_pretrained(path) for name, path in students.items()})
     models.update({name: raw_student(path) for name, path in (raw_runs or {}).items()})
     ect = ECTConfig(q_mode="fixed", q_start=q)
-    sigma_range = _sigma_range(ect, models["diffusion init (teacher x0)"].schedule, teacher)
+    sigma_range = ect_sigma_range(ect, models["diffusion init (teacher x0)"].schedule, teacher)
     images = load_dataset("digits").images[:num]  # [N, C, H, W]
     generator = torch.Generator().manual_seed(seed)
     draws = []
@@ -78,8 +78,8 @@ def probe(teacher_dir: str, students: dict[str, str], *, q: float, num: int, bat
             for x0, t, r, x_t, x_r_data, x_r_ode in draws:
                 f_t = model("cm", x_t, t, None)
                 for key, x_r, clean in (("ect", x_r_data, x0), ("ode", x_r_ode, x_r_ode)):
-                    target = ect_target(model("cm", x_r, r, None), clean, r)
-                    totals[key] += float(ect_loss(f_t, target, t, r, weighting=ect.weighting).sum())
+                    target = ect_target(model("cm", x_r, r, None), clean, r=r)
+                    totals[key] += float(ect_loss(f_t, target, t=t, r=r, weighting=ect.weighting).sum())
             result[name] = {key: value / images.shape[0] for key, value in totals.items()}
     return result
 

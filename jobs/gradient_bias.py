@@ -379,7 +379,7 @@ def monte_carlo_level_bias(
     x_t = x0 + sigma * noise  # [M, d]
     x_r = x0 + sigma_next * noise if pair == "shared_noise" else flow_map(x_t, sigma, sigma_next, mu_t, s)  # [M, d]
     f_r = float(student.a[index + 1]) * x_r + torch.as_tensor(student.b[index + 1])  # [M, d]
-    target_post = ect_target(f_r, x0, sigma_next)  # [M, d], sg f(x_r, r)
+    target_post = ect_target(f_r, x0, r=sigma_next)  # [M, d], sg f(x_r, r)
     target_oracle = flow_map(x_t, sigma, 0.0, mu_t, s)  # [M, d], Ψ_{t→0}(x_t)
     x_scaled = float(c_in[index]) * x_t  # [M, d], the slope parameter's input c_in·x_t
     gradients = []

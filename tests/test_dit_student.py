@@ -71,19 +71,20 @@ def test_dit_mf_student_starts_as_the_teachers_velocity_for_every_r_and_learns_r
         teacher_velocity = (z - teacher.denoise(x_edm, (tau / (1 - tau)).numpy(), labels=labels[:2].tolist() + [0])
                             ) / tau.float().reshape(-1, 1, 1, 1)
         for r in (None, tau * 0.0, tau * 0.5):
-            u = student.velocity(z, tau, r, labels)
+            u = student.velocity(z, t=tau, r=r, labels=labels)
             assert_close(u[:2], teacher_velocity[:2], ulps=256, magnitude=float(teacher_velocity.abs().max()),
                          what=f"DiT u at init, r={r}")
     assert dict(student.net.config) == dict(teacher.model.config)
-    student.velocity(z, tau, tau * 0.3, labels).pow(2).sum().backward()
+    student.velocity(z, t=tau, r=tau * 0.3, labels=labels).pow(2).sum().backward()
     assert student.second_time.embedding.linear_2.weight.grad.abs().sum() > 0  # (t − r) is trainable
     torch.nn.init.normal_(student.second_time.embedding.linear_2.weight, std=0.1)
     with torch.no_grad():
-        assert not torch.allclose(student.velocity(z, tau, tau * 0.0, labels), student.velocity(z, tau, None, labels))
+        assert not torch.allclose(student.velocity(z, t=tau, r=tau * 0.0, labels=labels),
+                                  student.velocity(z, t=tau, labels=labels))
 
 
 def test_a_unet_student_gets_a_null_class_row_that_survives_export(tmp_path):
-    from trainer.post import check_student_fits
+    from trainer.student_init import check_student_fits
 
     teacher = Teacher(tiny_unet(num_class_embeds=3), DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
     student = FlowMapStudent.from_teacher(teacher, second_time_input=True)
@@ -93,12 +94,12 @@ def test_a_unet_student_gets_a_null_class_row_that_survives_export(tmp_path):
     assert torch.equal(table[3], table[:3].mean(dim=0)) and torch.equal(table[:3], teacher.model.class_embedding.weight)
     z, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 0.6], dtype=torch.float64)
     with torch.no_grad():
-        student.velocity(z, tau, None, torch.tensor([0, 3]))  # the null class is a valid label now
+        student.velocity(z, t=tau, labels=torch.tensor([0, 3]))  # the null class is a valid label now
     loaded = FlowMapStudent.from_pretrained(student.save_pretrained(tmp_path / "export"))
     assert loaded.null_class == 3 and loaded.num_classes == 3
     check_student_fits(loaded, method="meanflow", sample_shape=None, teacher=teacher)  # the extra row is allowed
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\) \(or the null class 3\)"):
-        loaded.velocity(z, tau, None, torch.tensor([0, 4]))
+        loaded.velocity(z, t=tau, labels=torch.tensor([0, 4]))
 
 
 def test_a_deep_copy_of_an_mf_student_uses_its_own_second_time_input():
@@ -108,5 +109,5 @@ def test_a_deep_copy_of_an_mf_student_uses_its_own_second_time_input():
     torch.nn.init.normal_(copied.second_time.embedding.linear_2.weight, std=0.5)
     z, t, r = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.6]), torch.tensor([0.1, 0.2])
     with torch.no_grad():
-        assert torch.equal(student.velocity(z, t, r), student.velocity(z, t, None))  # still zero in the original
-        assert not torch.equal(copied.velocity(z, t, r), copied.velocity(z, t, None))
+        assert torch.equal(student.velocity(z, t=t, r=r), student.velocity(z, t=t))  # still zero in the original
+        assert not torch.equal(copied.velocity(z, t=t, r=r), copied.velocity(z, t=t))

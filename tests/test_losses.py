@@ -14,7 +14,6 @@ from trainer.losses import (
     ect_target,
     guided_velocity,
     ict_pseudo_huber_c,
-    jvp_attention_context,
     meanflow_loss,
     meanflow_target,
     pseudo_huber,
@@ -22,6 +21,7 @@ from trainer.losses import (
     total_derivative_fd,
     total_derivative_jvp,
 )
+from trainer.methods.meanflow import jvp_attention_context
 
 torch.set_num_threads(1)
 
@@ -97,27 +97,27 @@ def test_cmt_mf_loss_hand_values():
     t_i = torch.tensor([0.75, 0.5], dtype=torch.float64)  # float64 times (as stored) with float32 states
     t_j = torch.tensor([0.25, 0.0], dtype=torch.float64)
     # targets: (2, 0)/0.5 = (4, 0) and (0, 4)/0.5 = (0, 8); errors (−3, 2) and (0, 0)
-    loss = cmt_mf_loss(h_pred, x_i, x_j, t_i, t_j)
+    loss = cmt_mf_loss(h_pred, x_i, x_j, t_i=t_i, t_j=t_j)
     assert loss.dtype == torch.float32
     assert torch.allclose(loss, torch.tensor([13.0, 0.0]))
     # the average velocity is symmetric in (i, j)
-    assert torch.allclose(cmt_mf_loss(h_pred, x_j, x_i, t_j, t_i), loss)
+    assert torch.allclose(cmt_mf_loss(h_pred, x_j, x_i, t_i=t_j, t_j=t_i), loss)
     # one time for the whole batch broadcasts
-    assert torch.allclose(cmt_mf_loss(h_pred[:1], x_i[:1], x_j[:1], 0.75, 0.25), torch.tensor([13.0]))
+    assert torch.allclose(cmt_mf_loss(h_pred[:1], x_i[:1], x_j[:1], t_i=0.75, t_j=0.25), torch.tensor([13.0]))
 
 
 def test_cmt_mf_loss_guards_equal_times_and_bad_time_shapes():
     x = torch.ones(2, 3)
     with pytest.raises(ValueError, match="t_i != t_j"):
-        cmt_mf_loss(x, x, x, torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.1]))
+        cmt_mf_loss(x, x, x, t_i=torch.tensor([0.5, 0.3]), t_j=torch.tensor([0.5, 0.1]))
     with pytest.raises(ValueError, match="one time per sample"):
-        cmt_mf_loss(x, x, x, torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.1, 0.1, 0.1]))
+        cmt_mf_loss(x, x, x, t_i=torch.tensor([0.5, 0.3, 0.2]), t_j=torch.tensor([0.1, 0.1, 0.1]))
 
 
 def test_ect_target_uses_clean_sample_where_r_is_zero_and_is_detached():
     f_r = torch.tensor([[5.0, 5.0], [6.0, 6.0]], requires_grad=True)
     x0 = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
-    target = ect_target(f_r, x0, torch.tensor([0.0, 0.3]))
+    target = ect_target(f_r, x0, r=torch.tensor([0.0, 0.3]))
     assert torch.equal(target, torch.tensor([[1.0, 1.0], [6.0, 6.0]]))
     assert not target.requires_grad
 
@@ -127,7 +127,7 @@ def test_ect_loss_pseudo_huber_hand_values_and_no_gradient_through_f_r():
     f_r = torch.zeros(2, 3, requires_grad=True)
     t = torch.tensor([1.0, 0.5])
     r = torch.tensor([0.5, 0.25])
-    loss = ect_loss(f_t, f_r, t, r, weighting="pseudo_huber", c=1.0)
+    loss = ect_loss(f_t, f_r, t=t, r=r, weighting="pseudo_huber", c=1.0)
     # Δ² = [24, 8]: (√25 − 1)/0.5 = 8 and (√9 − 1)/0.25 = 8
     assert torch.allclose(loss, torch.tensor([8.0, 8.0]))
     loss.sum().backward()
@@ -140,7 +140,8 @@ def test_ect_loss_pseudo_huber_hand_values_and_no_gradient_through_f_r():
 def test_ect_loss_power_weighting_hand_values_and_gradient():
     f_t = torch.tensor([[2.0, 2.0, 4.0], [2.0, 2.0, 0.0]], requires_grad=True)
     f_r = torch.zeros(2, 3, requires_grad=True)
-    loss = ect_loss(f_t, f_r, torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.25]), weighting="power", p=0.5, c=1.0)
+    loss = ect_loss(f_t, f_r, t=torch.tensor([1.0, 0.5]), r=torch.tensor([0.5, 0.25]), weighting="power", p=0.5,
+                    c=1.0)
     # Δ²/(Δ² + 1)^0.5/(t − r): 24/5/0.5 = 9.6 and 8/3/0.25 = 32/3
     assert torch.allclose(loss, torch.tensor([9.6, 32.0 / 3.0]))
     loss.sum().backward()
@@ -152,15 +153,15 @@ def test_ect_loss_power_weighting_hand_values_and_gradient():
 def test_ect_loss_rejects_t_not_above_r_and_unknown_weighting():
     x = torch.ones(2, 2)
     with pytest.raises(ValueError, match="t > r"):
-        ect_loss(x, x, torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.5]), c=1.0)
+        ect_loss(x, x, t=torch.tensor([1.0, 0.5]), r=torch.tensor([0.5, 0.5]), c=1.0)
     with pytest.raises(ValueError, match="unknown ECT weighting"):
-        ect_loss(x, x, 1.0, 0.5, weighting="huber")
+        ect_loss(x, x, t=1.0, r=0.5, weighting="huber")
 
 
 def test_meanflow_target_hand_values_and_stop_gradient():
     v = torch.tensor([[1.0, 2.0]])
     du_dt = torch.tensor([[4.0, -2.0]], requires_grad=True)
-    target = meanflow_target(v, du_dt, torch.tensor([0.75]), torch.tensor([0.25]))
+    target = meanflow_target(v, du_dt, t=torch.tensor([0.75]), r=torch.tensor([0.25]))
     # v − (t − r)·du/dt = (1, 2) − 0.5·(4, −2) = (−1, 3)
     assert torch.equal(target, torch.tensor([[-1.0, 3.0]]))
     assert not target.requires_grad
@@ -190,28 +191,28 @@ def test_guided_velocity_hand_values():
 
 
 def test_total_derivative_jvp_matches_hand_derivative():
-    def u_fn(z, r, t):
+    def u_fn(z, *, t, r):
         return z * t[:, None] ** 2 + r[:, None] * z
 
     z = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     v = torch.tensor([[2.0, 1.0], [-1.0, 0.0]])
     r = torch.tensor([0.1, 0.2])
     t = torch.tensor([0.5, 0.9])
-    u, du_dt = total_derivative_jvp(u_fn, z, r, t, v)
+    u, du_dt = total_derivative_jvp(u_fn, z, t=t, r=r, v=v)
     # d/dt u = v·∂_z u + ∂_t u = v·(t² + r) + 2·t·z (r held fixed)
     expected = v * (t[:, None] ** 2 + r[:, None]) + 2 * t[:, None] * z
-    assert torch.allclose(u, u_fn(z, r, t))
+    assert torch.allclose(u, u_fn(z, t=t, r=r))
     assert torch.allclose(du_dt, expected)
 
 
 class SmoothAverageVelocity(nn.Module):
-    """Small smooth u_θ(z, r, t): an MLP on [z, r, t] with tanh activations."""
+    """Small smooth u_θ(z, t, r): an MLP on [z, r, t] with tanh activations."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim + 2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, dim))
 
-    def forward(self, z, r, t):
+    def forward(self, z, *, t, r):
         return self.net(torch.cat([z, r[:, None], t[:, None]], dim=1))
 
 
@@ -221,8 +222,8 @@ def test_jvp_and_central_difference_agree_on_a_smooth_module():
     z, v = torch.randn(8, 6), torch.randn(8, 6)
     r = torch.rand(8) * 0.4
     t = r + 0.2 + torch.rand(8) * 0.3
-    u_jvp, du_jvp = total_derivative_jvp(model, z, r, t, v)
-    u_fd, du_fd = total_derivative_fd(model, z, r, t, v, delta=1e-3)
+    u_jvp, du_jvp = total_derivative_jvp(model, z, t=t, r=r, v=v)
+    u_fd, du_fd = total_derivative_fd(model, z, t=t, r=r, v=v, delta=1e-3)
     relative_error = ((du_jvp - du_fd).norm() / du_jvp.norm()).item()
     assert relative_error <= 1e-2, relative_error
     assert torch.allclose(u_jvp, u_fd)
@@ -232,7 +233,7 @@ def test_jvp_and_central_difference_agree_on_a_smooth_module():
     u_jvp.sum().backward()
     assert model.net[0].weight.grad is not None and model.net[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="delta must be > 0"):
-        total_derivative_fd(model, z, r, t, v, delta=0.0)
+        total_derivative_fd(model, z, t=t, r=r, v=v, delta=0.0)
 
 
 def test_jvp_through_a_diffusers_unet_with_attention_inside_the_context():
@@ -245,14 +246,14 @@ def test_jvp_through_a_diffusers_unet_with_attention_inside_the_context():
         norm_num_groups=8, attention_head_dim=8,
     ).double()
 
-    def u_fn(z, r, t):
+    def u_fn(z, *, t, r):
         return unet(z, t + r).sample  # r enters through the time input so ∂_r would matter if its tangent were not 0
 
     z, v = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
     r, t = torch.tensor([0.1, 0.2], dtype=torch.float64), torch.tensor([0.5, 0.7], dtype=torch.float64)
     with jvp_attention_context(unet):
-        _, du_jvp = total_derivative_jvp(u_fn, z, r, t, v)
-    _, du_fd = total_derivative_fd(u_fn, z, r, t, v, delta=1e-5)
+        _, du_jvp = total_derivative_jvp(u_fn, z, t=t, r=r, v=v)
+    _, du_fd = total_derivative_fd(u_fn, z, t=t, r=r, v=v, delta=1e-5)
     assert ((du_jvp - du_fd).norm() / du_jvp.norm()).item() < 1e-4
     # the temporary GroupNorm hooks are gone after the context
     assert all(not layer._forward_pre_hooks for layer in unet.modules() if isinstance(layer, nn.GroupNorm))

@@ -24,12 +24,11 @@ from tests.helpers import write_solved_store as write_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import complete_checkpoints, read_metrics
 from trainer.losses import squared_l2
+from trainer.methods.cmt import build_distance, cm_loss
 from trainer.mid import (
     MidConfig,
     MidDataError,
-    build_distance,
     check_stores,
-    cm_loss,
     main,
     preload_pairs,
     run,
@@ -387,7 +386,7 @@ def _distance_to_teacher(student: FlowMapStudent, teacher, store: Path) -> float
 
 
 def test_transfer_steps_compute_the_hand_written_transfer_loss_then_the_cmt_loss(tiny, tmp_path):
-    from trainer.mid import TransferThenCMT
+    from trainer.methods.cmt import TransferThenCMT
 
     teacher = load_teacher(tiny["teacher"])
     student = FlowMapStudent.from_teacher(teacher, parameterization="edm")

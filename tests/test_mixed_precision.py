@@ -15,7 +15,7 @@ from pipeline.teacher import Teacher, load_teacher
 from tests.helpers import tiny_unet, write_solved_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import LoopConfig, make_accelerator, read_metrics
-from trainer.meanflow import meanflow_prediction_and_derivative
+from trainer.methods.meanflow import meanflow_prediction_and_derivative
 from trainer.mid import MidConfig
 from trainer.mid import run as mid_run
 from trainer.post import PostConfig
@@ -48,8 +48,8 @@ def test_the_prediction_runs_in_bf16_and_the_derivative_in_float32(tmp_path):
     results = {}
     for method in ("jvp", "fd"):
         dtypes.clear()
-        u, du_dt = meanflow_prediction_and_derivative(model, z, t, t * 0.5, v, labels, method=method, fd_delta=1e-4,
-                                                      dropout_seed=0)
+        u, du_dt = meanflow_prediction_and_derivative(model, z, t=t, r=t * 0.5, v=v, labels=labels, method=method,
+                                                      fd_delta=1e-4, dropout_seed=0)
         # one forward for the prediction, in bf16; the derivative's forwards (1 JVP or 2 differences) in float32
         assert dtypes.count(torch.bfloat16) == 1 and dtypes.count(torch.float32) == len(dtypes) - 1 >= 1
         assert u.requires_grad and bool(torch.isfinite(u).all()) and bool(torch.isfinite(du_dt).all())

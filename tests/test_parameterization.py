@@ -70,7 +70,7 @@ def test_mf_velocity_under_edm_reading_is_the_velocity_of_its_cm_reading():
     z = torch.randn(4, 1, 8, 8)
     column = tau.float().reshape(-1, 1, 1, 1)
     with torch.no_grad():
-        u = mf.velocity(z, tau)
+        u = mf.velocity(z, t=tau)
         f = mf.denoise(z / (1 - column), tau / (1 - tau))
     expected = (z - f) / column
     for i in range(len(tau)):  # float32 rounding of f (magnitude |x̃|) is divided by τ

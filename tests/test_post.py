@@ -32,25 +32,26 @@ from trainer.loop import (
 )
 from trainer.losses import (
     cmt_cm_loss,
-    jvp_attention_context,
     meanflow_target,
     squared_l2,
     total_derivative_jvp,
 )
-from trainer.meanflow import DerivativeBackendError, guided_target_velocity, meanflow_prediction_and_derivative
+from trainer.methods.ect import ECTConfig, ECTLoss, StoredECDLoss, paired_denoise
+from trainer.methods.meanflow import (
+    DerivativeBackendError,
+    guided_target_velocity,
+    jvp_attention_context,
+    meanflow_prediction_and_derivative,
+)
+from trainer.methods.per_step import HOLD_FILE_ENV, HOLD_STEP_ENV, same_dropout
 from trainer.evaluation import parameter_hash
 from trainer.post import (
-    ECTConfig,
-    ECTLoss,
     PostConfig,
-    StoredECDLoss,
     describe,
     main,
-    paired_denoise,
     run,
     store_stream,
 )
-from trainer.post_steps import HOLD_FILE_ENV, HOLD_STEP_ENV, same_dropout
 from trainer.schedules import clamp_sigma, ect_r_from_t, sample_ect_times
 from trainer.student import FlowMapStudent
 
@@ -115,7 +116,7 @@ def test_ect_pairs_share_noise_and_dropout_mask_and_the_loss_matches_the_hand_fo
     x = torch.randn(4, 1, 8, 8)
     sigma = torch.tensor([0.1, 0.5, 2.0, 10.0], dtype=torch.float64)
     # Identical inputs and seed → identical outputs although dropout is active; another seed → another mask.
-    f_t, f_r = paired_denoise(student, x, sigma, x, sigma, None, dropout_seed=3)
+    f_t, f_r = paired_denoise(student, x, x, t=sigma, r=sigma, labels=None, dropout_seed=3)
     assert torch.equal(f_t, f_r) and f_t.requires_grad and not f_r.requires_grad
     with same_dropout(4, x.device):
         assert not torch.equal(student.denoise(x, sigma).detach(), f_r)
@@ -195,28 +196,28 @@ def test_meanflow_jvp_and_finite_difference_targets_agree_with_one_dropout_mask(
     r = t * torch.rand(8, generator=generator, dtype=torch.float64)
     z = (1 - t.float()).reshape(-1, 1, 1, 1) * x0 + t.float().reshape(-1, 1, 1, 1) * noise
     v = noise - x0
-    u_jvp, du_jvp = meanflow_prediction_and_derivative(student, z, t, r, v, None, method="jvp", fd_delta=1e-4,
-                                                       dropout_seed=5)
+    u_jvp, du_jvp = meanflow_prediction_and_derivative(student, z, t=t, r=r, v=v, labels=None, method="jvp",
+                                                       fd_delta=1e-4, dropout_seed=5)
     with jvp_attention_context(student):  # the same kernels and memory layouts as the JVP path → the same masks
-        u_fd, du_fd = meanflow_prediction_and_derivative(student, z, t, r, v, None, method="fd", fd_delta=1e-4,
-                                                         dropout_seed=5)
-    target_jvp, target_fd = meanflow_target(v, du_jvp, t, r), meanflow_target(v, du_fd, t, r)
+        u_fd, du_fd = meanflow_prediction_and_derivative(student, z, t=t, r=r, v=v, labels=None, method="fd",
+                                                         fd_delta=1e-4, dropout_seed=5)
+    target_jvp, target_fd = meanflow_target(v, du_jvp, t=t, r=r), meanflow_target(v, du_fd, t=t, r=r)
     relative = ((target_jvp - target_fd).norm() / target_jvp.norm()).item()
     assert relative <= 1e-2, relative
     assert ((du_jvp - du_fd).norm() / du_jvp.norm()).item() <= 1e-2 and du_jvp.abs().mean() > 0.1
     assert torch.equal(u_jvp, u_fd) and u_jvp.requires_grad and not du_jvp.requires_grad
 
-    def u_fn(z_in, r_in, t_in):
+    def u_fn(z_in, *, t, r):
         with same_dropout(5, z.device):
-            return student("mf", z_in, t_in, r_in)
+            return student("mf", z_in, t=t, r=r)
 
     with torch.no_grad(), jvp_attention_context(student):
-        primal, _ = total_derivative_jvp(u_fn, z, r, t, v)
+        primal, _ = total_derivative_jvp(u_fn, z, t=t, r=r, v=v)
     assert torch.equal(primal, u_jvp.detach())  # the JVP's u and the trained prediction saw the same dropout mask
 
 
 class ToyConditionalVelocity(torch.nn.Module):
-    """u(z, r, t | y) = w_y·z + (t − r)/2 with a null class (id 3): a hand-checkable class-conditional MF model."""
+    """u(z, t, r | y) = w_y·z + (t − r)/2 with a null class (id 3): a hand-checkable class-conditional MF model."""
 
     num_classes = 3
 
@@ -224,7 +225,7 @@ class ToyConditionalVelocity(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, -1.0]))
 
-    def forward(self, form, z, t, r, labels):
+    def forward(self, form, z, *, t, r, labels):
         gap = (torch.as_tensor(t) - torch.as_tensor(r)).float().reshape(-1, 1, 1, 1)
         return self.w[labels].reshape(-1, 1, 1, 1) * z + 0.5 * gap
 
@@ -239,12 +240,12 @@ def test_meanflow_guided_velocity_is_the_official_formula_inside_the_interval_an
     u_cond = model.w.detach()[labels].reshape(-1, 1, 1, 1) * z  # u(z, t, t | c) = w_c·z (t − r = 0)
     u_null = -1.0 * z  # the null class (id 3) has w = −1
     inside = torch.tensor([False, True, True, False]).reshape(-1, 1, 1, 1)
-    guided = guided_target_velocity(model, z, t, v, labels, omega=2.0, kappa=0.5, interval=(0.3, 0.7), null_class=3,
-                                    dropout_seed=0)
+    guided = guided_target_velocity(model, z, t=t, v=v, labels=labels, omega=2.0, kappa=0.5, interval=(0.3, 0.7),
+                                    null_class=3, dropout_seed=0)
     by_hand = torch.where(inside, 2.0 * v + (1 - 2.0 - 0.5) * u_null + 0.5 * u_cond, v)
     assert_close(guided, by_hand, what="guided velocity with κ and the interval")
-    plain = guided_target_velocity(model, z, t, v, labels, omega=3.0, kappa=0.0, interval=(0.0, 1.0), null_class=3,
-                                   dropout_seed=0)
+    plain = guided_target_velocity(model, z, t=t, v=v, labels=labels, omega=3.0, kappa=0.0, interval=(0.0, 1.0),
+                                   null_class=3, dropout_seed=0)
     assert_close(plain, u_null + 3.0 * (v - u_null), what="guided velocity with κ = 0")
     with pytest.raises(ConfigError, match="class-conditional student"):
         run(tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_scale=2.0"))
@@ -433,7 +434,7 @@ def test_jvp_with_an_attention_backend_without_forward_ad_is_refused_or_falls_ba
     student = FlowMapStudent.from_teacher(Teacher(tiny_unet(attention=True), DDPMScheduler()), second_time_input=True)
     z, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.6], dtype=torch.float64)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), pytest.raises(NotImplementedError, match="forward AD"):
-        torch.func.jvp(lambda z_in, t_in: student("mf", z_in, t_in, None), (z, t),
+        torch.func.jvp(lambda z_in, t_in: student("mf", z_in, t=t_in), (z, t),
                        (torch.ones_like(z), torch.ones_like(t)))
 
 

@@ -72,7 +72,7 @@ def test_mf_form_at_init_is_the_teachers_velocity_for_any_r(kind):
     teacher_velocity = (z - x0) / tau.float().reshape(-1, 1, 1, 1)  # ε̂ − x̂0 = (z − x̂0)/τ
     with torch.no_grad():
         for r in (None, tau * 0.0, tau * 0.5, tau * 0.99):
-            u = student.velocity(z, tau, r)
+            u = student.velocity(z, t=tau, r=r)
             assert torch.allclose(u, teacher_velocity, atol=2e-4, rtol=1e-4), (r, (u - teacher_velocity).abs().max())
     assert student.second_time.embedding.linear_2.weight.abs().sum() == 0  # the (t − r) embedding starts at zero
     assert dict(student.net.config) == dict(teacher.model.config)  # the net keeps the teacher's architecture
@@ -83,7 +83,7 @@ def test_forward_dispatches_to_both_forms():
     x, level = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 2.0])
     with torch.no_grad():
         assert torch.equal(student("cm", x, level), student.denoise(x, level))
-        assert torch.equal(student("mf", x, level / 3, level / 6), student.velocity(x, level / 3, level / 6))
+        assert torch.equal(student("mf", x, t=level / 3, r=level / 6), student.velocity(x, t=level / 3, r=level / 6))
     with pytest.raises(ValueError, match="form must be"):
         student("ect", x, level)
 
@@ -93,13 +93,13 @@ def test_second_time_input_changes_u_once_trained():
     torch.nn.init.normal_(student.second_time.embedding.linear_2.weight, std=0.1)
     z, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.5])
     with torch.no_grad():
-        assert not torch.allclose(student.velocity(z, tau, tau * 0), student.velocity(z, tau, tau))
+        assert not torch.allclose(student.velocity(z, t=tau, r=tau * 0), student.velocity(z, t=tau, r=tau))
 
 
 def test_second_time_input_gets_gradients():
     student = FlowMapStudent.from_teacher(tiny_teacher(), second_time_input=True)
     z, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.7])
-    student.velocity(z, tau, tau * 0.2).pow(2).sum().backward()
+    student.velocity(z, t=tau, r=tau * 0.2).pow(2).sum().backward()
     assert student.second_time.embedding.linear_2.weight.grad.abs().sum() > 0
 
 
@@ -152,11 +152,11 @@ def test_one_and_two_step_sampling_match_their_definitions():
     tau_max = sigma_max / (1 + sigma_max)
     z_t = noise * (1 + sigma_max**2) ** 0.5 / (1 + sigma_max)
     with torch.no_grad():
-        u_max = mf.velocity(z_t, tau_max, 0.0)  # [3, 1, 8, 8], the teacher's velocity: up to ~(1+σ̃)·|ε̂|
+        u_max = mf.velocity(z_t, t=tau_max, r=0.0)  # [3, 1, 8, 8], the teacher's velocity: up to ~(1+σ̃)·|ε̂|
         manual = z_t - tau_max * u_max
         assert_close(z0, manual, magnitude=float(u_max.abs().max()), what="1-step MF sample")
-        z_mid = z_t - (tau_max - 0.4) * mf.velocity(z_t, tau_max, 0.4)
-        u_mid = mf.velocity(z_mid, 0.4, 0.0)
+        z_mid = z_t - (tau_max - 0.4) * mf.velocity(z_t, t=tau_max, r=0.4)
+        u_mid = mf.velocity(z_mid, t=0.4, r=0.0)
         manual_two = z_mid - 0.4 * u_mid
     magnitude = max(float(u_max.abs().max()), float(u_mid.abs().max()))
     assert_close(mf.sample(noise, 2, intermediate=0.4), manual_two, magnitude=magnitude, what="2-step MF sample")
@@ -183,7 +183,7 @@ def test_save_and_load_round_trip(tmp_path, second_time_input):
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     z, tau = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8])
     with torch.no_grad():
-        assert torch.equal(student.velocity(z, tau, tau / 2), loaded.velocity(z, tau, tau / 2))
+        assert torch.equal(student.velocity(z, t=tau, r=tau / 2), loaded.velocity(z, t=tau, r=tau / 2))
     assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
@@ -222,10 +222,10 @@ def test_conditional_unet_takes_a_second_time_input_and_starts_as_the_teacher():
     teacher_velocity = (z - x0) / tau.float().reshape(-1, 1, 1, 1)
     with torch.no_grad():
         for r in (None, tau * 0.0, tau * 0.5):
-            assert_close(student.velocity(z, tau, r, labels), teacher_velocity, ulps=256,
+            assert_close(student.velocity(z, t=tau, r=r, labels=labels), teacher_velocity, ulps=256,
                          magnitude=float(teacher_velocity.abs().max()), what=f"conditional u at r={r}")
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\)"):
-        student.velocity(z, tau, None, torch.tensor([1, 4, 10]))
+        student.velocity(z, t=tau, labels=torch.tensor([1, 4, 10]))
 
 
 def test_architectures_without_a_fractional_time_embedding_are_refused_by_name():

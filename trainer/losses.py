@@ -15,6 +15,12 @@ Conventions shared by every function in this module:
   Students of Ψ_{t→s} (CMT's MF form, MeanFlow) work in the flow-matching view: z = (1 − τ)·x0 + τ·ε,
   τ ∈ [0, 1], velocity v = ε − x0. Converting stored states into either view is the job of
   `pipeline/time_convention.py`; the losses never convert.
+- Times are keyword-only, start time first: `t=` (or `t_i=`) then `r=` (or `t_j=`), r ≤ t. A velocity function
+  `u_fn(z, *, t, r)` takes them the same way (`FlowMapStudent.velocity`'s signature); MeanFlow's paper writes the
+  same average velocity u(z, r, t).
+
+The method glue around these functions (time sampling, pairs, dropout masks, attention kernels) lives in
+`trainer/methods/`.
 
 Papers: CMT = Hu et al., "Consistency Mid-Training", arXiv 2509.24526; ECT = Geng et al., "Consistency
 models made easy", arXiv 2406.14548; iCT = Song & Dhariwal, arXiv 2310.14189; MeanFlow = Geng et al.,
@@ -23,17 +29,15 @@ models made easy", arXiv 2406.14548; iCT = Song & Dhariwal, arXiv 2310.14189; Me
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 TimeLike = Tensor | float
@@ -278,7 +282,7 @@ def preconditioning_transfer_loss(f_pred: Tensor, denoised: Tensor, c_out: TimeL
     return _sum_squares((f_pred - denoised) / _broadcast_to(scale, f_pred))  # [B]
 
 
-def cmt_mf_loss(h_pred: Tensor, x_i: Tensor, x_j: Tensor, t_i: TimeLike, t_j: TimeLike) -> Tensor:
+def cmt_mf_loss(h_pred: Tensor, x_i: Tensor, x_j: Tensor, *, t_i: TimeLike, t_j: TimeLike) -> Tensor:
     """CMT mid-training loss, MF form (Ψ_{t→s}): ‖h_θ(x_i, t_i, t_j) − (x_i − x_j)/(t_i − t_j)‖² per sample.
 
     Flow-matching view: x_i, x_j are trajectory states z at times τ = t_i, t_j of the SAME teacher trajectory,
@@ -299,8 +303,8 @@ def cmt_mf_loss(h_pred: Tensor, x_i: Tensor, x_j: Tensor, t_i: TimeLike, t_j: Ti
 # ECT / ECD (post-training of Ψ_{t→0})
 
 
-def ect_target(f_r: Tensor, x0: Tensor, r: TimeLike) -> Tensor:
-    """ECT target sg(f_θ(x_r, r)), with the clean sample x0 wherever r == 0 (boundary condition f(x, 0) = x)."""
+def ect_target(f_r: Tensor, x0: Tensor, *, r: TimeLike) -> Tensor:
+    """ECT target sg(f_θ(x_r, r)), with the clean sample x0 wherever r == 0 (boundary condition f(x, 0) = x); r = σ̃."""
     _check_same_shape(f_r, x0, "f_r and x0")
     r = _per_sample(r, x0.shape[0], "r", x0)  # [B]
     at_boundary = (r == 0).reshape(-1, *([1] * (x0.dim() - 1)))  # [B, 1, ..., 1]
@@ -310,9 +314,9 @@ def ect_target(f_r: Tensor, x0: Tensor, r: TimeLike) -> Tensor:
 def ect_loss(
     f_t: Tensor,
     f_r: Tensor,
+    *,
     t: TimeLike,
     r: TimeLike,
-    *,
     weighting: Literal["pseudo_huber", "power"] = "pseudo_huber",
     c: float | None = None,
     p: float = 0.5,
@@ -323,8 +327,8 @@ def ect_loss(
     uses the clean sample. With Δ² = ‖f_t − f_r‖² (sum over elements) the per-sample distance is
       "pseudo_huber": √(Δ² + c²) − c, c=None → iCT's 0.00054·√d (c = 0 gives ECT's plain L2 norm), or
       "power":        Δ² / sg((Δ² + c)^p), c=None → 1e-3 (ECT's adaptive weighting; p = 0.5 ≈ pseudo-Huber),
-    then divided by (t − r) > 0. ECD uses the same loss: x_r comes from one teacher ODE step from x_t
-    (the caller runs it), and f_r = f_θ(x_r, r).
+    then divided by (t − r) > 0, t and r in σ̃ (EDM view). ECD uses the same loss: x_r comes from one teacher ODE step
+    from x_t (the caller runs it), and f_r = f_θ(x_r, r).
     """
     _check_same_shape(f_t, f_r, "f_t and f_r")
     batch = f_t.shape[0]
@@ -357,8 +361,8 @@ def adaptive_weighted_squared_l2(error: Tensor, *, p: float, c: float) -> Tensor
 # MeanFlow (post-training of Ψ_{t→s})
 
 
-def meanflow_target(v: Tensor, du_dt: Tensor, t: TimeLike, r: TimeLike) -> Tensor:
-    """MeanFlow target u_tgt = v − (t − r)·du/dt (the MeanFlow identity), returned under stop-gradient."""
+def meanflow_target(v: Tensor, du_dt: Tensor, *, t: TimeLike, r: TimeLike) -> Tensor:
+    """MeanFlow target u_tgt = v − (t − r)·du/dt (the MeanFlow identity, t and r in τ), returned under stop-gradient."""
     _check_same_shape(v, du_dt, "v and du_dt")
     batch = v.shape[0]
     dt = _per_sample(t, batch, "t", v) - _per_sample(r, batch, "r", v)  # [B]
@@ -376,8 +380,8 @@ def guided_velocity(
 ) -> Tensor:
     """MeanFlow's guided velocity ṽ = ω·v + (1 − ω − κ)·u_uncond + κ·u_cond (the official code's `guidance_fn`).
 
-    v is the sample velocity ε − x0; u_uncond = u_θ(z, t, t | ∅) and u_cond = u_θ(z, t, t | c) are the network's own
-    velocities, computed by the caller under no_grad. ω and κ are scalars or one per sample [B] (the caller sets
+    v is the sample velocity ε − x0; u_uncond = u_θ(z, t=τ, r=τ | ∅) and u_cond = u_θ(z, t=τ, r=τ | c) are the network's
+    own velocities, computed by the caller under no_grad. ω and κ are scalars or one per sample [B] (the caller sets
     ω = 1, κ = 0 outside the guidance interval); κ = 0 is plain CFG ω·v + (1 − ω)·u_uncond, and ω = 1, κ = 0 gives v.
     """
     _check_same_shape(v, u_uncond, "v and u_uncond")
@@ -393,26 +397,34 @@ def guided_velocity(
     return guided + kappa * u_cond  # [B, ...]
 
 
-UFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
+class UFunction(Protocol):
+    """An average velocity u(z, *, t, r) → [B, ...] (flow-matching view: t, r in τ), e.g. `FlowMapStudent.velocity`."""
+
+    def __call__(self, z: Tensor, *, t: Tensor, r: Tensor) -> Tensor: ...
 
 
-def total_derivative_jvp(u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """(u, du/dt), MeanFlow's total derivative du/dt = v·∂_z u + ∂_t u by one JVP with tangents (v, 0, 1) for (z, r, t).
+def total_derivative_jvp(u_fn: UFunction, z: Tensor, *, t: Tensor, r: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, du/dt), MeanFlow's total derivative du/dt = v·∂_z u + ∂_t u by one JVP with tangents (v, 1, 0) for (z, t, r).
 
-    `u_fn(z, r, t)` must call the UNWRAPPED module: torch.func.jvp fails on DDP-wrapped modules, and calling
+    `u_fn(z, t=, r=)` must call the UNWRAPPED module: torch.func.jvp fails on DDP-wrapped modules, and calling
     `ddp.module` skips DDP's gradient all-reduce, so the caller keeps gradients in sync (all-reduce them
     itself, or take the primal u from the wrapped model and only du/dt from `.module`). Models with attention
-    or GroupNorm (diffusers UNets) must run inside `jvp_attention_context(model)`: the CPU flash SDPA kernel has
-    no forward-AD formula (the math backend is the safe choice on any device). The returned u carries the
-    graph to the parameters; du/dt is detached (MeanFlow's target stops its gradient).
+    or GroupNorm (diffusers UNets) must run inside `trainer.methods.meanflow.jvp_attention_context(model)`: the CPU
+    flash SDPA kernel has no forward-AD formula (the math backend is the safe choice on any device). The returned u
+    carries the graph to the parameters; du/dt is detached (MeanFlow's target stops its gradient).
     """
     _check_same_shape(z, v, "z and v")
-    u, du_dt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))  # [B, ...] each
+
+    def positional(z_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
+        """u_fn with positional primals, as torch.func.jvp calls it."""
+        return u_fn(z_in, t=t_in, r=r_in)
+
+    u, du_dt = torch.func.jvp(positional, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))  # [B, ...] each
     return u, du_dt.detach()
 
 
-def central_difference(u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor, delta: float) -> Tensor:
-    """du/dt ≈ [u(z + δv, r, t + δ) − u(z − δv, r, t − δ)]/(2δ) under no_grad, detached → [B, ...].
+def central_difference(u_fn: UFunction, z: Tensor, *, t: Tensor, r: Tensor, v: Tensor, delta: float) -> Tensor:
+    """du/dt ≈ [u(z + δv, t=t + δ, r=r) − u(z − δv, t=t − δ, r=r)]/(2δ) under no_grad, detached → [B, ...].
 
     The module must be deterministic across the two calls (eval mode, or one dropout mask), and t ± δ must stay
     inside the model's time range (the caller keeps t − δ ≥ r where that matters).
@@ -421,41 +433,14 @@ def central_difference(u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tens
     if not delta > 0:
         raise ValueError(f"finite-difference step delta must be > 0, got {delta}")
     with torch.no_grad():
-        u_plus = u_fn(z + delta * v, r, t + delta)  # [B, ...]
-        u_minus = u_fn(z - delta * v, r, t - delta)  # [B, ...]
+        u_plus = u_fn(z + delta * v, t=t + delta, r=r)  # [B, ...]
+        u_minus = u_fn(z - delta * v, t=t - delta, r=r)  # [B, ...]
     return ((u_plus - u_minus) / (2.0 * delta)).detach()
 
 
 def total_derivative_fd(
-    u_fn: UFunction, z: Tensor, r: Tensor, t: Tensor, v: Tensor, delta: float
+    u_fn: UFunction, z: Tensor, *, t: Tensor, r: Tensor, v: Tensor, delta: float
 ) -> tuple[Tensor, Tensor]:
     """(u, du/dt) with u computed with gradients and du/dt by `central_difference` (JVP-free)."""
-    du_dt = central_difference(u_fn, z, r, t, v, delta)  # [B, ...]
-    return u_fn(z, r, t), du_dt
-
-
-def _contiguous_first_input(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: hand the module a contiguous copy of its first input."""
-    return (args[0].contiguous(), *args[1:])
-
-
-@contextlib.contextmanager
-def jvp_attention_context(module: nn.Module | None = None) -> Iterator[None]:
-    """Make a model forward-mode-AD safe: math SDPA backend, and contiguous GroupNorm inputs when `module` is given.
-
-    The CPU flash SDPA kernel has no forward-AD formula ("Trying to use forward AD with
-    _scaled_dot_product_flash_attention_for_cpu"), so attention runs on the math backend here. With torch
-    2.13, group_norm's forward-AD formula also fails ("view size is not compatible with input tensor's size
-    and stride") on the non-contiguous tensors diffusers' attention blocks hand to the next GroupNorm;
-    passing the (unwrapped) model registers temporary pre-hooks that make those inputs contiguous.
-    """
-    handles = []
-    if module is not None:
-        handles = [layer.register_forward_pre_hook(_contiguous_first_input)
-                   for layer in module.modules() if isinstance(layer, nn.GroupNorm)]
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    du_dt = central_difference(u_fn, z, t=t, r=r, v=v, delta=delta)  # [B, ...]
+    return u_fn(z, t=t, r=r), du_dt

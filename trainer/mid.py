@@ -7,10 +7,10 @@ The stores (written once by `pipeline/generate.py`) hold each teacher trajectory
 prior noise and point K the solver's clean endpoint x̂_{t_0}. `data=online` instead solves fresh trajectories with the
 teacher at every step, as the CMT authors train (`trainer/online.py`: batch/K trajectories × all K points, the same
 solver, grid and seed convention as generation; `online.*` settings). Two objectives, both without stop-gradient, time
-weighting or JVP (`trainer/losses.py`):
+weighting or JVP (`trainer/methods/cmt.py`, per-sample maths in `trainer/losses.py`):
 
 - form "cm" (Ψ_{t→0}, EDM view):  L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})        (CMT eq. for the CM form)
-- form "mf" (Ψ_{t→s}, flow view): L = E_{i>j} ‖u_θ(x̂_{t_i}, t_j, t_i) − (x̂_{t_i} − x̂_{t_j})/(t_i − t_j)‖²
+- form "mf" (Ψ_{t→s}, flow view): L = E_{i>j} ‖u_θ(x̂_{t_i}, t=t_i, r=t_j) − (x̂_{t_i} − x̂_{t_j})/(t_i − t_j)‖²
 
 The student (`trainer.student.FlowMapStudent`) starts from the teacher's weights (init="teacher") or fresh ones, and
 reads the network through `student.parameterization` (`trainer.parameterization`: "auto" keeps the teacher's own
@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,15 +50,13 @@ from trainer.config import ConfigError, config_to_dict, load_config, parse_stage
 from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init, parameter_hash
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.methods.cmt import TransferThenCMT, build_distance, cm_loss, cmt_pair_indices, mf_loss
 from trainer.online import OnlineOptions, OnlineTrajectories, open_online_source
 from trainer.stream_options import StreamOptions
 from trainer.student_options import StudentOptions, build_student, plan_transfer
 
 RANKS_DIR = "ranks"
 INIT_EVAL_FILE = "init_eval.json"
-# Fault-injection hook for tests (as in pipeline/generate.py): when $CMT_MID_STOP_AT_STEP = N, the process stops itself
-# (SIGSTOP) at the start of training step N, so a test can SIGKILL it exactly mid-run.
-STOP_STEP_ENV = "CMT_MID_STOP_AT_STEP"
 
 
 class MidDataError(ConfigError):
@@ -213,12 +209,6 @@ def check_stores(
     return infos
 
 
-def _pair_indices(num_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i, j) of trajectory points with i < j (i earlier / noisier, j later / cleaner)."""
-    first, second = np.triu_indices(num_points, k=1)
-    return first.astype(np.int64), second.astype(np.int64)
-
-
 def preload_pairs(cfg: MidConfig, infos: Sequence[StoreInfo]) -> dict[str, torch.Tensor]:
     """Every training sample of the stores' committed shards as in-memory tensors, in the loader's batch format.
 
@@ -259,7 +249,7 @@ def preload_pairs(cfg: MidConfig, infos: Sequence[StoreInfo]) -> dict[str, torch
         else:
             z, tau = fm_from_edm(x_edm, sigma_edm)  # [N·P, *S], [N·P] float64
             z, tau = z.reshape(n, p, *sample_shape), tau.reshape(n, p)
-            first, second = _pair_indices(p)
+            first, second = cmt_pair_indices(p)
             batch = {
                 "z_t": z[:, first].flatten(0, 1),  # [N·pairs, *S]
                 "t": tau[:, first].flatten().float(),  # [N·pairs]
@@ -280,81 +270,6 @@ class PreloadedBatches(InMemoryBatches):
     def __init__(self, tensors: Mapping[str, torch.Tensor], infos: Sequence[StoreInfo], **kwargs: Any) -> None:
         super().__init__(tensors, **kwargs)
         self.shards_read = [[info.url, int(shard)] for info in infos for shard in info.committed_shards]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Losses
-
-
-def cm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int, *, distance: Any) -> torch.Tensor:
-    """CMT CM form per sample: d(f_θ(x̂_{t_i}, t_i), x̂_{t_0}) (no stop-gradient, no time weighting)."""
-    from trainer.losses import cmt_cm_loss
-
-    _hold_if_asked(step)
-    f = model("cm", batch["x_t"], batch["sigma"], batch.get("labels"))  # [B, *S]
-    return cmt_cm_loss(f, batch["x0"], distance)  # [B]
-
-
-def mf_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-    """CMT MF form per sample: ‖u_θ(z_t, r, t) − (z_t − z_r)/(t − r)‖² (average velocity of the stored trajectory)."""
-    from trainer.losses import cmt_mf_loss
-
-    _hold_if_asked(step)
-    u = model("mf", batch["z_t"], batch["t"], batch["r"], batch.get("labels"))  # [B, *S]
-    return cmt_mf_loss(u, batch["z_t"], batch["z_r"], batch["t"], batch["r"])  # [B]
-
-
-@dataclass
-class TransferThenCMT:
-    """The stage's loss: the preconditioning transfer for the first `transfer_steps` steps, then the CMT loss.
-
-    Transfer: ‖(f_θ(x̃, σ̃) − D_teacher(x̃, σ̃))/c_out(σ̃)‖² at the batch's trajectory points (EDM view; MF batches are
-    read at (z_t, t) as x̃ = z/(1 − τ), σ̃ = τ/(1 − τ), r = t), the teacher under no_grad.
-    """
-
-    cmt_loss: Any
-    transfer_steps: int
-    teacher: Any
-    student: Any  # the unwrapped FlowMapStudent, for its c_out (the same module the loop trains)
-
-    def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        """Per-sample loss [B] of `step`."""
-        if step >= self.transfer_steps:
-            return self.cmt_loss(model, batch, step)
-        from pipeline.time_convention import edm_from_fm
-        from trainer.losses import preconditioning_transfer_loss
-
-        _hold_if_asked(step)
-        if "x_t" in batch:
-            x_edm, sigma = batch["x_t"], batch["sigma"].to(torch.float64)  # [B, *S], [B]
-        else:
-            x_edm, sigma = edm_from_fm(batch["z_t"], batch["t"].to(torch.float64))  # [B, *S], [B]
-        labels = batch.get("labels")
-        with torch.no_grad():
-            denoised = self.teacher.denoise(x_edm, sigma, labels=labels)  # [B, *S]
-        f = model("cm", x_edm, sigma, labels)  # [B, *S]
-        c_out = self.student.coefficients(sigma)[3]  # [B]
-        return preconditioning_transfer_loss(f, denoised.to(f.dtype), c_out)  # [B]
-
-
-def _hold_if_asked(step: int) -> None:
-    """Fault injection for tests: at step $CMT_MID_STOP_AT_STEP the process sends itself SIGSTOP."""
-    if os.environ.get(STOP_STEP_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def build_distance(cfg: MidConfig, device: torch.device) -> Any:
-    """The distance d of the CM form from the config (LPIPS from a local weights file only)."""
-    from trainer.losses import distance
-
-    if cfg.distance == "pseudo_huber":
-        return distance("pseudo_huber", c=cfg.pseudo_huber_c)
-    if cfg.distance == "lpips":
-        try:
-            return distance("lpips", weights_path=cfg.lpips_weights, resize_to=cfg.lpips_resize_to).to(device)
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-    return distance("squared_l2")
 
 
 # ------------------------------------------------------------------------------------------------------------

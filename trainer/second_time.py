@@ -13,7 +13,7 @@ main timestep:
   keeps one copy per block and one more call for the final layer; all of them get the same (t − r) embedding, as the
   single conditioning vector of the original DiT / MeanFlow networks would).
 
-At init the added embedding is exactly zero, so u(z, r, t) equals the teacher's velocity for every r. The module lives
+At init the added embedding is exactly zero, so u(z, t, r) equals the teacher's velocity for every r. The module lives
 beside the network (not inside it), so the network keeps the teacher's architecture and config; exports store its
 weights in `second_time.safetensors` (`trainer.student`).
 """

@@ -9,11 +9,14 @@ Two readings of the same network F (the teacher's architecture, by default the t
   errors up to 80×). Both have c_skip → 1 and c_out → 0 as σ̃ → 0 (the consistency boundary condition; f(x̃, 0) = x̃
   is enforced exactly).
 - MF form, Ψ_{t→r} in the flow-matching view (z = (1 − τ)·x0 + τ·ε, τ ∈ [0, 1]): the average velocity
-  u_θ(z, r, t), with Ψ_{t→r}(z) = z − (t − r)·u_θ(z, r, t). The instantaneous velocity v = ε̂ − x̂0 follows from
-  the same f: v = (z − f)/τ. A second time input carries (t − r) through an embedding added to the network's own
-  time embedding (`trainer.second_time`, scaled like the model's timestep input: (t − r)·num_train_timesteps) whose
-  last linear layer starts at zero, so at init u(z, r, t) = v(z, t) for every r. UNet2DModel (unconditional or
-  class-conditional) and DiTTransformer2DModel nets take it.
+  u_θ(z, t, r) (MeanFlow's u(z, r, t)), with Ψ_{t→r}(z) = z − (t − r)·u_θ(z, t, r). The instantaneous velocity
+  v = ε̂ − x̂0 follows from the same f: v = (z − f)/τ. A second time input carries (t − r) through an embedding added
+  to the network's own time embedding (`trainer.second_time`, scaled like the model's timestep input:
+  (t − r)·num_train_timesteps) whose last linear layer starts at zero, so at init u(z, t, r) = v(z, t) for every r.
+  UNet2DModel (unconditional or class-conditional) and DiTTransformer2DModel nets take it.
+
+Times: `denoise(x̃, σ̃)` takes one EDM level σ̃; `velocity(z, t=, r=)` and `flow_map(z, t=, r=)` take τ, keyword-only,
+start time t before end time r (r ≤ t), as every flow-map call in the project does (`trainer/methods/`).
 
 Class labels: ids in [0, num_classes), plus the null class (id num_classes, the unconditional embedding) where the
 net's class table has that row (`null_class`; `add_null_class` gives a UNet one). The net's own label dropout is off.
@@ -196,7 +199,7 @@ class FlowMapStudent(nn.Module):
         unbounded (ε-prediction VP teachers), where it takes EDM's with `sigma_data`.
 
         With `second_time_input` the net gains a (t − r) embedding (`trainer.second_time`) whose last linear layer is
-        zero-initialised, so the student's u(z, r, t) starts equal to the teacher's velocity for every r.
+        zero-initialised, so the student's u(z, t, r) starts equal to the teacher's velocity for every r.
         """
         if init not in ("teacher", "random"):
             raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
@@ -264,7 +267,8 @@ class FlowMapStudent(nn.Module):
         return labels
 
     def denoise(self, x_edm: Tensor, sigma_edm: Any, labels: Any = None) -> Tensor:
-        """CM form f_θ(x̃, σ̃) = c_skip·x̃ + c_out·F(c_in·x̃, c_noise) in the EDM view → [B, *S]; f(x̃, 0) = x̃ exactly."""
+        """CM form f_θ(x̃, σ̃) = c_skip·x̃ + c_out·F(c_in·x̃, c_noise) in the EDM view (one time, σ̃: Ψ_{σ̃→0}) → [B, *S];
+        f(x̃, 0) = x̃ exactly."""
         batch = x_edm.shape[0]
         sigma = _per_sample_times(sigma_edm, batch, x_edm.device)  # [B] float64
         at_boundary = sigma <= 0  # [B]
@@ -276,8 +280,9 @@ class FlowMapStudent(nn.Module):
         f = _column(c_skip, x_edm) * x_edm + _column(c_out, x_edm) * out.to(x_edm.dtype)  # [B, *S]
         return torch.where(_column(at_boundary, x_edm).bool(), x_edm, f)
 
-    def velocity(self, z: Tensor, t: Any, r: Any = None, labels: Any = None) -> Tensor:
-        """MF form u_θ(z, r, t) in the flow-matching view (r = None means r = t: the instantaneous velocity ε̂ − x̂0).
+    def velocity(self, z: Tensor, *, t: Any, r: Any = None, labels: Any = None) -> Tensor:
+        """MF form u_θ(z, t, r) in the flow-matching view: t, r are τ (scalars or [B]), r ≤ t; r = None means r = t,
+        the instantaneous velocity ε̂ − x̂0.
 
         v = (z − f(x̃, σ̃))/τ with σ̃ = τ/(1 − τ), x̃ = z/(1 − τ); written as v = a_z·z + a_F·F(b_in·z, c_noise) with
         float64 coefficients (flow-matching teachers read the teacher's way: v = F(z, τ·T) exactly, also at τ = 1).
@@ -307,18 +312,19 @@ class FlowMapStudent(nn.Module):
         return self.parameterization.coefficients(self.schedule, self.prediction_type, sigma_edm)
 
     def forward(self, form: Literal["cm", "mf"], *args: Any, **kwargs: Any) -> Tensor:
-        """Dispatch through __call__ (so DDP / accelerate wrappers see a forward): "cm" → denoise, "mf" → velocity."""
+        """Dispatch through __call__ (so DDP / accelerate wrappers see a forward): "cm" → denoise(x̃, σ̃, labels),
+        "mf" → velocity(z, t=τ, r=τ_r, labels=)."""
         if form == "cm":
             return self.denoise(*args, **kwargs)
         if form == "mf":
             return self.velocity(*args, **kwargs)
         raise ValueError(f"form must be 'cm' (denoise) or 'mf' (velocity), got {form!r}")
 
-    def flow_map(self, z: Tensor, t: Any, r: Any, labels: Any = None) -> Tensor:
-        """Ψ_{t→r}(z) = z − (t − r)·u_θ(z, r, t) in the flow-matching view → [B, *S]."""
+    def flow_map(self, z: Tensor, *, t: Any, r: Any, labels: Any = None) -> Tensor:
+        """Ψ_{t→r}(z) = z − (t − r)·u_θ(z, t, r) in the flow-matching view (t, r in τ, r ≤ t) → [B, *S]."""
         batch = z.shape[0]
         tau, r_times = _per_sample_times(t, batch, z.device), _per_sample_times(r, batch, z.device)
-        return z - _column(tau - r_times, z) * self.velocity(z, tau, r_times, labels)
+        return z - _column(tau - r_times, z) * self.velocity(z, t=tau, r=r_times, labels=labels)
 
     # ------------------------------------------------------------------------------------------------------
     # Sampling
@@ -347,7 +353,7 @@ class FlowMapStudent(nn.Module):
         VP marginal the solvers start from), x0 = f(x̃_T, σ̃_max); 2 steps re-noise to σ̃ = `intermediate`
         (default 0.821) with fresh noise (`renoise` [B, *S], else drawn from `generator`) and apply f again. MF form
         (default with a second time input): z_T at τ_max = σ̃_max/(1+σ̃_max) (τ_max = 1 for flow-matching teachers),
-        z_0 = z_T − τ_max·u(z_T, 0, τ_max); 2 steps pass through τ = `intermediate` (default 0.5) deterministically.
+        z_0 = z_T − τ_max·u(z_T, t=τ_max, r=0); 2 steps pass through τ = `intermediate` (default 0.5) deterministically.
         """
         if steps not in (1, 2):
             raise ValueError(f"steps must be 1 or 2, got {steps}")
@@ -374,9 +380,9 @@ class FlowMapStudent(nn.Module):
             z = noise * (math.sqrt(1.0 + sigma_max * sigma_max) / (1.0 + sigma_max))  # [B, *S], x̃_T/(1 + σ̃)
         if steps == 2:
             tau_mid = DEFAULT_MF_INTERMEDIATE_TAU if intermediate is None else float(intermediate)
-            z = self.flow_map(z, tau_max, tau_mid, labels)
+            z = self.flow_map(z, t=tau_max, r=tau_mid, labels=labels)
             tau_max = tau_mid
-        return self.flow_map(z, tau_max, 0.0, labels)
+        return self.flow_map(z, t=tau_max, r=0.0, labels=labels)
 
     # ------------------------------------------------------------------------------------------------------
     # Export (the format lives in trainer.student_export)

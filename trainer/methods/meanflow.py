@@ -1,16 +1,24 @@
 """MeanFlow post-training (Geng et al. 2025, arXiv 2505.13447) of a FlowMapStudent: config, (t, r) sampler, the
-derivative du/dt, classifier-free guidance folded into the target, and the loss glue of `trainer/post.py`.
+derivative du/dt (JVP or central finite difference), classifier-free guidance folded into the target, and the loss
+callable `trainer/post.py` trains with (`MeanFlowLoss`).
 
-    u_tgt = ṽ − (t − r)·sg(du/dt),  du/dt = ṽ·∂_z u + ∂_t u,  loss sg(w)·‖u_θ(z, r, t) − sg(u_tgt)‖²
+    u_tgt = ṽ − (t − r)·sg(du/dt),  du/dt = ṽ·∂_z u + ∂_t u,  loss sg(w)·‖u_θ(z, t, r) − sg(u_tgt)‖²
 
-with z = (1 − t)·x0 + t·ε and v = ε − x0. Guidance (class-conditional students) replaces v by the guided field of
-the official MeanFlow code (`guidance_fn`), inside the guidance interval t ∈ [t_min, t_max] only:
+in the flow-matching view: t and r are τ ∈ [0, 1] (r ≤ t), z = (1 − t)·x0 + t·ε and v = ε − x0; u_θ(z, t, r) is
+`FlowMapStudent.velocity(z, t=t, r=r)`, the average velocity the paper writes u(z, r, t). Guidance (class-conditional
+students) replaces v by the guided field of the official MeanFlow code (`guidance_fn`), inside the guidance interval
+t ∈ [t_min, t_max] only:
 
     ṽ = ω·v + (1 − ω − κ)·u_θ(z, t, t | ∅) + κ·u_θ(z, t, t | c)      (ω = 1, κ = 0 outside the interval)
 
 (κ = 0 is plain CFG on the target, ω·v + (1 − ω)·u(∅); the effective guidance scale is ω/(1 − κ)). Samples whose
 label the stage dropped (`trainer.label_dropout`, p = 0.1 by default with guidance) see the null class and keep the
 unguided v. u_θ(·, t, t | ·) runs on the unwrapped student under no_grad.
+
+Batch keys read: "x0" [B, *S] (clean samples: a store's solver endpoints x̂_0 in the EDM view, `trainer.data` mode
+"endpoints", or dataset images), "labels" [B] for class-conditional students, and "labels_dropped" [B]
+(`trainer.label_dropout.DROPPED_KEY`, set by the stage's label dropout) with guidance. The times are drawn here, not
+read from the batch.
 
 Precision: under Accelerate's mixed precision (loop.mixed_precision = bf16 / fp16) the prediction u_θ runs in the
 autocast dtype, but du/dt is always taken in float32, bypassing autocast: torch's forward-mode AD has no autocast
@@ -28,11 +36,12 @@ from typing import Any, Literal
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.config import ConfigError
 from trainer.label_dropout import DROPPED_KEY
-from trainer.post_steps import (
+from trainer.methods.per_step import (
     attention_context,
     column,
     conditioning_labels,
@@ -47,6 +56,7 @@ __all__ = [
     "MeanFlowConfig",
     "MeanFlowLoss",
     "guided_target_velocity",
+    "jvp_attention_context",
     "meanflow_prediction_and_derivative",
     "meanflow_times",
     "resolve_derivative",
@@ -126,12 +136,39 @@ def tau_max(student: Any, mf: MeanFlowConfig) -> float:
 def meanflow_times(
     batch: int, mf: MeanFlowConfig, tau_limit: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """(t, r) [B] float64: logit-normal pair (t ≥ r; r = t for 1 − fraction), clamped to [tau_min, tau_limit]."""
+    """(t, r) [B] float64 in τ: logit-normal pair (t ≥ r; r = t for 1 − fraction), clamped to [tau_min, tau_limit]."""
     from trainer.schedules import sample_meanflow_times
 
     t, r = sample_meanflow_times(batch, p_mean=mf.p_mean, p_std=mf.p_std, fraction_r_neq_t=mf.fraction_r_neq_t,
                                  generator=generator, dtype=torch.float64)
     return t.clamp(mf.tau_min, tau_limit), r.clamp(mf.tau_min, tau_limit)
+
+
+def _contiguous_first_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: hand the module a contiguous copy of its first input."""
+    return (args[0].contiguous(), *args[1:])
+
+
+@contextlib.contextmanager
+def jvp_attention_context(module: nn.Module | None = None) -> Iterator[None]:
+    """Make a model forward-mode-AD safe: math SDPA backend, and contiguous GroupNorm inputs when `module` is given.
+
+    The CPU flash SDPA kernel has no forward-AD formula ("Trying to use forward AD with
+    _scaled_dot_product_flash_attention_for_cpu"), so attention runs on the math backend here. With torch
+    2.13, group_norm's forward-AD formula also fails ("view size is not compatible with input tensor's size
+    and stride") on the non-contiguous tensors diffusers' attention blocks hand to the next GroupNorm;
+    passing the (unwrapped) model registers temporary pre-hooks that make those inputs contiguous.
+    """
+    handles = []
+    if module is not None:
+        handles = [layer.register_forward_pre_hook(_contiguous_first_input)
+                   for layer in module.modules() if isinstance(layer, nn.GroupNorm)]
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -145,17 +182,19 @@ def float32_forward(device: torch.device) -> Iterator[None]:
 def meanflow_prediction_and_derivative(
     model: torch.nn.Module,
     z: Tensor,
+    *,
     t: Tensor,
     r: Tensor,
     v: Tensor,
     labels: Tensor | None,
-    *,
     method: Literal["jvp", "fd"],
     fd_delta: float,
     dropout_seed: int,
     attention: str = "sdpa",
 ) -> tuple[Tensor, Tensor]:
-    """(u_θ(z, r, t) with gradient through `model`, sg(du/dt)), du/dt = v·∂_z u + ∂_t u; one dropout mask for all.
+    """(u_θ(z, t, r) with gradient through `model`, sg(du/dt)), du/dt = v·∂_z u + ∂_t u; one dropout mask for all.
+
+    t, r: τ [B] (flow-matching view), r ≤ t.
 
     The prediction goes through `model` itself (DDP-wrapped in multi-process runs, so its backward all-reduces the
     gradients; in the mixed-precision dtype). du/dt comes from the UNWRAPPED student's `velocity`, in float32 and
@@ -163,39 +202,39 @@ def meanflow_prediction_and_derivative(
     runs inside the same attention context because the math SDPA kernel consumes the RNG differently from the
     others, and the masks must match), "fd" by the central difference of `trainer.losses.central_difference`.
     """
-    from trainer.losses import central_difference, jvp_attention_context, total_derivative_jvp
+    from trainer.losses import central_difference, total_derivative_jvp
 
     student = extract_model_from_parallel(model)
 
-    def predict(z_in: Tensor, r_in: Tensor, t_in: Tensor) -> Tensor:
-        """u(z, r, t) through `model`, with this step's dropout mask."""
+    def predict(z_in: Tensor, *, t: Tensor, r: Tensor) -> Tensor:
+        """u(z, t, r) through `model`, with this step's dropout mask."""
         with same_dropout(dropout_seed, z.device):
-            return model("mf", z_in, t_in, r_in, labels)  # [B, *S]
+            return model("mf", z_in, t=t, r=r, labels=labels)  # [B, *S]
 
-    def velocity32(z_in: Tensor, r_in: Tensor, t_in: Tensor) -> Tensor:
-        """u(z, r, t) of the unwrapped student in float32, with this step's dropout mask."""
+    def velocity32(z_in: Tensor, *, t: Tensor, r: Tensor) -> Tensor:
+        """u(z, t, r) of the unwrapped student in float32, with this step's dropout mask."""
         with same_dropout(dropout_seed, z.device), float32_forward(z.device):
-            return student.velocity(z_in.float(), t_in, r_in, labels)  # [B, *S]
+            return student.velocity(z_in.float(), t=t, r=r, labels=labels)  # [B, *S]
 
     if method == "jvp":
         with jvp_attention_context(student):
             with torch.no_grad():
-                _, du_dt = total_derivative_jvp(velocity32, z.float(), r, t, v.float())  # [B, *S]
-            u_pred = predict(z, r, t)  # [B, *S]
+                _, du_dt = total_derivative_jvp(velocity32, z.float(), t=t, r=r, v=v.float())  # [B, *S]
+            u_pred = predict(z, t=t, r=r)  # [B, *S]
         return u_pred, du_dt.to(u_pred.dtype)
     with attention_context(attention):
-        u_pred = predict(z, r, t)  # [B, *S]
-        du_dt = central_difference(velocity32, z.float(), r, t, v.float(), fd_delta)  # [B, *S]
+        u_pred = predict(z, t=t, r=r)  # [B, *S]
+        du_dt = central_difference(velocity32, z.float(), t=t, r=r, v=v.float(), delta=fd_delta)  # [B, *S]
     return u_pred, du_dt.to(u_pred.dtype)
 
 
 def guided_target_velocity(
     model: torch.nn.Module,
     z: Tensor,
+    *,
     t: Tensor,
     v: Tensor,
     labels: Tensor,
-    *,
     omega: float,
     kappa: float,
     interval: tuple[float, float],
@@ -203,17 +242,18 @@ def guided_target_velocity(
     dropout_seed: int,
 ) -> Tensor:
     """MeanFlow's guided velocity ṽ = ω·v + (1 − ω − κ)·sg(u_θ(z, t, t | ∅)) + κ·sg(u_θ(z, t, t | c)) where t lies in
-    `interval`, v elsewhere → [B, *S] (the official code's `guidance_fn`)."""
+    `interval`, v elsewhere → [B, *S] (the official code's `guidance_fn`); t: τ [B]."""
     from trainer.losses import guided_velocity
 
     student = extract_model_from_parallel(model)
     null = torch.full_like(labels, null_class)  # [B]
     with torch.no_grad(), same_dropout(dropout_seed, z.device):
         if kappa != 0:
-            both = student("mf", torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([null, labels]))
+            both = student("mf", torch.cat([z, z]), t=torch.cat([t, t]), r=torch.cat([t, t]),
+                           labels=torch.cat([null, labels]))
             u_uncond, u_cond = both.chunk(2)  # [B, *S] each
         else:
-            u_uncond, u_cond = student("mf", z, t, t, null), None  # [B, *S]
+            u_uncond, u_cond = student("mf", z, t=t, r=t, labels=null), None  # [B, *S]
     inside = (t >= interval[0]) & (t <= interval[1])  # [B]
     omega_t = torch.where(inside, torch.full_like(t, omega), torch.ones_like(t))  # [B]
     kappa_t = torch.where(inside, torch.full_like(t, kappa), torch.zeros_like(t))  # [B]
@@ -223,7 +263,8 @@ def guided_target_velocity(
 
 @dataclass
 class MeanFlowLoss:
-    """MeanFlow on clean samples x0: z = (1 − t)·x0 + t·ε, v = ε − x0, loss sg(w)·‖u_θ(z, r, t) − sg(u_tgt)‖²."""
+    """MeanFlow on clean samples x0 (batch keys "x0", "labels", "labels_dropped"; t, r in τ): z = (1 − t)·x0 + t·ε,
+    v = ε − x0, loss sg(w)·‖u_θ(z, t, r) − sg(u_tgt)‖²."""
 
     mf: MeanFlowConfig
     derivative: Literal["jvp", "fd"]
@@ -246,15 +287,15 @@ class MeanFlowLoss:
         labels = conditioning_labels(model, batch)
         if self.mf.guidance_scale is not None and labels is not None:
             guided = guided_target_velocity(
-                model, z, t, v, labels, omega=self.mf.guidance_scale, kappa=self.mf.guidance_kappa,
+                model, z, t=t, v=v, labels=labels, omega=self.mf.guidance_scale, kappa=self.mf.guidance_kappa,
                 interval=(self.mf.guidance_t_min, self.mf.guidance_t_max), null_class=self.null_class,
                 dropout_seed=seed + 2,
             )  # [B, *S]
             dropped = batch.get(DROPPED_KEY, torch.zeros_like(labels, dtype=torch.bool))  # [B]
             v = torch.where(column(dropped, v).bool(), v, guided)  # [B, *S]
         u_pred, du_dt = meanflow_prediction_and_derivative(
-            model, z, t, r, v, labels, method=self.derivative, fd_delta=self.mf.fd_delta, dropout_seed=seed + 1,
-            attention=self.attention,
+            model, z, t=t, r=r, v=v, labels=labels, method=self.derivative, fd_delta=self.mf.fd_delta,
+            dropout_seed=seed + 1, attention=self.attention,
         )
-        u_tgt = meanflow_target(v, du_dt, t, r)  # [B, *S]
+        u_tgt = meanflow_target(v, du_dt, t=t, r=r)  # [B, *S]
         return meanflow_loss(u_pred.float(), u_tgt.float(), p=self.mf.adaptive_p, c=self.mf.adaptive_c)  # [B]

@@ -1,10 +1,11 @@
-"""Per-step glue shared by the post-training losses (ECT / ECD in trainer/post.py, MeanFlow in trainer/meanflow.py):
-per-step randomness, identical dropout masks, the attention kernel, labels, and the tests' fault-injection hook."""
+"""Per-step glue shared by the training methods (`trainer.methods.ect`, `.meanflow`, `.cmt`): per-step randomness,
+identical dropout masks, the attention kernel, labels, and the tests' fault-injection hooks."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "HOLD_FILE_ENV",
     "HOLD_STEP_ENV",
+    "STOP_STEP_ENV",
     "attention_context",
     "column",
     "conditioning_labels",
@@ -23,11 +25,15 @@ __all__ = [
     "same_dropout",
     "step_generator",
     "step_seed",
+    "stop_if_asked",
 ]
 
-# Fault-injection hook for tests (as in trainer/mid.py): when $CMT_POST_HOLD_AT_STEP = N, training step N writes the
-# file $CMT_POST_HOLD_FILE and then waits to be killed, so a test can SIGKILL a run at a known step.
+# Fault-injection hooks for tests. Post-training (ECT / ECD / MeanFlow): when $CMT_POST_HOLD_AT_STEP = N, training step
+# N writes the file $CMT_POST_HOLD_FILE and then waits to be killed, so a test can SIGKILL a run at a known step.
 HOLD_STEP_ENV, HOLD_FILE_ENV = "CMT_POST_HOLD_AT_STEP", "CMT_POST_HOLD_FILE"
+# Mid-training (CMT; as in pipeline/generate.py): when $CMT_MID_STOP_AT_STEP = N, the process stops itself (SIGSTOP) at
+# the start of training step N, so a test can SIGKILL it exactly mid-run.
+STOP_STEP_ENV = "CMT_MID_STOP_AT_STEP"
 
 
 def step_seed() -> int:
@@ -78,3 +84,9 @@ def hold_if_asked(step: int) -> None:
     Path(os.environ[HOLD_FILE_ENV]).write_text(str(os.getpid()))
     while True:
         time.sleep(1.0)
+
+
+def stop_if_asked(step: int) -> None:
+    """Fault injection for tests: at step $CMT_MID_STOP_AT_STEP the process sends itself SIGSTOP."""
+    if os.environ.get(STOP_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGSTOP)
