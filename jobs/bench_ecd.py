@@ -14,14 +14,9 @@ data seconds and teacher forward samples per step of each path, and their ratio.
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # run by path: the project root first on sys.path
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any

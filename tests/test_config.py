@@ -195,16 +195,19 @@ def test_unknown_and_missing_keys_carry_the_key_for_a_cli_to_reword(tmp_path):
     assert missing.value.key == "name"
 
 
-def test_stage_help_lists_every_key_with_its_default_and_starts_nothing(capsys, tmp_path):
-    """`python trainer/pretrain.py --help`: usage and every key (required ones marked), exit 0, no run directory."""
-    from pipeline.config_loader import describe_keys
-    from trainer.pretrain import PretrainConfig
-    from trainer.pretrain import main as pretrain_main
+@pytest.mark.parametrize("stage", ["pretrain", "mid", "post"])
+def test_stage_help_lists_every_key_with_its_default_and_starts_nothing(stage, capsys, tmp_path):
+    """`python trainer/<stage>.py --help`: usage and every key (required ones marked), exit 0, no run directory."""
+    import importlib
 
-    assert pretrain_main(["--help", f"loop.output_dir={tmp_path / 'run'}"]) == 0
+    from pipeline.config_loader import describe_keys
+
+    module = importlib.import_module(f"trainer.{stage}")
+    config_type = getattr(module, {"pretrain": "PretrainConfig", "mid": "MidConfig", "post": "PostConfig"}[stage])
+    assert module.main(["--help", f"loop.output_dir={tmp_path / 'run'}"]) == 0
     shown = capsys.readouterr().out
-    assert "python trainer/pretrain.py --config" in shown
-    keys = describe_keys(PretrainConfig)
+    assert f"trainer/{stage}.py --config" in shown
+    keys = describe_keys(config_type)
     for key, _, default in keys:
         assert f"  {key} " in shown
     assert dict((key, default) for key, _, default in keys)["loop.total_steps"] == "required"

@@ -46,7 +46,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
+from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init, parameter_hash
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
@@ -507,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = parse_stage_args(sys.argv[1:] if argv is None else argv)
+        if args.help:
+            print(stage_help(MidConfig, __doc__))
+            return 0
         cfg = load_config(MidConfig, args.config_path, args.overrides)
         if args.dry_run:
             print(json.dumps(describe(cfg), indent=2))

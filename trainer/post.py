@@ -47,7 +47,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved
+from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.corrupt_shards import CorruptDataError
 from trainer.evaluation import EVAL_SEED
 from trainer.label_dropout import LabelDropout
@@ -430,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         args = parse_stage_args(argv)
+        if args.help:
+            print(stage_help(PostConfig, __doc__))
+            return 0
         cfg = load_config(PostConfig, args.config_path, args.overrides)
         if args.dry_run:
             print(json.dumps(describe(cfg), indent=2))
