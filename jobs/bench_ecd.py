@@ -50,7 +50,8 @@ def benchmark_ecd(cfg: Any, *, steps: int = 10, warmup: int = 2) -> dict[str, An
         loss_fn = setup.loss_fn if path == "stored" else LiveECDLoss(
             cfg.ect, cfg.ecd, teacher, ect_sigma_range(cfg.ect, setup.student.schedule, teacher), cfg.attention)
         paths[path] = {"student": setup.student, "loss_fn": loss_fn, "seconds": [], "data_seconds": [],
-                       "batches": iter(store_stream(cfg, setup.student, rank=0, world_size=1, mode=mode)),
+                       "batches": iter(store_stream(cfg, setup.student, rank=0, world_size=1, device=device,
+                                                    mode=mode)),
                        "optimizer": torch.optim.RAdam(setup.student.parameters(), lr=cfg.loop.lr), "teacher_samples": 0}
     for step in range(warmup + steps):
         for path in paths.values():

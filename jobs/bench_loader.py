@@ -8,9 +8,9 @@ threads, in one process. Blocks of `--steps-per-block` steps alternate between t
 (stream, memory, memory, stream, ...) so drifting machine load hits both equally; the first block of each is a
 warm-up and is not counted. Besides the ratio of total
 rates, the median over adjacent (stream, memory) block pairs of their rate ratio is reported: on a shared machine
-it is the robust figure. The streamed batches come from `trainer.data.TrajectoryStream` (what trainer/mid.py
-uses); the in-memory ones from `trainer.mid.preload_pairs` (every training sample preloaded as tensors) served by
-`trainer.loop.InMemoryBatches`. Data wait = time spent inside `next(batches)` (plus the host-to-device copy).
+it is the robust figure. The streamed batches come from `trainer.data.stream.TrajectoryStream` (what trainer/mid.py
+uses); the in-memory ones from `trainer.data.in_memory.InMemoryTrajectories` (every training sample preloaded as
+tensors, mid's stream.source=memory). Data wait = time spent inside `next(batches)` (plus the host-to-device copy).
 Prints one JSON object: steps/s of each, their ratio (target ≥ 0.95), and the fraction of step time spent
 waiting for data (target ≤ 2 %).
 
@@ -99,7 +99,8 @@ def loader_only(args: argparse.Namespace) -> dict:
     import itertools
 
     from storage_schema import open_store
-    from trainer.data import StreamConfig, TrajectoryStream
+    from trainer.data.options import StreamConfig
+    from trainer.data.stream import TrajectoryStream
 
     if args.synthetic and not os.path.exists(args.store[0]):
         shape = tuple(int(size) for size in args.synthetic.split("x"))
@@ -153,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline.teacher import load_teacher
     from trainer.config import load_config
-    from trainer.data import StreamConfig, TrajectoryStream
-    from trainer.loop import InMemoryBatches
+    from trainer.data.in_memory import InMemoryTrajectories
+    from trainer.data.options import StreamConfig
+    from trainer.data.stream import TrajectoryStream
     from trainer.losses import squared_l2
     from trainer.methods.cmt import cm_loss, mf_loss
-    from trainer.mid import MidConfig, check_stores, preload_pairs
+    from trainer.mid import MidConfig, check_stores
     from trainer.student import FlowMapStudent
 
     overrides = [f"teacher={args.teacher}", f"stores=[{','.join(args.store)}]", f"form={args.form}",
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs_per_trajectory=args.pairs_per_trajectory if args.form == "mf" else None,
     ), rank=0, world_size=1)
     preload_started = time.perf_counter()
-    memory = InMemoryBatches(preload_pairs(cfg, infos), batch_per_process=args.batch, seed=0, rank=0, world_size=1)
+    memory = InMemoryTrajectories(infos, args.form, batch_per_process=args.batch, seed=0, rank=0, world_size=1)
     preload_seconds = time.perf_counter() - preload_started
 
     base = FlowMapStudent.from_teacher(teacher, second_time_input=args.form == "mf")

@@ -10,7 +10,7 @@ steps at the same batch size, from the same teacher with the same solver, grid a
   when it exists, or --store), charged its generation wall time G (measured when made in this invocation, else
   re-timed by re-solving part of it: `jobs/study_store.generation_cost`), once (amortised over 1 run) or G/N
   (reused by N runs, --amortise-over);
-- online: `data=online` (`trainer/online.py`), batch/K fresh trajectories × all K points per step, whose solving is
+- online: `data=online` (`trainer/data/online.py`), batch/K fresh trajectories × all K points per step, whose solving is
   part of every training step.
 
 Charged seconds are the loop's `train_seconds` (optimizer steps, data included: the online run's solves, the offline

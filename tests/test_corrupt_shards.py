@@ -23,7 +23,7 @@ from storage_schema import CorruptShardError, open_store
 from storage_schema.cli import main as storage_cli
 from tests.helpers import HANG_LIMIT_S, tiny_unet, write_solved_store
 from trainer.config import load_config
-from trainer.corrupt_shards import CorruptDataError, CorruptShardWarning
+from trainer.data.corrupt_shards import CorruptDataError, CorruptShardWarning
 from trainer.data import StreamConfig, StreamStateError, TrajectoryStream
 from trainer.loop import complete_checkpoints, read_metrics
 from trainer.mid import MidConfig

@@ -272,6 +272,14 @@ def test_make_stream_takes_rank_and_world_size_from_the_accelerator(digits_like,
         make_stream(config([digits_like[0]]), accelerator, expected_sample_shape=(3, 4, 4))
 
 
+def test_make_stream_pins_worker_batches_for_a_cuda_device_only(digits_like):
+    """The one constructor turns pin_memory on where it pays: DataLoader workers feeding a CUDA device."""
+    with_workers = config([digits_like[0]], num_workers=1)
+    assert make_stream(with_workers, rank=0, world_size=1, device="cuda").pin_memory
+    assert not make_stream(with_workers, rank=0, world_size=1, device="cpu").pin_memory
+    assert not make_stream(config([digits_like[0]]), rank=0, world_size=1, device="cuda").pin_memory  # in-process
+
+
 # exact resume ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_resumed_stream_continues_bitwise_with_the_uninterrupted_batches(digits_like, num_workers):
@@ -441,7 +449,7 @@ def test_endpoints_mode_reads_the_endpoint_array_for_its_batches_after_the_diges
     traj_chunk_bytes = 8 * 17 * 3 * 16 * 16 * 2  # a shard is 2 chunks: traj + endpoint exceed this read
     first, second = {}, {}
     for read_bytes in (READ_BYTES, traj_chunk_bytes):
-        monkeypatch.setattr("trainer.data.READ_BYTES", read_bytes)
+        monkeypatch.setattr("trainer.data.reader.READ_BYTES", read_bytes)
         for mode in ("endpoints", "cm"):
             stream = TrajectoryStream(config([url], mode=mode, batch_per_process=16, shuffle_buffer=0), rank=0,
                                       world_size=1)
@@ -479,7 +487,7 @@ def test_both_worker_transports_deliver_the_same_batches(digits_like, monkeypatc
     """Batches sent through the pipe (small) and as shared memory (large) arrive bitwise equal."""
     cfg = config([digits_like[0]], num_workers=2)
     through_pipe = take(TrajectoryStream(cfg, rank=0, world_size=1), 6)
-    monkeypatch.setattr("trainer.data.SHARED_MEMORY_BYTES", 0)  # forked workers inherit it
+    monkeypatch.setattr("trainer.data.transport.SHARED_MEMORY_BYTES", 0)  # forked workers inherit it
     through_shared_memory = take(TrajectoryStream(cfg, rank=0, world_size=1), 6)
     assert_batches_equal(through_pipe, through_shared_memory)
     check_values(concat(through_pipe), [digits_like[1:]])

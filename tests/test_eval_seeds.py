@@ -8,7 +8,7 @@ from pipeline.solvers import prior_noise
 from trainer.config import load_config
 from trainer.evaluation import EVAL_SEED, eval_seeds
 from trainer.mid import MidConfig
-from trainer.online import SEED_STRIDE
+from trainer.data.online import SEED_STRIDE
 
 SEED_BITS = 32  # torch's CPU generator keeps the low 32 bits of a seed
 

@@ -1,4 +1,4 @@
-"""data=online (trainer/online.py): batches of freshly solved trajectories as the CMT authors build them, equal to what
+"""data=online (trainer/data/online.py): batches of freshly solved trajectories as the CMT authors build them, equal to what
 generation writes for the same seeds, deterministic, resumable, one set of trajectories per rank; mid-training on them
 in one and two real processes; the refusals."""
 
@@ -23,7 +23,7 @@ from trainer.config import ConfigError, load_config
 from trainer.data import StreamConfig, TrajectoryStream
 from trainer.loop import complete_checkpoints, read_metrics
 from trainer.mid import MidConfig, main, run
-from trainer.online import SEED_STRIDE, OnlineOptions, OnlineSourceError, OnlineTrajectories, open_online_source
+from trainer.data.online import SEED_STRIDE, OnlineOptions, OnlineSourceError, OnlineTrajectories, open_online_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "mid.yaml"

@@ -30,7 +30,8 @@ Writes into `loop.output_dir`: config.yaml, checkpoints/, metrics.jsonl (loss, s
 samples/step_<N>_{1,2}step.png, ranks/rank_<r>.json (parameter sha256 of each rank, teacher forward count, corrupt
 store shards skipped), init_eval.json (eval_at_init) and export/ (`FlowMapStudent.save_pretrained`; `python -m
 trainer.sample` samples it). Re-running the same command resumes from the newest complete checkpoint; a corrupt store
-shard stops the run with the fix named, or with stream.on_corrupt_shard=skip is left out (`trainer.corrupt_shards`).
+shard stops the run with the fix named, or with stream.on_corrupt_shard=skip is left out
+(`trainer.data.corrupt_shards`).
 """
 
 from __future__ import annotations
@@ -48,13 +49,13 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
-from trainer.corrupt_shards import CorruptDataError
+from trainer.data.corrupt_shards import CorruptDataError
+from trainer.data.options import StreamOptions
 from trainer.evaluation import EVAL_SEED
 from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.methods.ect import ECDConfig, ECTConfig, ECTLoss, LiveECDLoss, StoredECDLoss, ect_sigma_range
 from trainer.methods.meanflow import MeanFlowConfig, MeanFlowLoss, resolve_derivative, tau_max
-from trainer.stream_options import StreamOptions
 from trainer.student_init import CMT_PREFIX, check_student_fits, cmt_export_dir, student_from_init
 
 METHODS = ("ect", "ecd", "meanflow")
@@ -219,28 +220,21 @@ def dataset_batches(cfg: PostConfig, *, rank: int, world_size: int) -> tuple[InM
     return batches, tuple(data.image_shape)
 
 
-def store_stream(cfg: PostConfig, student: Any, *, rank: int, world_size: int, mode: str | None = None) -> Any:
-    """The streaming loader over the stores: endpoints (ect, meanflow) or consecutive points (ecd)."""
-    from trainer.data import StreamConfig, StreamError, TrajectoryStream
+def store_stream(cfg: PostConfig, student: Any, *, rank: int, world_size: int, device: Any = None,
+                 mode: str | None = None) -> Any:
+    """The streaming loader over the stores (`trainer.data.make_stream`, pinned batches with workers on CUDA):
+    endpoints (ect, meanflow) or consecutive points (ecd), checked against the student's shape and teacher."""
+    from trainer.data.errors import StreamError
+    from trainer.data.options import StreamConfig
+    from trainer.data.stream import make_stream
 
     mode = mode or ("ecd" if cfg.method == "ecd" else "endpoints")
-    stream_cfg = StreamConfig(
-        urls=cfg.store_urls,
-        mode=mode,
-        batch_per_process=cfg.batch_per_process,
-        points_per_trajectory=cfg.stream.points_per_trajectory if mode == "ecd" else None,
-        shuffle_buffer=cfg.stream.shuffle_buffer,
-        num_workers=cfg.stream.num_workers,
-        prefetch_factor=cfg.stream.prefetch_factor,
-        seed=cfg.loop.seed,
-        allow_incomplete=cfg.stream.allow_incomplete,
-        on_corrupt_shard=cfg.stream.on_corrupt_shard,
-        expected_sample_shape=tuple(student.sample_shape),
-        expected_fingerprint=student.teacher_fingerprint,
-        strict=cfg.stream.strict,
+    stream_cfg = StreamConfig.from_options(
+        cfg.stream, urls=cfg.store_urls, mode=mode, batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed,
+        expected_sample_shape=student.sample_shape, expected_fingerprint=student.teacher_fingerprint,
     )
     try:
-        return TrajectoryStream(stream_cfg, rank=rank, world_size=world_size)
+        return make_stream(stream_cfg, rank=rank, world_size=world_size, device=device)
     except StreamError as error:
         raise ConfigError(f"data={cfg.data}: {error}") from error
 
@@ -364,7 +358,7 @@ def run(cfg: PostConfig) -> PostResult:
     if accelerator.is_main_process:
         save_resolved(cfg, output_dir)
     if cfg.data_kind == "store":
-        batches = store_stream(cfg, setup.student, rank=rank, world_size=world_size)
+        batches = store_stream(cfg, setup.student, rank=rank, world_size=world_size, device=accelerator.device)
     else:
         batches, _ = dataset_batches(cfg, rank=rank, world_size=world_size)
     evaluate = StudentEvaluator(cfg, output_dir / "samples", vae=setup.vae)

@@ -3,8 +3,8 @@
 The authors' code (sony/cmt, training/loss.py `DPMSolverLoss`) re-solves the teacher inside every training step: B/K
 fresh prior noises, the K-step DPM-Solver++ with the frozen teacher under no_grad, and all K points of those
 trajectories in the batch. `OnlineTrajectories` does the same with this project's solver and conventions, so its
-samples are the ones `pipeline/generate.py` would write into a (float32) store and `trainer/data.py` would stream, up
-to the float32 rounding of a solve batched differently:
+samples are the ones `pipeline/generate.py` would write into a (float32) store and `trainer.data.stream` would
+stream, up to the float32 rounding of a solve batched differently:
 
 - Micro-batch b of rank r (of W ranks) solves T = B / M trajectories, M = the samples one trajectory gives: form cm,
   its K non-final points, each regressing onto point K; form mf, every pair of points (t > r), or
@@ -15,8 +15,8 @@ to the float32 rounding of a solve batched differently:
   loop seeds 0–63. Runs of different seeds never share a trajectory, every rank solves its own, and no trajectory is
   solved twice in a run (fresh noise every step; a run that would need more than 2²⁶ trajectories stops with an error).
 - The points come from `pipeline.solvers.solve` (the solver, grid and σ range that generation uses; the teacher runs
-  under no_grad) and become samples through the stream's own `trainer.data.sample_template` and
-  `trainer.data.samples_to_batch`: the same keys, views and float64 → float32 conversion as a float32 store.
+  under no_grad) and become samples through the stream's own templates (`trainer.data.batch_schema`: `sample_template`,
+  `batch_from_template`): the same keys, views and float64 → float32 conversion as a float32 store.
   Class-conditional teachers get generation's labels (`pipeline.generate.labels_for`) and guidance.
 - Everything is a pure function of (seed_base, b, r), so the position is the number of micro-batches made, and resume
   continues with bitwise the batches the uninterrupted run would have made. The source counts the teacher's network
@@ -35,6 +35,7 @@ import torch
 
 from pipeline.solver_names import SCHEDULER_GRID, SCHEDULER_GRID_ONLY
 from trainer.config import ConfigError
+from trainer.data.batch_schema import batch_from_template, sample_template
 
 __all__ = [
     "ONLINE_STATE_FORMAT", "SEED_STRIDE", "OnlineOptions", "OnlineSourceError", "OnlineTrajectories",
@@ -89,8 +90,6 @@ class OnlineTrajectories:
         """Plan the batch layout for `teacher` (a pipeline.teacher.Teacher); raises OnlineSourceError naming the fix."""
         from pipeline.generate import forward_evaluations_per_trajectory
         from pipeline.solvers import SolverError, time_grid
-        from trainer.data import sample_template
-
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if mode == "cm" and options.pairs_per_trajectory is not None:
@@ -164,8 +163,6 @@ class OnlineTrajectories:
         """Micro-batch `batch` of this rank: solve its T trajectories and take every (or the drawn) sample of each."""
         from pipeline.generate import labels_for
         from pipeline.solvers import solve
-        from trainer.data import samples_to_batch
-
         options, teacher = self.options, self.teacher
         indices = self.trajectory_indices(batch)
         labels = labels_for(indices, options.labels, teacher.num_classes, self.seed_base)
@@ -175,14 +172,7 @@ class OnlineTrajectories:
                            guidance_scale=options.guidance)
         native = trajectory.points.numpy()  # [T, K+1, *S] float32, the teacher's own state space
         items, rows = self._items(batch)  # [B], [B]
-        template = self.template
-        keys = ("a", "b")
-        out = samples_to_batch(
-            self.mode,
-            {key: native[rows, template[f"point_{key}"][items]] for key in keys},
-            {key: template[f"scale_{key}"][items] for key in keys},
-            {key: template[f"time_{key}"][items] for key in keys},
-        )
+        out = batch_from_template(self.mode, self.template, native, rows, items)
         if labels is not None:
             out["labels"] = torch.from_numpy(labels[rows])
         return out

@@ -1,10 +1,10 @@
 """Corrupt trajectory data met by the trainer: every committed shard is checked against its digest before use.
 
-A shard's commit record holds the sha256 of its data (`storage_schema`). A reader of `trainer.data` checks each
-shard the first time it reads it in an epoch, before any of its samples reaches a batch: a chunk that fails to
-decode, or data whose digest no longer matches, stops training with `CorruptDataError` naming the store, the shard
-and the `python -m storage_schema validate URL --deep` command. Checkpoints already written are untouched, so
-after the shard is regenerated the same training command resumes exactly.
+A shard's commit record holds the sha256 of its data (`storage_schema`). A reader of the stream
+(`trainer.data.reader`) checks each shard the first time it reads it in an epoch, before any of its samples reaches a
+batch: a chunk that fails to decode, or data whose digest no longer matches, stops training with `CorruptDataError`
+naming the store, the shard and the `python -m storage_schema validate URL --deep` command. Checkpoints already
+written are untouched, so after the shard is regenerated the same training command resumes exactly.
 
 What the check costs: the digest covers the shard's trajectories and endpoints (store schema 2), so the check decodes
 both whatever the stream's mode. A shard no larger than one read (`READ_BYTES`, every digits and tiny preset) is read
