@@ -23,13 +23,14 @@ from storage_schema import CorruptShardError, open_store
 from storage_schema.cli import main as storage_cli
 from tests.helpers import HANG_LIMIT_S, tiny_unet, write_solved_store
 from trainer.config import load_config
-from trainer.data.corrupt_shards import CorruptDataError, CorruptShardWarning
 from trainer.data import StreamConfig, StreamStateError, TrajectoryStream
-from trainer.loop import complete_checkpoints, read_metrics
+from trainer.data.corrupt_shards import CorruptDataError, CorruptShardWarning
+from trainer.loop import complete_checkpoints
 from trainer.mid import MidConfig
 from trainer.mid import run as run_mid
 from trainer.post import PostConfig
 from trainer.post import run as run_post
+from trainer.run_dir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MID_PRESET = REPO_ROOT / "jobs" / "tiny" / "mid.yaml"
@@ -236,7 +237,7 @@ def test_mid_training_with_skip_trains_without_the_shard_and_reports_it(pristine
     with pytest.warns(CorruptShardWarning):
         result = run_mid(load_config(MidConfig, MID_PRESET, overrides))
     assert result.loop.final_step == 20
-    logged = [record for record in read_metrics(tmp_path / "run") if "loss" in record]
+    logged = [record for record in RunDir(tmp_path / "run").read_metrics() if "loss" in record]
     assert len(logged) == 20 and all(record["corrupt_shards_skipped"] == 1 for record in logged)
     report = json.loads((tmp_path / "run" / "ranks" / "rank_0.json").read_text())
     assert [(entry["url"], entry["shard"]) for entry in report["corrupt_shards_skipped"]] == [(str(store), CORRUPT)]

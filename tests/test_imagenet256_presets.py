@@ -24,11 +24,11 @@ from pipeline.generate import parse_args as generate_args
 from pipeline.generate import run as generate
 from storage_schema import open_store
 from trainer.config import load_config
-from trainer.loop import read_metrics
 from trainer.mid import MidConfig
 from trainer.mid import run as mid_run
 from trainer.post import PostConfig
 from trainer.post import run as post_run
+from trainer.run_dir import RunDir
 from trainer.sample import main as sample_main
 from trainer.student import FlowMapStudent
 
@@ -105,7 +105,7 @@ def test_mid_preset_trains_both_forms_in_bf16_and_exports_a_latent_student_with_
     run_dir = mid(chain, form)
     config = (run_dir / "config.yaml").read_text()
     assert "mixed_precision: bf16" in config
-    losses = [record["loss"] for record in read_metrics(run_dir) if "loss" in record]
+    losses = [record["loss"] for record in RunDir(run_dir).read_metrics() if "loss" in record]
     assert losses and all(np.isfinite(losses))
     student = FlowMapStudent.from_pretrained(run_dir / "export")
     assert student.latent and student.second_time_input == (form == "mf") and student.null_class == 1000

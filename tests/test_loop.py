@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import HANG_LIMIT_S, assert_close
 from trainer.loop import (
     CHECKPOINT_MARKER,
     InMemoryBatches,
     LoopConfig,
     complete_checkpoints,
     make_accelerator,
-    read_metrics,
     train_loop,
 )
-from tests.helpers import HANG_LIMIT_S, assert_close
+from trainer.run_dir import RunDir
 
 NUM_FEATURES = 4
 NUM_SAMPLES = 96
@@ -104,7 +104,7 @@ def run_regression(cfg: LoopConfig, *, loss_fn=regression_loss, evaluate=None, e
 
 def logged_losses(output_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) of every metrics.jsonl record that has a loss."""
-    return [(record["step"], record["loss"]) for record in read_metrics(output_dir) if "loss" in record]
+    return [(record["step"], record["loss"]) for record in RunDir(output_dir).read_metrics() if "loss" in record]
 
 
 def test_loss_decreases_and_metrics_are_logged(tmp_path):
@@ -113,7 +113,7 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
     assert [step for step, _ in losses] == [10, 20, 30, 40, 50, 60]
     assert losses[-1][1] < 0.05 * losses[0][1]
     assert result.final_step == 60 and result.start_step == 0 and result.skipped_steps == 0
-    record = read_metrics(tmp_path)[-1]
+    record = RunDir(tmp_path).read_metrics()[-1]
     assert {"step", "loss", "lr", "skipped_steps"} <= set(record)
     assert (tmp_path / "logs").is_dir()
 
@@ -121,7 +121,7 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
 def test_linear_schedule_decays_to_zero(tmp_path):
     run_regression(loop_config(tmp_path, total_steps=10, lr_schedule="linear", warmup_steps=2, lr=1.0,
                                checkpoint_every_steps=0))
-    lrs = [record["lr"] for record in read_metrics(tmp_path)]
+    lrs = [record["lr"] for record in RunDir(tmp_path).read_metrics()]
     assert lrs[:2] == [0.5, 1.0]  # warm-up over 2 steps
     assert lrs[2:] == pytest.approx([(10 - step) / 8 for step in range(2, 10)])  # decays to 0 at step 10
 
@@ -148,7 +148,7 @@ def test_nan_loss_step_is_skipped_and_counted(tmp_path):
     assert not torch.equal(weights_seen[nan_step + 2], weights_seen[nan_step + 1])
     assert torch.equal(ema_seen[nan_step + 1], ema_seen[nan_step])  # no EMA update
     assert not torch.equal(ema_seen[nan_step + 2], ema_seen[nan_step + 1])
-    skipped_by_step = {record["step"]: record["skipped_steps"] for record in read_metrics(tmp_path)}
+    skipped_by_step = {record["step"]: record["skipped_steps"] for record in RunDir(tmp_path).read_metrics()}
     assert skipped_by_step[nan_step] == 0 and skipped_by_step[nan_step + 1] == 1 and skipped_by_step[6] == 1
     assert torch.isfinite(weights_seen[5]).all()
 
@@ -207,7 +207,7 @@ def test_sigkill_during_a_checkpoint_write_then_rerun_resumes_bitwise(tmp_path):
     child = subprocess.Popen([*command, "--stop-on-save", "2"], cwd=REPO_ROOT, env=SCRIPT_ENV)
     _, status = os.waitpid(child.pid, os.WUNTRACED)  # returns once the child froze inside the step-10 save
     assert os.WIFSTOPPED(status), f"child ended before reaching the step-10 checkpoint (status {status})"
-    assert read_metrics(killed_dir)[-1]["step"] == 10
+    assert RunDir(killed_dir).read_metrics()[-1]["step"] == 10
     assert (killed_dir / "checkpoints" / ".tmp-step_10" / "model.safetensors").exists()
     child.kill()
     child.wait()

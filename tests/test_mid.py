@@ -22,7 +22,7 @@ from pipeline.teacher import load_teacher
 from tests.helpers import HANG_LIMIT_S, free_port, tiny_unet
 from tests.helpers import write_solved_store as write_store
 from trainer.config import ConfigError, load_config
-from trainer.loop import complete_checkpoints, read_metrics
+from trainer.loop import complete_checkpoints
 from trainer.losses import squared_l2
 from trainer.methods.cmt import build_distance, cm_loss
 from trainer.mid import (
@@ -33,6 +33,7 @@ from trainer.mid import (
     preload_pairs,
     run,
 )
+from trainer.run_dir import RunDir
 from trainer.student import FlowMapStudent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def tiny_args(tiny: dict[str, Path], output_dir: Path, *extra: str) -> list[str]
 
 def logged_losses(output_dir: Path) -> dict[int, float]:
     """{step: loss} of every logged step."""
-    return {record["step"]: record["loss"] for record in read_metrics(output_dir) if "loss" in record}
+    return {record["step"]: record["loss"] for record in RunDir(output_dir).read_metrics() if "loss" in record}
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -14,12 +14,13 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from pipeline.teacher import Teacher, load_teacher
 from tests.helpers import tiny_unet, write_solved_store
 from trainer.config import ConfigError, load_config
-from trainer.loop import LoopConfig, make_accelerator, read_metrics
+from trainer.loop import LoopConfig, make_accelerator
 from trainer.methods.meanflow import meanflow_prediction_and_derivative
 from trainer.mid import MidConfig
 from trainer.mid import run as mid_run
 from trainer.post import PostConfig
 from trainer.post import run as post_run
+from trainer.run_dir import RunDir
 from trainer.student import FlowMapStudent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ BF16 = ["loop.mixed_precision=bf16", "loop.total_steps=2", "loop.checkpoint_ever
 
 def finite_run(output_dir: Path) -> None:
     """The run logged finite losses and skipped no step."""
-    records = [record for record in read_metrics(output_dir) if "loss" in record]
+    records = [record for record in RunDir(output_dir).read_metrics() if "loss" in record]
     assert records and all(torch.isfinite(torch.tensor(record["loss"])) for record in records)
     assert records[-1]["skipped_steps"] == 0
 

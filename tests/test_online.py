@@ -21,9 +21,10 @@ from pipeline.teacher import load_teacher
 from tests.helpers import HANG_LIMIT_S, assert_close, free_port, tiny_unet, write_solved_store
 from trainer.config import ConfigError, load_config
 from trainer.data import StreamConfig, TrajectoryStream
-from trainer.loop import complete_checkpoints, read_metrics
-from trainer.mid import MidConfig, main, run
 from trainer.data.online import SEED_STRIDE, OnlineOptions, OnlineSourceError, OnlineTrajectories, open_online_source
+from trainer.loop import complete_checkpoints
+from trainer.mid import MidConfig, main, run
+from trainer.run_dir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "mid.yaml"
@@ -176,7 +177,7 @@ def online_args(tiny: dict, output_dir: Path, *extra: str) -> list[str]:
 
 def logged_losses(output_dir: Path) -> dict[int, float]:
     """{step: loss} of every logged step."""
-    return {record["step"]: record["loss"] for record in read_metrics(output_dir) if "loss" in record}
+    return {record["step"]: record["loss"] for record in RunDir(output_dir).read_metrics() if "loss" in record}
 
 
 def test_mid_training_online_resumes_bitwise_from_a_checkpoint(tiny, tmp_path):

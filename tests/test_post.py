@@ -22,12 +22,12 @@ from pipeline.teacher import Teacher, load_teacher
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, assert_close, free_port, tiny_unet, wait_until, write_solved_store
 from trainer.config import ConfigError, load_config
+from trainer.evaluation import parameter_hash
 from trainer.loop import (
     InMemoryBatches,
     LoopConfig,
     complete_checkpoints,
     make_accelerator,
-    read_metrics,
     train_loop,
 )
 from trainer.losses import (
@@ -44,7 +44,6 @@ from trainer.methods.meanflow import (
     meanflow_prediction_and_derivative,
 )
 from trainer.methods.per_step import HOLD_FILE_ENV, HOLD_STEP_ENV, same_dropout
-from trainer.evaluation import parameter_hash
 from trainer.post import (
     PostConfig,
     describe,
@@ -52,6 +51,7 @@ from trainer.post import (
     run,
     store_stream,
 )
+from trainer.run_dir import RunDir
 from trainer.schedules import clamp_sigma, ect_r_from_t, sample_ect_times
 from trainer.student import FlowMapStudent
 
@@ -91,7 +91,7 @@ def tiny_cfg(tiny: dict[str, Path], output_dir: Path, *overrides: str) -> PostCo
 
 def logged_losses(output_dir: Path) -> dict[int, float]:
     """step → loss of every metrics.jsonl record with a loss."""
-    return {record["step"]: record["loss"] for record in read_metrics(output_dir) if "loss" in record}
+    return {record["step"]: record["loss"] for record in RunDir(output_dir).read_metrics() if "loss" in record}
 
 
 class RecordingStudent(FlowMapStudent):

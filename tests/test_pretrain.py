@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer.config import load_config
 from pipeline.png_grid import grid_array, save_grid
 from tests.helpers import HANG_LIMIT_S, assert_close
-from trainer.loop import complete_checkpoints, read_metrics
+from trainer.config import load_config
+from trainer.loop import complete_checkpoints
 from trainer.pretrain import PretrainConfig, main, run
+from trainer.run_dir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO_ROOT / "jobs" / "tiny" / "pretrain.yaml"
@@ -58,7 +59,7 @@ def test_pretrain_cli_writes_a_loadable_teacher_and_resumes_from_its_checkpoint(
     second = run_cli(output_dir)
     assert second["start_step"] == 3 and second["final_step"] == 6
     assert (export_dir / "model_index.json").exists()
-    assert [record["step"] for record in read_metrics(output_dir) if "loss" in record] == [1, 2, 3, 4, 5, 6]
+    assert [record["step"] for record in RunDir(output_dir).read_metrics() if "loss" in record] == [1, 2, 3, 4, 5, 6]
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
@@ -82,7 +83,7 @@ def test_class_conditional_run_logs_fd_and_exports_a_conditional_teacher(tmp_pat
                  "num_eval_samples=64", "loop.total_steps=2", "loop.eval_every_steps=0"]
     result = run(load_config(PretrainConfig, TINY_PRESET, overrides))
     assert result.final_step == 2 and result.start_step == 0
-    final_record = read_metrics(tmp_path)[-1]
+    final_record = RunDir(tmp_path).read_metrics()[-1]
     assert final_record["step"] == 2 and final_record["FD-digits"] > 0
     assert result.metrics["FD-digits"] == final_record["FD-digits"]
     assert load_teacher(result.export_dir).num_classes == 10

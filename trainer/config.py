@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from pipeline.config_loader import ConfigError, config_to_dict, describe_keys, load_config
+from trainer.run_dir import RunDir
 
 __all__ = [
-    "RESOLVED_CONFIG_NAME",
     "ConfigError",
     "StageArgs",
     "config_to_dict",
@@ -33,7 +33,6 @@ __all__ = [
     "stage_help",
 ]
 
-RESOLVED_CONFIG_NAME = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ def save_resolved(cfg: Any, directory: str | os.PathLike) -> Path:
     """Write the resolved config to `<directory>/config.yaml` atomically; returns the file's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / RESOLVED_CONFIG_NAME
+    target = RunDir(directory).config
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     handle, temp_name = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=directory)
     with os.fdopen(handle, "w") as stream:

@@ -41,10 +41,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from trainer.config import ConfigError
+from trainer.run_dir import METRICS_FILE, RunDir
 
-CHECKPOINTS_DIR = "checkpoints"
-EXPORT_DIR = "export"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_MARKER = "checkpoint.json"
 _CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
@@ -311,14 +309,6 @@ class JsonlTracker(GeneralTracker):
             self._stream = None
 
 
-def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of `<output_dir>/metrics.jsonl`, in order."""
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def make_accelerator(cfg: LoopConfig) -> Accelerator:
     """The Accelerator for `cfg`: project dir, TensorBoard + metrics.jsonl trackers, accumulation, precision.
 
@@ -333,7 +323,7 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
     try:
         accelerator = Accelerator(
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-            log_with=["tensorboard", JsonlTracker(output_dir / METRICS_FILE)],
+            log_with=["tensorboard", JsonlTracker(RunDir(output_dir).metrics)],
             gradient_accumulation_steps=cfg.grad_accum_steps,
             mixed_precision=cfg.mixed_precision,
         )
@@ -364,7 +354,7 @@ def lr_factor(step: int, cfg: LoopConfig) -> float:
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, dir) of every complete checkpoint (its marker written last), oldest first; temp dirs are ignored."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
+    root = RunDir(output_dir).checkpoints
     if not root.is_dir():
         return []
     found = []
@@ -507,7 +497,7 @@ def train_loop(
     export_dir = None
     if export is not None:
         ema.copy_to(ema_model.parameters())
-        export_dir = output_dir / EXPORT_DIR
+        export_dir = RunDir(output_dir).export
         if accelerator.is_main_process:
             with _preserved_rng_state():
                 _write_directory_atomically(export_dir, lambda temp_dir: export(ema_model, temp_dir))
@@ -558,7 +548,7 @@ def _find_resume_checkpoint(accelerator: Accelerator, output_dir: Path) -> Path 
 
 def _discard_stale_outputs(output_dir: Path, start_step: int) -> None:
     """Drop what an interrupted run left past its last checkpoint: temp dirs and metrics lines after start_step."""
-    checkpoint_root = output_dir / CHECKPOINTS_DIR
+    checkpoint_root = RunDir(output_dir).checkpoints
     if checkpoint_root.is_dir():
         for entry in checkpoint_root.iterdir():
             if entry.name.startswith(_TEMP_PREFIX) or (
@@ -567,7 +557,7 @@ def _discard_stale_outputs(output_dir: Path, start_step: int) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
     for entry in output_dir.glob(f"{_TEMP_PREFIX}*") if output_dir.is_dir() else []:
         shutil.rmtree(entry, ignore_errors=True)
-    metrics_path = output_dir / METRICS_FILE
+    metrics_path = RunDir(output_dir).metrics
     if metrics_path.exists():
         lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line)["step"] <= start_step]
@@ -578,7 +568,7 @@ def _discard_stale_outputs(output_dir: Path, start_step: int) -> None:
 
 def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
     """save_state into a temp dir, mark it complete, rename it to step_<N>; keep the newest `keep` checkpoints."""
-    root = output_dir / CHECKPOINTS_DIR
+    root = RunDir(output_dir).checkpoints
     temp_dir = root / f"{_TEMP_PREFIX}step_{step}"
     final_dir = root / f"step_{step}"
     if accelerator.is_main_process:

@@ -55,10 +55,9 @@ from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init, pa
 from trainer.label_dropout import LabelDropout
 from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.methods.cmt import TransferThenCMT, build_distance, cm_loss, mf_loss
+from trainer.run_dir import RunDir
 from trainer.student_options import StudentOptions, build_student, plan_transfer
 
-RANKS_DIR = "ranks"
-INIT_EVAL_FILE = "init_eval.json"
 
 
 class MidDataError(ConfigError):
@@ -219,8 +218,8 @@ def run(cfg: MidConfig) -> MidResult:
     vae = teacher.vae
     if transfer.steps == 0:
         del teacher
-    evaluate = StudentEvaluator(cfg, output_dir / "samples", vae=vae)
-    init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, student, accelerator, output_dir / INIT_EVAL_FILE)
+    evaluate = StudentEvaluator(cfg, RunDir(output_dir).samples, vae=vae)
+    init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, student, accelerator, RunDir(output_dir).init_eval)
     if cfg.form == "cm":
         loss_fn = partial(cm_loss, distance=build_distance(cfg, accelerator.device))
     else:
@@ -247,8 +246,7 @@ def run(cfg: MidConfig) -> MidResult:
         "eval_samples_drawn": evaluate.samples_drawn,
         "final_step": result.final_step,
     }
-    (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-    (output_dir / RANKS_DIR / f"rank_{rank}.json").write_text(json.dumps(report, indent=2))
+    RunDir(output_dir).write_rank_report(rank, report)
     return MidResult(loop=result, init_metrics=init_metrics, rank_report=report)
 
 

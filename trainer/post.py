@@ -56,11 +56,10 @@ from trainer.label_dropout import LabelDropout
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.methods.ect import ECDConfig, ECTConfig, ECTLoss, LiveECDLoss, StoredECDLoss, ect_sigma_range
 from trainer.methods.meanflow import MeanFlowConfig, MeanFlowLoss, resolve_derivative, tau_max
+from trainer.run_dir import RunDir
 from trainer.student_init import CMT_PREFIX, check_student_fits, cmt_export_dir, student_from_init
 
 METHODS = ("ect", "ecd", "meanflow")
-RANKS_DIR = "ranks"
-INIT_EVAL_FILE = "init_eval.json"
 STORE_PREFIX, DATASET_PREFIX = "store:", "dataset:"
 BENCHMARK_MOVED = ("--benchmark-ecd moved to jobs/bench_ecd.py: run `python jobs/bench_ecd.py --config PRESET "
                    "[the same flags] --steps N`")
@@ -361,8 +360,8 @@ def run(cfg: PostConfig) -> PostResult:
         batches = store_stream(cfg, setup.student, rank=rank, world_size=world_size, device=accelerator.device)
     else:
         batches, _ = dataset_batches(cfg, rank=rank, world_size=world_size)
-    evaluate = StudentEvaluator(cfg, output_dir / "samples", vae=setup.vae)
-    init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, setup.student, accelerator, output_dir / INIT_EVAL_FILE)
+    evaluate = StudentEvaluator(cfg, RunDir(output_dir).samples, vae=setup.vae)
+    init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, setup.student, accelerator, RunDir(output_dir).init_eval)
     teacher_calls = ForwardCounter(setup.teacher.model if setup.teacher is not None else None)
     result = train_loop(
         cfg.loop,
@@ -386,8 +385,7 @@ def run(cfg: PostConfig) -> PostResult:
         "skipped_steps": result.skipped_steps,
         "corrupt_shards_skipped": getattr(batches, "skipped_shards", []),
     }
-    (output_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-    (output_dir / RANKS_DIR / f"rank_{rank}.json").write_text(json.dumps(report, indent=2))
+    RunDir(output_dir).write_rank_report(rank, report)
     return PostResult(loop=result, init_metrics=init_metrics, rank_report=report)
 
 

@@ -35,6 +35,7 @@ from trainer.config import ConfigError, config_to_dict, load_config, parse_stage
 from trainer.image_datasets import ImageDataset, load_dataset
 from pipeline.png_grid import save_grid
 from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.run_dir import RunDir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,7 +269,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
     batches = InMemoryBatches(
         {"images": data.images, "labels": data.labels}, batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed
     )
-    evaluate = SampleEvaluator(cfg, scheduler, data.num_classes, output_dir / "samples")
+    evaluate = SampleEvaluator(cfg, scheduler, data.num_classes, RunDir(output_dir).samples)
     if cfg.schedule == "edm":
         loss_fn = partial(edm_loss, scheduler=scheduler, edm=cfg.edm, class_conditional=cfg.model.class_conditional)
     else:

@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-STUDENT_FILE = "student.json"
+from trainer.student_export import STUDENT_FILE, student_export_dir
 RENOISE_SEED_OFFSET = 1_000_003  # the CM form's 2-step re-noise of sample i comes from seed + i + this
 
 
@@ -83,11 +83,9 @@ class SampleResult:
 
 def student_dir(path: str | Path) -> Path:
     """The export directory for `path`: itself, or its `export/` when `path` is a training run's directory."""
-    path = Path(path).expanduser()
-    if (path / STUDENT_FILE).is_file():
-        return path
-    if (path / "export" / STUDENT_FILE).is_file():
-        return path / "export"
+    found = student_export_dir(path)
+    if found is not None:
+        return found
     raise SampleError(
         f"{path} holds no student export ({STUDENT_FILE}): pass the export/ directory of a trainer/mid.py or "
         "trainer/post.py run (or that run's directory)"

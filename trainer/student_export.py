@@ -35,6 +35,7 @@ __all__ = [
     "load_student",
     "load_vae",
     "save_student",
+    "student_export_dir",
 ]
 
 STUDENT_FORMAT_VERSION = 3
@@ -44,6 +45,18 @@ NET_DIR = "unet"
 SCHEDULER_DIR = "scheduler"
 SECOND_TIME_FILE = "second_time.safetensors"
 VAE_DIR = "vae"
+
+
+def student_export_dir(path: str | os.PathLike) -> Path | None:
+    """The student export `path` names: the directory itself, or the export/ of a training run's directory (None when
+    neither holds a student.json)."""
+    from trainer.run_dir import RunDir
+
+    path = Path(path).expanduser()
+    for candidate in (path, RunDir(path).export):
+        if (candidate / STUDENT_FILE).is_file():
+            return candidate
+    return None
 
 
 def metadata(student: Any) -> dict[str, Any]:

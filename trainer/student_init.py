@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from trainer.config import ConfigError
+from trainer.student_export import student_export_dir
 
 __all__ = ["CMT_PREFIX", "InitError", "check_student_fits", "cmt_export_dir", "student_from_init"]
 
@@ -33,9 +34,7 @@ class InitError(ConfigError):
 def cmt_export_dir(init: str) -> Path:
     """The student export named by `cmt:<dir>` (a mid-training run dir is accepted for its export/)."""
     directory = Path(init[len(CMT_PREFIX) :].strip()).expanduser()
-    if not (directory / "student.json").is_file() and (directory / "export" / "student.json").is_file():
-        return directory / "export"
-    return directory
+    return student_export_dir(directory) or directory
 
 
 def check_student_fits(
