@@ -1,6 +1,7 @@
 """CMT's gradient-bias claim checked exactly on Gaussian data: post-training gradient vs oracle gradient at init.
 
-    python jobs/gradient_bias.py [--quick] [--out DIR] [--pair shared_noise|ode] [--q Q] [--dry-run]
+    python jobs/gradient_bias.py [--quick] [--out DIR] [--pair shared_noise|ode] [--q Q] [--reading direct|edm|epsilon]
+        [--dry-run]
 
 Claim (CMT, Hu et al., arXiv 2509.24526, Sec. 5): post-training a consistency model with
 L_post(θ) = E‖f_θ(x_t, t) − sg f_θ(x_r, r)‖² follows a gradient that is biased relative to the oracle
@@ -84,6 +85,7 @@ from trainer.losses import cmt_cm_loss, ect_target, squared_l2
 from trainer.schedules import SIGMA_MAX, SIGMA_MIN, ect_r_from_t
 
 PAIRS = ("shared_noise", "ode")
+READINGS = ("direct", "edm", "epsilon")
 CMT_SOLVERS = tuple(name for name in SOLVERS if name in ("euler", "dpmpp-2m", "dpmpp-3m", "flow-euler"))
 MAX_LEVELS = 200_000
 RANDOM_DEGREE = 3
@@ -106,6 +108,7 @@ __all__ = [
     "input_scale",
     "level_bias",
     "level_weights",
+    "output_scale",
     "main",
     "monte_carlo_level_bias",
     "oracle_loss_per_level",
@@ -134,6 +137,11 @@ class GradientBiasConfig:
     sigma_max: float = SIGMA_MAX
     q: float = 4096.0  # ECT's r(t) parameter, fixed (CMT's post-training recipe); sets Δt
     pair: Literal["shared_noise", "ode"] = "shared_noise"
+    # How the student's parameters reach f (the student parameterisation): f = c_skip·x + c_out·F_θ. "direct": c_out = 1
+    # (F is f itself); "edm": EDM's c_out = σ·s/√(σ² + s²) with σ_data = s (the default student's reading, bounded by
+    # s); "epsilon": an ε-prediction teacher's own c_out = −σ (up to −80). c_skip carries no parameter, so the reading
+    # scales level n's parameter gradient by c_out(σ_n) and bias² by c_out(σ_n)² (chain rule), nothing else.
+    reading: Literal["direct", "edm", "epsilon"] = "direct"
     p_mean: float = -1.1  # ECT's ln σ ~ N(p_mean, p_std²)
     p_std: float = 2.0
     num_trajectories: int = 256  # solver trajectories per CMT fit
@@ -173,6 +181,8 @@ class GradientBiasConfig:
             raise GradientBiasConfigError(f"q={self.q}: pass q ≥ 16 so ECT's r(t) stays well above 0 (CMT uses 4096)")
         if self.pair not in PAIRS:
             raise GradientBiasConfigError(f"pair={self.pair!r}: choose one of {', '.join(PAIRS)}")
+        if self.reading not in READINGS:
+            raise GradientBiasConfigError(f"reading={self.reading!r}: choose one of {', '.join(READINGS)}")
         if not self.p_std > 0:
             raise GradientBiasConfigError(f"p_std={self.p_std}: the log-normal's spread must be > 0")
         if self.num_trajectories < 4:
@@ -352,12 +362,22 @@ def oracle_loss_per_level(student: AffineStudent, levels: np.ndarray, mu: np.nda
     return len(mu) * slope_error**2 * variance + (mean_error**2).sum(1)
 
 
+def output_scale(levels: np.ndarray, reading: str, s: float) -> np.ndarray:
+    """|c_out(σ_n)| of a student reading, [N+1]: what a parameter gradient of f is multiplied by at each level."""
+    if reading == "direct":
+        return np.ones_like(levels)
+    if reading == "edm":
+        return levels * s / np.sqrt(levels**2 + s * s)  # EDM's c_out with σ_data = s (Karras et al. 2022, Table 1)
+    return levels.copy()  # ε-prediction: f = x − σ·ε̂, c_out = −σ
+
+
 def gradient_bias(
     student: AffineStudent, levels: np.ndarray, weights: np.ndarray, c_in: np.ndarray, mu: np.ndarray, s: float,
-    pair: str,
+    pair: str, reading: str = "direct",
 ) -> dict[str, float]:
-    """bias_sq = E_σ‖∇_{θ(σ)}ℓ_oracle − ∇_{θ(σ)}ℓ_post‖² = Σ_n w_n‖·‖² and oracle_loss = L_oracle(θ) = ε² (exact)."""
-    per_level = level_bias(student, levels, c_in, mu, s, pair)  # [N, 1+d]
+    """bias_sq = E_σ‖∇_{θ(σ)}ℓ_oracle − ∇_{θ(σ)}ℓ_post‖² = Σ_n w_n·c_out(σ_n)²·‖·‖² (the reading's chain-rule factor)
+    and oracle_loss = L_oracle(θ) = ε² (exact; the reading does not change f, so not ε²)."""
+    per_level = level_bias(student, levels, c_in, mu, s, pair) * output_scale(levels, reading, s)[:-1, None]  # [N, 1+d]
     return {
         "bias_sq": float((weights[:, None] * per_level**2).sum()),
         "oracle_loss": float((weights * oracle_loss_per_level(student, levels, mu, s)).sum()),
@@ -459,7 +479,7 @@ def run(cfg: GradientBiasConfig) -> dict[str, Any]:
 
     def measure(student: AffineStudent) -> dict[str, float]:
         """Exact bias and ε² of one init on this study's levels."""
-        return gradient_bias(student, levels, weights, c_in, mu, cfg.s, cfg.pair)
+        return gradient_bias(student, levels, weights, c_in, mu, cfg.s, cfg.pair, cfg.reading)
 
     fixed = {"diffusion": measure(diffusion_student(levels, mu, cfg.s)),
              "flow_map": measure(flow_map_student(levels, mu, cfg.s))}
@@ -550,16 +570,19 @@ def _monte_carlo_check(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: python jobs/gradient_bias.py [--quick] [--out DIR] [--pair P] [--q Q] [--dry-run]."""
+    """CLI: python jobs/gradient_bias.py [--quick] [--out DIR] [--pair P] [--q Q] [--reading R] [--dry-run]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small K set and samples (seconds; what the test runs)")
     parser.add_argument("--out", default=None, help=f"output directory (default {GradientBiasConfig.out})")
     parser.add_argument("--pair", choices=PAIRS, default=None, help="post-training pair: ECT shared noise or exact ODE step")
     parser.add_argument("--q", type=float, default=None, help="ECT's q (Δt ≈ t·(1 + 8·sigmoid(−t))/q)")
+    parser.add_argument("--reading", choices=READINGS, default=None,
+                        help="student parameterisation c_out: direct (1), edm (bounded by σ_data), epsilon (−σ)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else GradientBiasConfig()
-    overrides = {key: value for key, value in (("out", args.out), ("pair", args.pair), ("q", args.q)) if value is not None}
+    overrides = {key: value for key, value in (("out", args.out), ("pair", args.pair), ("q", args.q),
+                                                ("reading", args.reading)) if value is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     try:
         cfg.validate()

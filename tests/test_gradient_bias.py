@@ -17,9 +17,11 @@ from jobs.gradient_bias import (
     flow_map_student,
     gradient_bias,
     input_scale,
+    level_bias,
     level_weights,
     main,
     oracle_teacher,
+    output_scale,
     run,
 )
 
@@ -117,3 +119,30 @@ def test_bad_config_is_refused_with_the_fix_and_dry_run_writes_nothing(tmp_path,
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == list(QUICK.steps) and printed["out"] == str(out)
     assert not out.exists()
+
+
+def test_student_reading_weights_each_level_by_its_c_out_squared():
+    """--reading: the EDM reading's |c_out| is the project's own EDM preconditioning of the oracle (σ_data = s), the
+    ε reading's is σ, and bias² is the direct per-level bias weighted by c_out² (the chain rule through f = … + c_out·F)."""
+    import torch
+
+    from pipeline.teacher import edm_preconditioning
+
+    cfg = dataclasses.replace(QUICK, mc_samples=0)
+    mu = cfg.mu_center + cfg.mu_spread * np.linspace(-1.0, 1.0, cfg.dim)
+    levels = ect_level_chain(cfg.sigma_max, cfg.sigma_min, cfg.q)
+    weights = level_weights(levels, cfg.p_mean, cfg.p_std)
+    teacher = oracle_teacher(cfg, mu)
+    c_in = input_scale(teacher, levels)
+    _, _, _, c_out = edm_preconditioning(teacher.schedule, teacher.prediction_type, torch.from_numpy(levels))
+    np.testing.assert_allclose(output_scale(levels, "edm", cfg.s), np.abs(c_out.numpy()), rtol=1e-12)
+    np.testing.assert_allclose(output_scale(levels, "epsilon", cfg.s), levels, rtol=0)
+    student = flow_map_student(levels, mu, cfg.s)
+    per_level = level_bias(student, levels, c_in, mu, cfg.s, "shared_noise")
+    for reading in ("direct", "edm", "epsilon"):
+        scale = output_scale(levels, reading, cfg.s)[:-1, None]
+        expected = float((weights[:, None] * (scale * per_level) ** 2).sum())
+        got = gradient_bias(student, levels, weights, c_in, mu, cfg.s, "shared_noise", reading)["bias_sq"]
+        assert got == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(GradientBiasConfigError, match="reading"):
+        dataclasses.replace(QUICK, reading="v").validate()
