@@ -1,14 +1,14 @@
 """Consistency Mid-Training's objectives (CMT; Hu et al., arXiv 2509.24526): the CM and MF losses trainer/mid.py
-trains with, the pairs of trajectory points the MF form regresses between, the distance of the CM form, and the
-preconditioning transfer that may run before them. No stop-gradient, no time weighting, no JVP:
+trains with, the distance of the CM form, and the preconditioning transfer that may run before them. No stop-gradient, no time weighting, no JVP:
 
 - form "cm" (Ψ_{t→0}, EDM view, t = σ̃): L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})                  (`cm_loss`)
 - form "mf" (Ψ_{t→s}, flow-matching view, t = τ):
   L = E_{i>j} ‖u_θ(x̂_{t_i}, t=t_i, r=t_j) − (x̂_{t_i} − x̂_{t_j})/(t_i − t_j)‖²  (`mf_loss`; the paper's h_θ(x̂_{t_i}, t_i, t_j))
 
 The points come from the teacher's own trajectories (a store through `trainer.data`, preloaded in memory, or solved
-online by `trainer.online`); which points / pairs a batch holds is the data source's choice (its
-`points_per_trajectory` / `pairs_per_trajectory`), and the in-memory source takes every pair of `cmt_pair_indices`.
+online by `trainer.data.online`); which points / pairs a batch holds is the data source's choice (its
+`points_per_trajectory` / `pairs_per_trajectory`), and the in-memory source takes every
+pair (`trainer.data.batch_schema`).
 
 Batch keys read:
 - "cm": "x_t" [B, *S] (trajectory point x̂_{t_i}, EDM view), "sigma" [B] (its σ̃), "x0" [B, *S] (the trajectory's
@@ -24,13 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from trainer.config import ConfigError
 from trainer.methods.per_step import stop_if_asked
 
-__all__ = ["DistanceSettings", "TransferThenCMT", "build_distance", "cm_loss", "cmt_pair_indices", "mf_loss"]
+__all__ = ["DistanceSettings", "TransferThenCMT", "build_distance", "cm_loss", "mf_loss"]
 
 
 class DistanceSettings(Protocol):
@@ -40,12 +39,6 @@ class DistanceSettings(Protocol):
     pseudo_huber_c: float | None
     lpips_weights: str | None
     lpips_resize_to: int | None
-
-
-def cmt_pair_indices(num_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i, j) of trajectory points with i < j (i earlier / noisier, j later / cleaner), the MF form's."""
-    first, second = np.triu_indices(num_points, k=1)
-    return first.astype(np.int64), second.astype(np.int64)
 
 
 def build_distance(cfg: DistanceSettings, device: torch.device) -> Any:
