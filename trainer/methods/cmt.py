@@ -1,5 +1,6 @@
 """Consistency Mid-Training's objectives (CMT; Hu et al., arXiv 2509.24526): the CM and MF losses trainer/mid.py
-trains with, the distance of the CM form, and the preconditioning transfer that may run before them. No stop-gradient, no time weighting, no JVP:
+trains with, the distance of the CM form, and the preconditioning transfer that may run before them.
+No stop-gradient, no time weighting, no JVP:
 
 - form "cm" (Ψ_{t→0}, EDM view, t = σ̃): L = E_i E_{x_T} d(f_θ(x̂_{t_i}, t_i), x̂_{t_0})                  (`cm_loss`)
 - form "mf" (Ψ_{t→s}, flow-matching view, t = τ):
