@@ -189,7 +189,7 @@ def edm_loss(
     Written in the network's output space as ‖F_θ(c_in·x̃, c_noise) − (x0 − c_skip·x̃)/c_out‖²/d, which is the same
     number; ln σ̃ ~ N(P_mean, P_std²); c_in, c_noise, c_skip, c_out are the exported scheduler's own.
     """
-    from pipeline.teacher import NoiseSchedule, edm_preconditioning
+    from pipeline.noise_schedule import NoiseSchedule, edm_preconditioning
 
     x0 = batch["images"]  # [B, C, H, W]
     ln_sigma = torch.randn(x0.shape[0], device=x0.device, dtype=torch.float64) * edm.p_std + edm.p_mean  # [B]
