@@ -31,10 +31,11 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 
+from trainer.batches import InMemoryBatches
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.image_datasets import ImageDataset, load_dataset
 from pipeline.png_grid import save_grid
-from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.run_dir import RunDir
 
 
