@@ -6,7 +6,7 @@
 Takes trainer/post.py's preset, flags and key=value overrides (the method is ECD whatever --method says). Same student
 init, batch size, stores and loss on both paths: the stored path streams consecutive solver points (`trainer.data` mode
 "ecd", no teacher, `trainer.methods.ect.StoredECDLoss`); the live path streams the same stores' clean endpoints (mode
-"endpoints") and takes the step with the teacher (`pipeline.solvers.ode_step`, `ecd.teacher_step`,
+"endpoints") and takes the step with the teacher (`pipeline.ode_step.ode_step`, `ecd.teacher_step`,
 `trainer.methods.ect.LiveECDLoss`). The two paths alternate step by step, so a change in machine load hits both alike.
 One process, no checkpoints. Prints one JSON object: median seconds per step (data + loss + backward + update), median
 data seconds and teacher forward samples per step of each path, and their ratio.

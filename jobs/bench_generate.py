@@ -43,7 +43,7 @@ def _solve(teacher, seeds: list[int], steps: int, guidance: float | None = None)
     """The PF-ODE solve generate.py runs for these seeds (uniform labels from the seeds for a conditional teacher)."""
     import torch
 
-    from pipeline.generate import labels_for
+    from pipeline.shard_worker import labels_for
     from pipeline.solvers import solve
 
     labels = labels_for(np.asarray(seeds), "uniform", teacher.num_classes, 0)

@@ -46,7 +46,7 @@ def raw_student(run_dir: str):
 def probe(teacher_dir: str, students: dict[str, str], *, q: float, num: int, batch: int, seed: int,
           teacher_step: str, raw_runs: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """{model name: {"ect": mean ECT loss, "ode": mean consistency loss along the teacher's ODE step}}."""
-    from pipeline.solvers import ode_step
+    from pipeline.ode_step import ode_step
     from pipeline.teacher import load_teacher
     from trainer.image_datasets import load_dataset
     from trainer.losses import ect_loss, ect_target

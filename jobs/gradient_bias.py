@@ -77,9 +77,10 @@ import torch
 from scipy.interpolate import CubicSpline
 from scipy.special import ndtr
 
+from pipeline.noise_schedule import edm_preconditioning
 from pipeline.oracle import flow_map, make_oracle_teacher, posterior_mean
 from pipeline.solvers import GRIDS, SOLVERS, solve
-from pipeline.teacher import Teacher, edm_preconditioning
+from pipeline.teacher import Teacher
 from pipeline.time_convention import edm_from_native
 from trainer.losses import cmt_cm_loss, ect_target, squared_l2
 from trainer.schedules import SIGMA_MAX, SIGMA_MIN, ect_r_from_t

@@ -52,7 +52,7 @@ def time_generation(teacher_dir: str, url: str, num_probe: int, threads: int) ->
     """Seconds to generate the store at `url`, estimated now: re-solve `num_probe` of its trajectories, scale to N."""
     import torch
 
-    from pipeline.generate import labels_for
+    from pipeline.shard_worker import labels_for
     from pipeline.solvers import solve
     from pipeline.teacher import load_teacher
     from storage_schema import open_store

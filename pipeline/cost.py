@@ -23,7 +23,7 @@ def count_forward_macs(class_name: str, config: dict[str, Any]) -> int:
     from diffusers import ModelMixin
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.teacher import class_embedding_rows, network_forward, sample_shape_of, takes_hidden_states
+    from pipeline.network import class_embedding_rows, network_forward, sample_shape_of, takes_hidden_states
     from pipeline.teacher_files import diffusers_class
 
     cls = diffusers_class(class_name, ModelMixin, "model")

@@ -11,16 +11,9 @@ are skipped) and a complete store is a cache hit that costs no teacher evaluatio
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-
-# Read by Ray when it is first imported: a cluster this process starts binds loopback only (127.0.0.1).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import dataclasses
-import hashlib
-import json
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.generate_options import GenerateConfig, GenerateError, parse_args, resolve_defaults, resolve_precision
-from pipeline.paths import (
-    CACHE_ENV_VAR,
-    LocationError,
-    cache_location,
-    join,
-    location,
-    read_text,
-    trajectory_cache_root,
-    write_text,
-)
+from pipeline.paths import CACHE_ENV_VAR, LocationError, join, location, trajectory_cache_root
+from pipeline.ray_cluster import check_cluster, connect_ray  # sets Ray's environment before anything imports Ray
 from pipeline.shard_dispatch import DispatchOutcome, ShardDispatcher, is_no_space
+from pipeline.shard_worker import labels_for, start_shard_workers
+from pipeline.teacher_identity import TeacherIdentity, teacher_identity
 from storage_schema import (
     CREATE,
     ClaimRecord,
@@ -56,17 +43,8 @@ from storage_schema import (
     store_claims,
 )
 from storage_schema.spec import has_url_scheme
-from storage_schema.store import set_write_stage_hook
 
 SUMMARY_PREFIX = "GENERATE_SUMMARY "
-SHARD_HOLD_PREFIX = "shard-hold "
-# Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops at $CMT_GENERATE_HOLD_STAGE
-# ("solved", the default: after solving the shard, before writing it; or a write stage of storage_schema's
-# write_shard, e.g. "traj_written": half-written) until the file $CMT_GENERATE_HOLD_FILE exists, and prints
-# "shard-hold <shard> pid=<pid> node=<Ray node id>" first, so a test can kill that process or node exactly there.
-HOLD_SHARD_ENV, HOLD_STAGE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_STAGE"
-HOLD_FILE_ENV = "CMT_GENERATE_HOLD_FILE"
-SOLVED_STAGE = "solved"
 
 
 @dataclass(frozen=True)
@@ -81,23 +59,6 @@ class GenerateResult:
     teacher_forward_samples: int
     seconds: float
     summary: dict[str, Any]
-
-
-def labels_for(indices: np.ndarray, plan: str | None, num_classes: int | None, seed_base: int) -> np.ndarray | None:
-    """Class label of each sample index: None (unconditional), 'uniform' (from its own seed) or a cycled list."""
-    if num_classes is None:
-        return None
-    if plan in (None, "uniform"):
-        return np.array(
-            [np.random.default_rng([seed_base + int(i), 1]).integers(num_classes) for i in indices], dtype=np.int64
-        )
-    classes = [int(c) for c in plan.split(",") if c.strip()]
-    if not classes or any(c < 0 or c >= num_classes for c in classes):
-        raise GenerateError(
-            f"--labels {plan!r}: expected 'uniform' or comma-separated class ids in [0, {num_classes}); "
-            f"fix the list or use --labels uniform"
-        )
-    return np.asarray(classes, dtype=np.int64)[np.asarray(indices) % len(classes)]
 
 
 def _check_labels_option(cfg: GenerateConfig, num_classes: int | None) -> None:
@@ -122,49 +83,6 @@ def _check_writable(url: str) -> None:
             f"output {url} is not writable ({probe} does not allow writing): choose --out or --cache-root "
             f"in a directory you can write to"
         )
-
-
-@dataclass(frozen=True)
-class TeacherIdentity:
-    """What a store's spec needs to know of a teacher, without holding its weights."""
-
-    fingerprint: str
-    sample_shape: tuple[int, ...]
-    num_classes: int | None
-
-
-def _directory_stamp(path: Path) -> str:
-    """sha256 of (name, size, mtime_ns) of every file under a teacher directory (or of one file)."""
-    digest = hashlib.sha256(str(path.resolve()).encode())
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def teacher_identity(source: str, revision: str | None = None, scheduler: str | None = None) -> TeacherIdentity:
-    """Fingerprint, sample shape and classes of a teacher, memoised by its files' stamps (loads it only on a miss).
-
-    Local directories and hub snapshots alike are stamped by their files, so a cache-hit re-run never imports torch
-    or reads weights. The workers re-check the fingerprint of the teacher they load, so a stale memo can never write
-    a store under the wrong key.
-    """
-    from pipeline.teacher_files import locate_teacher, scheduler_config_file
-
-    stamps = [_directory_stamp(locate_teacher(source, revision=revision, weights=False).root), str(revision)]
-    if scheduler is not None:
-        stamps.append(_directory_stamp(scheduler_config_file(scheduler)))
-    memo = cache_location("teachers", hashlib.sha256("\0".join(stamps).encode()).hexdigest() + ".json")
-    known = read_text(memo)
-    if known is not None:
-        known = json.loads(known)
-        return TeacherIdentity(known["fingerprint"], tuple(known["sample_shape"]), known["num_classes"])
-    from pipeline.teacher import load_teacher
-
-    teacher = load_teacher(source, revision=revision, scheduler=scheduler)
-    identity = TeacherIdentity(teacher.fingerprint, tuple(int(s) for s in teacher.sample_shape), teacher.num_classes)
-    write_text(memo, json.dumps(dataclasses.asdict(identity)))
-    return identity
 
 
 UNRESOLVED_FINGERPRINT = "unresolved"
@@ -214,167 +132,6 @@ def forward_evaluations_per_trajectory(solver: str, steps: int, guidance: float 
     """Network evaluations per trajectory: K (2K−1 for Heun), doubled under classifier-free guidance."""
     per = 2 * steps - 1 if solver == "heun" else steps
     return per * (2 if guidance is not None and guidance != 1.0 else 1)
-
-
-class ShardWorker:
-    """Ray actor body: loads the teacher once, then generates and writes whole shards by index."""
-
-    def __init__(self, job: dict[str, Any], url: str):
-        import torch
-
-        from pipeline import precision
-        from pipeline.attention import configure_attention
-        from pipeline.teacher import load_teacher
-
-        torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
-        device = "cuda" if job["gpus_per_worker"] > 0 else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise GenerateError(
-                f"the worker was given a GPU (--gpus-per-worker {job['gpus_per_worker']}) but its torch "
-                f"{torch.__version__} sees no CUDA device: install a CUDA build of torch on the workers"
-            )
-        precision.check_device(job["precision"], device)
-        precision.apply(job["precision"], device)
-        self.job = job
-        self.teacher = load_teacher(job["teacher"], revision=job["revision"], scheduler=job["scheduler"], device=device,
-                                    dtype=precision.compute_dtype(job["precision"]))
-        if self.teacher.fingerprint != job["fingerprint"]:
-            raise GenerateError(
-                f"teacher {job['teacher']} changed on disk since the job started "
-                f"(fingerprint {self.teacher.fingerprint[:12]} != {job['fingerprint'][:12]}): re-run the job"
-            )
-        self.attention_backend = configure_attention(self.teacher.model, device)
-        self.store = open_store(url, "r+")
-        if HOLD_SHARD_ENV in os.environ:
-            set_write_stage_hook(_hold_if_asked)
-        self.claims = self.store.claims(owner=job["claims_owner"])  # the driver's claims; the driver keeps them alive
-
-    def generate_shard(self, index: int) -> dict[str, Any]:
-        """Solve the PF-ODE for every trajectory of shard `index` and write the shard (commit last)."""
-        import torch
-
-        from pipeline.solvers import solve
-
-        started, forward_before = time.perf_counter(), self.teacher.forward_samples
-        spec = self.store.spec
-        start, stop = spec.shard_bounds(index)
-        indices = np.arange(start, stop)
-        seeds = indices + spec.seed_base
-        labels = labels_for(indices, spec.label_plan, spec.num_classes, spec.seed_base)
-        grid = dict(spec.grid_params)
-        batches = []
-        for lo in range(0, len(indices), self.job["batch_size"]):
-            hi = lo + self.job["batch_size"]
-            with torch.no_grad():
-                trajectory = solve(
-                    self.teacher,
-                    [int(s) for s in seeds[lo:hi]],
-                    steps=spec.steps,
-                    solver=spec.solver,
-                    grid=spec.grid,
-                    sigma_max=grid.get("sigma_max"),
-                    sigma_min=grid.get("sigma_min"),
-                    labels=None if labels is None else torch.as_tensor(labels[lo:hi]),
-                    guidance_scale=spec.guidance_scale,
-                )
-            batches.append(trajectory.points.float().cpu().numpy())  # [b, K+1, *S]
-        traj = np.concatenate(batches)  # [n, K+1, *S]
-        finite = np.isfinite(traj.reshape(len(traj), -1)).all(axis=1)
-        if not finite.all():
-            bad = seeds[~finite]
-            raise GenerateError(
-                f"shard {index}: the teacher produced NaN/Inf for {len(bad)} trajectories, seeds "
-                f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}; the shard was not written. "
-                f"Check the teacher's weights and the solver settings"
-            )
-        _hold_if_asked(SOLVED_STAGE, index)
-        solved = time.perf_counter()
-        digest = self.store.write_shard(index, traj, seeds, labels, claims=self.claims)
-        return {
-            "index": index,
-            "trajectories": len(indices),
-            "seconds": time.perf_counter() - started,
-            "write_seconds": time.perf_counter() - solved,
-            "forward_samples": self.teacher.forward_samples - forward_before,
-            "digest": digest,
-            "pid": os.getpid(),
-            "niceness": os.nice(0),
-            "attention": self.attention_backend,
-        }
-
-
-def _hold_if_asked(stage: str, index: int) -> None:
-    """Test hook: at the shard and stage named by the environment, wait (polling for a file, never a fixed sleep)."""
-    if os.environ.get(HOLD_SHARD_ENV) != str(index) or os.environ.get(HOLD_STAGE_ENV, SOLVED_STAGE) != stage:
-        return
-    import ray
-
-    print(f"{SHARD_HOLD_PREFIX}{index} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}", flush=True)
-    while not os.path.exists(os.environ[HOLD_FILE_ENV]):
-        time.sleep(0.05)
-
-
-def _keep_local_token_in_memory() -> None:
-    """Give a cluster this job starts its own auth token in this process's environment, inherited by its processes.
-
-    Without one, Ray 2.60's `ray.init` writes a new token to ~/.ray/auth_token, and that file turns token auth on for
-    every later `ray start --head` of the user, whose `ray job submit` then fails without RAY_AUTH_MODE=token. An
-    explicit RAY_AUTH_MODE=disabled, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH of the user is left alone.
-    """
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-        return
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-
-
-def _connect_ray(cfg: GenerateConfig) -> bool:
-    """Join the cluster named by --ray-address / RAY_ADDRESS, or start a loopback-only local one (returns True)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="warning")
-        return False
-    _keep_local_token_in_memory()
-    # The workers are the job: Ray starts them at nice 15, where two busy processes on the machine starve them to a
-    # few per cent of a core. A job submitted with `ray job submit` gets nice 0 from Ray itself; so does this one.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    needed = cfg.num_workers * cfg.cpus_per_worker
-    ray.init(
-        num_cpus=max(needed, os.cpu_count() or 1),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="warning",
-    )
-    return True
-
-
-def _check_cluster(cfg: GenerateConfig, url: str) -> None:
-    """Before any actor starts: some node must fit one worker's CPUs and GPUs, and every node must see the output."""
-    import ray
-
-    alive = [node for node in ray.nodes() if node.get("Alive")]
-    fits = [n for n in alive if n["Resources"].get("CPU", 0) >= cfg.cpus_per_worker
-            and n["Resources"].get("GPU", 0) >= cfg.gpus_per_worker]
-    if not fits:
-        nodes = "; ".join(
-            f"{n.get('NodeManagerAddress', '?')}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU"
-            for n in alive
-        )
-        raise GenerateError(
-            f"each worker asks for --cpus-per-worker {cfg.cpus_per_worker} and --gpus-per-worker "
-            f"{cfg.gpus_per_worker:g}, but no node of the Ray cluster has that much (nodes: {nodes}); no actor was "
-            "started. Pass --gpus-per-worker 0 to run the teacher on CPUs, lower --cpus-per-worker, or join a cluster "
-            "with GPUs (--ray-address)"
-        )
-    if len(alive) > 1 and not has_url_scheme(url):
-        raise GenerateError(
-            f"the Ray cluster has {len(alive)} nodes but the output {url} is a local path that other nodes cannot "
-            f"reach: pass --out or --cache-root as a shared filesystem path visible on every node, or an object-store "
-            f"URL such as s3://bucket/trajectories or gs://bucket/trajectories"
-        )
 
 
 def _bytes_to_write(spec: GenerationSpec, missing: Sequence[int]) -> tuple[int, int, int]:
@@ -441,38 +198,11 @@ def _unreachable_message(url: str, error: Exception) -> str:
     )
 
 
-def _start_actors(cfg: GenerateConfig, spec: GenerationSpec, url: str, count: int, claims_owner: str) -> list[Any]:
-    """`count` ShardWorker actors, each loading the teacher once; Ray restarts one that dies and retries its task."""
-    import ray
-
-    job = {
-        "teacher": str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
-        "revision": cfg.revision,
-        "scheduler": None if cfg.scheduler is None else str(Path(cfg.scheduler).resolve()),
-        "precision": spec.teacher_precision,
-        "fingerprint": spec.teacher_fingerprint,
-        "batch_size": cfg.batch_size,
-        "cpus_per_worker": cfg.cpus_per_worker,
-        "gpus_per_worker": cfg.gpus_per_worker,
-        "claims_owner": claims_owner,
-    }
-    # A lost worker (its process or its whole node) is restarted up to --max-task-retries times, and its unfinished
-    # shards are retried on the restarted actor: with max_task_retries=-1 a task follows its actor's restarts. A finite
-    # task budget is spent on "actor unavailable" errors in the seconds before Ray declares a lost node dead.
-    actor_class = ray.remote(ShardWorker).options(
-        num_cpus=cfg.cpus_per_worker,
-        num_gpus=cfg.gpus_per_worker,
-        max_restarts=cfg.max_task_retries,
-        max_task_retries=-1,
-    )
-    return [actor_class.remote(job, url) for _ in range(count)]
-
-
 def _run_shards(cfg: GenerateConfig, store: TrajectoryStore, claims: ShardClaims, missing: list[int]) -> DispatchOutcome:
     """Write the missing shards this run can claim on Ray actors, wait for the ones other runs hold; live progress bar."""
     from tqdm import tqdm
 
-    actors = _start_actors(cfg, store.spec, store.url, min(cfg.num_workers, len(missing)), claims.owner)
+    actors = start_shard_workers(cfg, store.spec, store.url, min(cfg.num_workers, len(missing)), claims.owner)
     total = sum(store.shard_bounds(i)[1] - store.shard_bounds(i)[0] for i in missing)
     with tqdm(total=total, unit="traj", desc="trajectories", disable=not cfg.progress, file=sys.stderr,
               mininterval=1.0) as bar:
@@ -566,10 +296,10 @@ def _generate(cfg: GenerateConfig, spec: GenerationSpec, url: str, replace: bool
     write the shards nobody holds and wait for the rest."""
     with store_claims(url).keep_alive() as claims:
         ray_started = time.perf_counter()
-        owns_ray = _connect_ray(cfg)
+        owns_ray = connect_ray(cfg)
         ray_seconds = time.perf_counter() - ray_started
         try:
-            _check_cluster(cfg, url)  # before anything is written
+            check_cluster(cfg, url)  # before anything is written
             if replace:  # --overwrite: the store of another spec that lies at url goes
                 create_store(url, spec, *_schedule(cfg, spec), overwrite=True)
             store = open_or_create_store(url, spec, lambda: _schedule(cfg, spec), claims=claims,

@@ -22,7 +22,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from pipeline.teacher import NoiseSchedule, Teacher
+from pipeline.noise_schedule import NoiseSchedule
+from pipeline.teacher import Teacher
 from pipeline.time_convention import per_sample, vp_alpha_sigma
 
 __all__ = ["GaussianOracleModel", "flow_map", "make_oracle_teacher", "posterior_mean", "posterior_mean_native"]

@@ -112,8 +112,9 @@ from storage_schema.errors import (
     StoreExistsError,
 )
 from storage_schema.joining import open_or_create_store, store_claims
+from storage_schema.opening import create_store, open_store
 from storage_schema.spec import CODECS, SCHEMA_VERSION, STORAGE_DTYPES, TEACHER_PRECISIONS, GenerationSpec, cache_path
-from storage_schema.store import TrajectoryStore, ValidationReport, create_store, open_store
+from storage_schema.store import TrajectoryStore, ValidationReport
 
 __all__ = [
     "CODECS",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage_schema.errors import StoreBusyError, StoreError
-from storage_schema.store import open_store
+from storage_schema.opening import open_store
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1

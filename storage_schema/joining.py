@@ -17,9 +17,7 @@ import numpy as np
 
 from storage_schema.claims import CLAIM_DIR, CREATE, ClaimRecord, ShardClaims
 from storage_schema.errors import InvalidSpecError, SpecMismatchError, StoreExistsError
-from storage_schema.spec import GenerationSpec
-from storage_schema.store import (
-    TrajectoryStore,
+from storage_schema.opening import (
     _checked_schedule,
     _checked_user_attrs,
     _filesystem,
@@ -29,6 +27,8 @@ from storage_schema.store import (
     open_store,
     write_new_store,
 )
+from storage_schema.spec import GenerationSpec
+from storage_schema.store import TrajectoryStore
 
 POLL_S = 1.0  # how often a waiting writer looks again
 

@@ -1,64 +1,61 @@
-"""The trajectory store: Zarr v3 layout, codecs, per-shard commit protocol, reads, validation, description.
+"""`TrajectoryStore`: an opened trajectory store, its per-shard commit protocol, reads, validation and description.
 
-See the package docstring (`storage_schema/__init__.py`) for the authoritative layout.
+See the package docstring (`storage_schema/__init__.py`) for the authoritative layout; what lies where and how it is
+coded and hashed is `storage_schema/layout.py`, creating and opening a store `storage_schema/opening.py`.
+
+Why this file is over 500 lines: it is one class, and the class is the commit protocol. Writing a shard (clear the
+commit record, write data, write the digest last), reading only committed shards, uncommitting, verifying a shard
+against its digest and validating the whole store all read and write the same commit records under the same
+invariants (a shard counts only once its record matches its bytes); split over several files, each half would have
+to trust private state of the other.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata
-import json
 import math
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.storage import FsspecStore, LocalStore
 
 from storage_schema.claims import CLAIM_DIR, LEASE_S, ShardClaims
 from storage_schema.errors import (
     ClaimLostError,
     CorruptShardError,
-    InvalidSpecError,
-    NotAStoreError,
     ReadOnlyStoreError,
-    SchemaVersionError,
     ShardAlreadyCommittedError,
     ShardDataError,
     ShardIndexError,
     ShardNotCommittedError,
-    SpecMismatchError,
     StoreBusyError,
-    StoreExistsError,
 )
-from storage_schema.spec import SCHEMA_VERSION, GenerationSpec, has_url_scheme
-
-FORMAT_NAME = "cmt-trajectory-store"
-INCOMPLETE_FORMAT_NAME = f"{FORMAT_NAME}/creating"
-PACKAGE_DIST_NAME = "cmt-pipeline"
-UNKNOWN_PACKAGE_VERSION = "0+unknown"
-RESERVED_ATTRS = ("format", "schema_version", "spec", "package_version")
-
-TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT = "traj", "endpoint", "seed", "label", "alpha", "sigma", "commit"
-LAYOUT_NAMES = frozenset({"zarr.json", TRAJ, ENDPOINT, SEED, LABEL, ALPHA, SIGMA, COMMIT, CLAIM_DIR})
-# An interrupted local write leaves its temporary file: zarr's LocalStore writes `<key stem>.<32 hex>.partial`, then
-# renames it over the key.
-PARTIAL_SUFFIX = ".partial"
-DIGEST_BYTES = 32
-COMMIT_RECORD_BYTES = DIGEST_BYTES + 1
-COMMITTED_FLAG = 1
-DIGEST_DOMAIN = b"cmt-trajectory-shard/v2\x00"
-SEED_FILL = -1
-LABEL_FILL = -1
-BLOSC_LEVEL = 5
-ZSTD_LEVEL = 3
+from storage_schema.layout import (
+    ALPHA,
+    COMMIT,
+    COMMIT_RECORD_BYTES,
+    COMMITTED_FLAG,
+    DIGEST_BYTES,
+    ENDPOINT,
+    FORMAT_NAME,
+    LABEL,
+    PARTIAL_SUFFIX,
+    RESERVED_ATTRS,
+    SEED,
+    SIGMA,
+    TRAJ,
+    array_layouts,
+    compute_shard_digest,
+    consolidate_metadata,
+    finish_digest,
+    hash_values,
+    shard_hasher,
+    shard_object_key,
+    storage_dtype,
+    zarr_store,
+)
+from storage_schema.spec import SCHEMA_VERSION, GenerationSpec
 
 WriteStageHook = Callable[[str, int], None]
 _write_stage_hook: WriteStageHook | None = None
@@ -79,355 +76,12 @@ def _reach_stage(stage: str, index: int) -> None:
         _write_stage_hook(stage, index)
 
 
-def package_version() -> str:
-    """Installed version of the `cmt-pipeline` distribution, or "0+unknown"."""
-    try:
-        return importlib.metadata.version(PACKAGE_DIST_NAME)
-    except importlib.metadata.PackageNotFoundError:
-        return UNKNOWN_PACKAGE_VERSION
-
-
-def storage_dtype(spec: GenerationSpec) -> np.dtype:
-    """Little-endian numpy dtype of the stored trajectory points."""
-    return np.dtype(spec.dtype).newbyteorder("<")
-
-
-def _compressors(codec: str, itemsize: int) -> list[Any] | None:
-    """Zarr v3 bytes-to-bytes codecs for a codec name; blosc shuffles with the true item size."""
-    if codec == "none":
-        return None
-    if codec == "zstd":
-        return [ZstdCodec(level=ZSTD_LEVEL)]
-    blosc_settings = {
-        "blosc-zstd-shuffle": ("zstd", "shuffle"),
-        "blosc-lz4-shuffle": ("lz4", "shuffle"),
-        "blosc-zstd-bitshuffle": ("zstd", "bitshuffle"),
-    }
-    cname, shuffle = blosc_settings[codec]
-    return [BloscCodec(cname=cname, clevel=BLOSC_LEVEL, shuffle=shuffle, typesize=itemsize)]
-
-
-@dataclass(frozen=True)
-class ArrayLayout:
-    """Shape, dtype, chunking and sharding of one array of the store."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[int, ...]
-    shards: tuple[int, ...] | None
-    fill_value: Any
-    compressed: bool
-    dimension_names: tuple[str, ...]
-
-
-def array_layouts(spec: GenerationSpec) -> dict[str, ArrayLayout]:
-    """The one definition of every array of a schema-2 store (used to create and to validate)."""
-    n, points, sample_shape = spec.num_trajectories, spec.num_points, spec.sample_shape
-    sample_axes = tuple(f"sample_axis_{axis}" for axis in range(len(sample_shape)))
-    layouts = {
-        TRAJ: ArrayLayout(
-            shape=(n, points, *sample_shape),
-            dtype=spec.dtype,
-            chunks=(spec.chunk_size, points, *sample_shape),
-            shards=(spec.shard_size, points, *sample_shape),
-            fill_value=float("nan"),
-            compressed=True,
-            dimension_names=("trajectory", "point", *sample_axes),
-        ),
-        ENDPOINT: ArrayLayout(
-            shape=(n, *sample_shape),
-            dtype=spec.dtype,
-            chunks=(spec.chunk_size, *sample_shape),
-            shards=(spec.shard_size, *sample_shape),
-            fill_value=float("nan"),
-            compressed=True,
-            dimension_names=("trajectory", *sample_axes),
-        ),
-        SEED: ArrayLayout((n,), "int64", (spec.chunk_size,), (spec.shard_size,), SEED_FILL, True, ("trajectory",)),
-        ALPHA: ArrayLayout((points,), "float64", (points,), None, 0.0, False, ("point",)),
-        SIGMA: ArrayLayout((points,), "float64", (points,), None, 0.0, False, ("point",)),
-        COMMIT: ArrayLayout(
-            (spec.num_shards, COMMIT_RECORD_BYTES), "uint8", (1, COMMIT_RECORD_BYTES), None, 0, False,
-            ("shard", "record_byte"),
-        ),
-    }
-    if spec.is_conditional:
-        layouts[LABEL] = ArrayLayout(
-            (n,), "int64", (spec.chunk_size,), (spec.shard_size,), LABEL_FILL, True, ("trajectory",)
-        )
-    return layouts
-
-
-def shard_object_key(name: str, layout: ArrayLayout, shard_index: int) -> str:
-    """Store key of the object that holds shard `shard_index` of a sharded array ("traj/c/3/0/0/0/0")."""
-    return "/".join([name, "c", str(shard_index)] + ["0"] * (len(layout.shape) - 1))
-
-
-def compute_shard_digest(
-    index: int, start: int, stop: int, traj: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None, dtype: np.dtype,
-    endpoints: np.ndarray | None = None,
-) -> bytes:
-    """sha256 over domain tag, (index, start, stop), traj and endpoint bytes in storage dtype, seeds and labels as <i8.
-
-    `endpoints` defaults to traj[:, -1] (what `write_shard` stores); validation passes the decoded array.
-    """
-    hasher = _shard_hasher(index, start, stop)
-    _hash_values(hasher, traj, dtype)  # [n*(K+1)*prod(S)*itemsize]
-    _hash_values(hasher, traj[:, -1] if endpoints is None else endpoints, dtype)  # [n*prod(S)*itemsize]
-    return _finish_digest(hasher, seeds, labels)
-
-
-def _shard_hasher(index: int, start: int, stop: int) -> Any:
-    """A sha256 fed the domain tag and (index, start, stop) as three <i8: the head of every shard digest."""
-    hasher = hashlib.sha256(DIGEST_DOMAIN)
-    hasher.update(np.array([index, start, stop], dtype="<i8").tobytes())
-    return hasher
-
-
-def _hash_values(hasher: Any, values: np.ndarray, dtype: np.dtype) -> None:
-    """Feed trajectories [n, K+1, *S] or endpoints [n, *S] in storage dtype, C order (consecutive blocks along n hash as
-    one array)."""
-    hasher.update(np.ascontiguousarray(values, dtype=dtype).reshape(-1).view(np.uint8))  # [n*prod(shape[1:])*itemsize]
-
-
-def _finish_digest(hasher: Any, seeds: np.ndarray, labels: np.ndarray | None) -> bytes:
-    """Feed the shard's seeds (and labels) as <i8 and return the digest."""
-    hasher.update(np.ascontiguousarray(seeds, dtype="<i8").view(np.uint8))  # [n*8]
-    if labels is not None:
-        hasher.update(np.ascontiguousarray(labels, dtype="<i8").view(np.uint8))  # [n*8]
-    return hasher.digest()
-
-
-def _zarr_store(url: str, *, read_only: bool, storage_options: dict[str, Any] | None) -> Any:
-    """The zarr store for a URL: LocalStore for plain paths, FsspecStore for anything with a scheme."""
-    if has_url_scheme(url):
-        return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
-    return LocalStore(url, read_only=read_only)
-
-
-def _filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    """fsspec filesystem and root path for a URL or plain path (for listing, sizes and deletion)."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-
-def _child_names(fs: Any, path: str) -> list[str]:
-    """Base names of the entries directly under `path`."""
-    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
-
-
-def _group_attributes(fs: Any, path: str) -> dict[str, Any] | None:
-    """Attributes of the Zarr v3 group whose zarr.json lies at `path`, or None when there is none."""
-    try:
-        with fs.open(f"{path.rstrip('/')}/zarr.json", "rb") as handle:
-            metadata = json.loads(handle.read())
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
-        return None
-    if not isinstance(metadata, dict) or metadata.get("node_type") != "group" or metadata.get("zarr_format") != 3:
-        return None
-    attributes = metadata.get("attributes", {})
-    return attributes if isinstance(attributes, dict) else None
-
-
-def _location_kind(fs: Any, path: str) -> tuple[str, list[str]]:
-    """Classify what lies at `path`: absent, empty, claimed (only writer claims: creation under way), store,
-    incomplete_store or foreign (with its entries)."""
-    if not fs.exists(path):
-        return "absent", []
-    if fs.isfile(path):
-        return "foreign", [path.rstrip("/").rsplit("/", 1)[-1]]
-    names = _child_names(fs, path)
-    if not names:
-        return "empty", []
-    if names == [CLAIM_DIR]:
-        return "claimed", names
-    attributes = _group_attributes(fs, path)
-    ours = attributes is not None and attributes.get("format") in (FORMAT_NAME, INCOMPLETE_FORMAT_NAME)
-    if ours and set(names) <= LAYOUT_NAMES:
-        return ("store" if attributes["format"] == FORMAT_NAME else "incomplete_store"), names
-    return "foreign", names
-
-
-def _checked_schedule(name: str, values: Any, num_points: int) -> np.ndarray:
-    """alpha or sigma as a read-only float64[K+1] array of finite, non-negative values."""
-    array = np.array(values, dtype=np.float64)
-    if array.shape != (num_points,):
-        raise InvalidSpecError(
-            f"{name} must have shape ({num_points},) (one value per trajectory point, K+1 = steps+1), got {array.shape}"
-        )
-    if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise InvalidSpecError(f"{name} must be finite and >= 0 at every point, got {array.tolist()}")
-    array.flags.writeable = False
-    return array
-
-
-def _checked_user_attrs(attrs: dict[str, Any] | None) -> dict[str, Any]:
-    """User attributes: JSON-serialisable and not using a reserved name."""
-    if attrs is None:
-        return {}
-    if not isinstance(attrs, dict):
-        raise InvalidSpecError(f"attrs must be a dict, got {type(attrs).__name__}")
-    clashes = sorted(set(attrs) & set(RESERVED_ATTRS))
-    if clashes:
-        raise InvalidSpecError(f"attrs may not use the reserved names {clashes}; rename them (reserved: {RESERVED_ATTRS})")
-    try:
-        return json.loads(json.dumps(attrs, allow_nan=False))
-    except (TypeError, ValueError) as error:
-        raise InvalidSpecError(f"attrs must be JSON-serialisable (no NaN/Inf): {error}") from error
-
-
-def create_store(
-    url: str | os.PathLike[str],
-    spec: GenerationSpec,
-    alpha: Any,
-    sigma: Any,
-    *,
-    overwrite: bool = False,
-    attrs: dict[str, Any] | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> TrajectoryStore:
-    """Create an empty schema-2 store for `spec` at `url` and return it opened with mode "r+"."""
-    url = os.fspath(url)
-    if not isinstance(spec, GenerationSpec):
-        raise InvalidSpecError(f"create_store needs a GenerationSpec, got {type(spec).__name__}")
-    alpha = _checked_schedule("alpha", alpha, spec.num_points)
-    sigma = _checked_schedule("sigma", sigma, spec.num_points)
-    user_attrs = _checked_user_attrs(attrs)
-
-    fs, path = _filesystem(url, storage_options)
-    kind, names = _location_kind(fs, path)
-    if kind == "foreign":
-        raise StoreExistsError(foreign_files_message(url, names))
-    if kind in ("store", "incomplete_store", "claimed") and not overwrite:
-        raise StoreExistsError(
-            f"a trajectory store already exists at {url} (or another writer is creating one); open it with "
-            "open_or_create_store(url, spec, ...) to join it or open_store(url, 'r+') to add shards, or pass "
-            "overwrite=True to delete and recreate it"
-        )
-    if kind in ("store", "incomplete_store", "claimed"):
-        fs.rm(path, recursive=True)
-    write_new_store(url, spec, alpha, sigma, user_attrs, storage_options)
-    return open_store(url, "r+", expected_spec=spec, storage_options=storage_options)
-
-
-def foreign_files_message(url: str, names: list[str]) -> str:
-    """The refusal to write where files that are not a trajectory store lie."""
-    return (
-        f"{url} holds files that are not a trajectory store ({', '.join(names[:5])}"
-        f"{', ...' if len(names) > 5 else ''}); nothing was changed; choose an empty or new path"
-    )
-
-
-def write_new_store(
-    url: str, spec: GenerationSpec, alpha: np.ndarray, sigma: np.ndarray, user_attrs: dict[str, Any],
-    storage_options: dict[str, Any] | None,
-) -> None:
-    """Write the group, arrays, α/σ and consolidated metadata of an empty store where nothing of a store lies yet."""
-    final_attrs = {
-        "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "spec": spec.to_dict(),
-        "package_version": package_version(),
-        **user_attrs,
-    }
-    group = zarr.create_group(
-        store=_zarr_store(url, read_only=False, storage_options=storage_options),
-        zarr_format=3,
-        attributes={**final_attrs, "format": INCOMPLETE_FORMAT_NAME},
-    )
-    for name, layout in array_layouts(spec).items():
-        itemsize = np.dtype(layout.dtype).itemsize
-        group.create_array(
-            name,
-            shape=layout.shape,
-            dtype=layout.dtype,
-            chunks=layout.chunks,
-            shards=layout.shards,
-            compressors=_compressors(spec.codec, itemsize) if layout.compressed else None,
-            fill_value=layout.fill_value,
-            chunk_key_encoding={"name": "default", "separator": "/"},
-            dimension_names=layout.dimension_names,
-        )
-    group[ALPHA][:] = alpha
-    group[SIGMA][:] = sigma
-    group.attrs.put(final_attrs)
-    _consolidate(group.store)
-
-
-def _consolidate(zarr_store: Any) -> None:
-    """Write zarr-python's consolidated metadata (one read opens the store; arrays never change after creation)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
-        warnings.filterwarnings("ignore", message=f"Object at {CLAIM_DIR} is not recognized", category=UserWarning)
-        zarr.consolidate_metadata(zarr_store)
-
-
-def open_store(
-    url: str | os.PathLike[str],
-    mode: str = "r",
-    *,
-    expected_spec: GenerationSpec | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> TrajectoryStore:
-    """Open an existing store read-only ("r") or for writing shards ("r+"), checking version and spec."""
-    url = os.fspath(url)
-    if mode not in ("r", "r+"):
-        raise ValueError(f"mode must be 'r' (read) or 'r+' (write shards), got {mode!r}")
-    fs, path = _filesystem(url, storage_options)
-    if not fs.exists(path):
-        raise NotAStoreError(
-            f"no trajectory store at {url}: nothing is there; create one with create_store(url, spec, alpha, sigma)"
-        )
-    attributes = _group_attributes(fs, path)
-    if attributes is None or attributes.get("format") not in (FORMAT_NAME, INCOMPLETE_FORMAT_NAME):
-        raise NotAStoreError(
-            f"{url} is not a trajectory store (no Zarr v3 group with format={FORMAT_NAME!r}); check the path"
-        )
-    if attributes["format"] == INCOMPLETE_FORMAT_NAME:
-        raise NotAStoreError(
-            f"creation of the store at {url} did not finish; recreate it with create_store(..., overwrite=True)"
-        )
-    version = attributes.get("schema_version")
-    if version != SCHEMA_VERSION:
-        change = (" (version 2 adds the `endpoint` array: the clean endpoints stored apart, so ECT and MeanFlow read "
-                  "one point per trajectory instead of decoding all K+1)") if version == 1 else ""
-        raise SchemaVersionError(
-            f"store at {url} has schema version {version!r}, this code reads version {SCHEMA_VERSION}{change}; "
-            "regenerate it by re-running its pipeline/generate.py command (the cache key changes with the version, so "
-            "the new store lands beside the old one, which `python -m pipeline.cache rm` removes), or read it with "
-            "the cmt-pipeline version that wrote it"
-        )
-    try:
-        spec = GenerationSpec.from_dict(attributes.get("spec"))
-    except InvalidSpecError as error:
-        raise InvalidSpecError(f"the spec recorded in {url} is invalid: {error}; regenerate the store") from error
-    if expected_spec is not None and expected_spec != spec:
-        raise SpecMismatchError(
-            f"store at {url} was made with another spec: " + "; ".join(expected_spec.differences(spec))
-            + "; use the cache path of your spec (cache_path) or regenerate"
-        )
-
-    group = zarr.open_group(
-        _zarr_store(url, read_only=mode == "r", storage_options=storage_options), mode=mode, zarr_format=3
-    )
-    arrays = {}
-    for name, layout in array_layouts(spec).items():
-        try:
-            array = group[name]
-        except KeyError as error:
-            raise NotAStoreError(f"store at {url} lacks the array {name!r}; it is damaged, regenerate it") from error
-        if tuple(array.shape) != layout.shape or array.dtype != np.dtype(layout.dtype):
-            raise NotAStoreError(
-                f"array {name!r} in {url} has shape {array.shape} dtype {array.dtype}, the spec needs "
-                f"{layout.shape} {layout.dtype}; the store is damaged, regenerate it"
-            )
-        arrays[name] = array.with_config({"write_empty_chunks": name != COMMIT})
-    return TrajectoryStore(url, mode, spec, dict(attributes), arrays, fs, path, storage_options)
-
-
 def _reopen(
     url: str, mode: str, spec: GenerationSpec, storage_options: dict[str, Any] | None
 ) -> TrajectoryStore:
     """Unpickling helper: open the same store again (in a worker process, after pickling)."""
+    from storage_schema.opening import open_store  # opening.py builds TrajectoryStore objects: imported when called
+
     return open_store(url, mode, expected_spec=spec, storage_options=storage_options)
 
 
@@ -518,7 +172,7 @@ class TrajectoryStore:
         """Rewrite the consolidated metadata in zarr.json (create_store already does; arrays never change after)."""
         if self.mode != "r+":
             raise ReadOnlyStoreError(f"{self.url} was opened read-only; open it with mode='r+' to consolidate")
-        _consolidate(_zarr_store(self.url, read_only=False, storage_options=self._storage_options))
+        consolidate_metadata(zarr_store(self.url, read_only=False, storage_options=self._storage_options))
 
     def shard_bounds(self, index: int) -> tuple[int, int]:
         """Trajectory range [start, stop) of shard `index`."""
@@ -715,16 +369,16 @@ class TrajectoryStore:
         spec = self.spec
         chunk_bytes = spec.chunk_size * spec.num_points * math.prod(spec.sample_shape) * self._dtype.itemsize
         rows = spec.shard_size if read_bytes is None else spec.chunk_size * max(1, read_bytes // chunk_bytes)
-        hasher = _shard_hasher(index, start, stop)
+        hasher = shard_hasher(index, start, stop)
         for first in range(start, stop, rows):
             block = self._read_range(first, min(first + rows, stop), None, seeds=False)["traj"]  # [n, K+1, *S]
-            _hash_values(hasher, block, self._dtype)
+            hash_values(hasher, block, self._dtype)
         for first in range(start, stop, rows):
             block = self._read_range(first, min(first + rows, stop), None, seeds=False, trajectories=False,
                                      endpoints=True)["endpoint"]  # [n, *S]
-            _hash_values(hasher, block, self._dtype)
+            hash_values(hasher, block, self._dtype)
         ids = self._read_range(start, stop, None, trajectories=False)
-        self._check_digest(index, _finish_digest(hasher, ids["seed"], ids["label"]))
+        self._check_digest(index, finish_digest(hasher, ids["seed"], ids["label"]))
 
     def _check_digest(self, index: int, computed: bytes) -> None:
         """Raise unless `computed` is shard `index`'s committed digest (ShardNotCommittedError when there is none)."""

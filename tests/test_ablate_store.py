@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from jobs.ablate_store import QUICK, AblationConfig, AblationError, cell_config, locate_store, main, run
-from pipeline.generate import GenerateConfig, build_spec, teacher_identity
+from pipeline.generate import GenerateConfig, build_spec
 from pipeline.generate_options import resolve_defaults
 from pipeline.teacher import load_teacher
+from pipeline.teacher_identity import teacher_identity
 from storage_schema import open_store
 from tests.helpers import write_store_of_spec
 from tests.test_compare_inits import tiny_teacher_dir

@@ -20,9 +20,10 @@ import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from pipeline import cache as cache_cli
-from pipeline.generate import GenerateConfig, run, teacher_identity
+from pipeline.generate import GenerateConfig, run
 from pipeline.paths import LocationError, location, trajectory_cache_root
 from pipeline.teacher import load_teacher
+from pipeline.teacher_identity import teacher_identity
 from tests.helpers import HANG_LIMIT_S, tiny_unet, write_solved_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from storage_schema import GenerationSpec, create_store
+from trainer.batches import ResumableBatches
 from trainer.config import ConfigError
 from trainer.data import (
     READ_BYTES,
@@ -27,7 +28,7 @@ from trainer.data import (
     UnusablePointsWarning,
     make_stream,
 )
-from trainer.loop import LoopConfig, ResumableBatches, make_accelerator
+from trainer.loop import LoopConfig, make_accelerator
 
 SHAPE = (1, 4, 4)
 

@@ -14,15 +14,8 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from pipeline.generate import (
-    HOLD_FILE_ENV,
-    HOLD_SHARD_ENV,
-    SHARD_HOLD_PREFIX,
-    SUMMARY_PREFIX,
-    GenerateConfig,
-    GenerateError,
-    run,
-)
+from pipeline.generate import SUMMARY_PREFIX, GenerateConfig, GenerateError, run
+from pipeline.shard_worker import HOLD_FILE_ENV, HOLD_SHARD_ENV, SHARD_HOLD_PREFIX
 from pipeline.solvers import solve
 from pipeline.teacher import TeacherLoadError, load_teacher
 from storage_schema import open_store

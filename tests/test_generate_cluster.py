@@ -16,7 +16,8 @@ import psutil
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from pipeline.generate import GenerateConfig, _connect_ray
+from pipeline.generate import GenerateConfig
+from pipeline.ray_cluster import connect_ray
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, free_port, wait_until
 from tests.test_generate import tiny_unet
@@ -203,7 +204,7 @@ def test_ray_job_submit_writes_a_store_that_deep_validates(cluster, saved_teache
 def test_a_local_cluster_started_by_the_driver_binds_loopback_only():
     import ray
 
-    assert _connect_ray(GenerateConfig(teacher="unused", num_trajectories=1)), "no cluster was running: one is started"
+    assert connect_ray(GenerateConfig(teacher="unused", num_trajectories=1)), "no cluster was running: one is started"
     try:
         children = {p.pid for p in psutil.Process().children(recursive=True)}
         addresses = _listening_addresses(children)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from pipeline.generate import HOLD_FILE_ENV, HOLD_SHARD_ENV, SHARD_HOLD_PREFIX, run
+from pipeline.generate import run
 from pipeline.generate_options import GenerateConfig
+from pipeline.shard_worker import HOLD_FILE_ENV, HOLD_SHARD_ENV, SHARD_HOLD_PREFIX
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, wait_until
 from tests.test_generate import _summary, store_files, tiny_unet

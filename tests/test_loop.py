@@ -20,14 +20,8 @@ import pytest
 import torch
 
 from tests.helpers import HANG_LIMIT_S, assert_close
-from trainer.loop import (
-    CHECKPOINT_MARKER,
-    InMemoryBatches,
-    LoopConfig,
-    complete_checkpoints,
-    make_accelerator,
-    train_loop,
-)
+from trainer.batches import InMemoryBatches
+from trainer.loop import CHECKPOINT_MARKER, LoopConfig, complete_checkpoints, make_accelerator, train_loop
 from trainer.run_dir import RunDir
 
 NUM_FEATURES = 4

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from pipeline.generate import HOLD_FILE_ENV, HOLD_SHARD_ENV, HOLD_STAGE_ENV, SHARD_HOLD_PREFIX
+from pipeline.shard_worker import HOLD_FILE_ENV, HOLD_SHARD_ENV, HOLD_STAGE_ENV, SHARD_HOLD_PREFIX
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, free_port, process_ended, tiny_unet, wait_until
 from tests.s3_server import new_bucket, object_digests

@@ -16,20 +16,16 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from pipeline.ode_step import ode_step
 from pipeline.oracle import flow_map, make_oracle_teacher
-from pipeline.solvers import ode_step, solve
+from pipeline.solvers import solve
 from pipeline.teacher import Teacher, load_teacher
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, assert_close, free_port, tiny_unet, wait_until, write_solved_store
+from trainer.batches import InMemoryBatches
 from trainer.config import ConfigError, load_config
 from trainer.evaluation import parameter_hash
-from trainer.loop import (
-    InMemoryBatches,
-    LoopConfig,
-    complete_checkpoints,
-    make_accelerator,
-    train_loop,
-)
+from trainer.loop import LoopConfig, complete_checkpoints, make_accelerator, train_loop
 from trainer.losses import (
     cmt_cm_loss,
     meanflow_target,

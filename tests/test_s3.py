@@ -18,7 +18,7 @@ import psutil
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from pipeline.generate import HOLD_STAGE_ENV, SHARD_HOLD_PREFIX
+from pipeline.shard_worker import HOLD_STAGE_ENV, SHARD_HOLD_PREFIX
 from pipeline.teacher import load_teacher
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, process_ended, tiny_unet, wait_until, write_solved_store

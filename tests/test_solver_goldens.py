@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 
 from pipeline.oracle import make_oracle_teacher
 from pipeline.solvers import SolverError, prior_noise, solve, time_grid
-from pipeline.teacher import SigmaRangeError, UnsupportedSchedulerError
+from pipeline.noise_schedule import SigmaRangeError, UnsupportedSchedulerError
 from tests.helpers import assert_close
 
 MU, S = 0.3, 0.5

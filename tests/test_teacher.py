@@ -21,14 +21,9 @@ from diffusers import (
 
 from pipeline.oracle import make_oracle_teacher, posterior_mean
 from pipeline.solvers import solve
-from pipeline.teacher import (
-    ConditioningError,
-    SigmaRangeError,
-    Teacher,
-    TeacherLoadError,
-    UnsupportedSchedulerError,
-    load_teacher,
-)
+from pipeline.noise_schedule import SigmaRangeError, UnsupportedSchedulerError
+from pipeline.teacher import ConditioningError, Teacher, load_teacher
+from pipeline.teacher_files import TeacherLoadError
 
 MU, S = 0.3, 0.5
 

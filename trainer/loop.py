@@ -26,28 +26,28 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from trainer.batches import Batch, ResumableBatches
 from trainer.config import ConfigError
+from trainer.jsonl_tracker import JsonlTracker
 from trainer.run_dir import METRICS_FILE, RunDir
 
 CHECKPOINT_MARKER = "checkpoint.json"
 _CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 
-Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch, int], torch.Tensor]
 EvaluateFn = Callable[[torch.nn.Module, int], Mapping[str, float]]
 ExportFn = Callable[[torch.nn.Module, Path], None]
@@ -114,105 +114,6 @@ class LoopConfig:
             raise ConfigError(f"loop.torch_threads must be >= 1 or none, got {self.torch_threads}")
 
 
-@runtime_checkable
-class ResumableBatches(Protocol):
-    """An endless stream of batches whose position is checkpointed with the run.
-
-    `__iter__` continues from the position set by `load_state_dict` and must update its state as it
-    yields, so that `state_dict()` taken between two batches names the next batch exactly. Loaders
-    shard by (rank, world size) themselves; the loop never passes them to `accelerator.prepare`.
-    An optional `log_values() -> dict[str, float]` adds the loader's own scalars to every logged step
-    (e.g. `corrupt_shards_skipped`).
-    """
-
-    def __iter__(self) -> Iterator[Batch]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class InMemoryBatches:
-    """Batches drawn from in-memory tensors: one permutation per epoch from (seed, epoch), disjoint rank slices.
-
-    Each step consumes `batch_per_process · world_size` samples of the epoch's permutation; rank r takes
-    the r-th slice. An epoch ends when fewer than that many samples are left (the remainder is dropped).
-    The state (epoch, offset into the permutation) is the same on every rank.
-    """
-
-    def __init__(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        *,
-        batch_per_process: int,
-        seed: int,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
-        """Serve `tensors` (equal first dimension N) in batches of `batch_per_process` for this rank."""
-        if not tensors:
-            raise ValueError("InMemoryBatches needs at least one tensor, e.g. {'images': images}")
-        sizes = {name: tensor.shape[0] for name, tensor in tensors.items()}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"all tensors must have the same number of samples, got {sizes}")
-        if rank is None or world_size is None:
-            if not PartialState._shared_state:
-                raise RuntimeError(
-                    "InMemoryBatches takes rank and world size from accelerate: build the Accelerator first "
-                    "(trainer.loop.make_accelerator(cfg)) or pass rank= and world_size="
-                )
-            state = PartialState()
-            rank = state.process_index if rank is None else rank
-            world_size = state.num_processes if world_size is None else world_size
-        self.tensors = dict(tensors)
-        self.num_samples = next(iter(sizes.values()))
-        self.batch_per_process = batch_per_process
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.samples_per_step = batch_per_process * world_size
-        if batch_per_process < 1 or self.samples_per_step > self.num_samples:
-            raise ValueError(
-                f"batch_per_process={batch_per_process} × world_size={world_size} must be between 1 and the "
-                f"{self.num_samples} samples available; lower batch_per_process"
-            )
-        self.epoch = 0
-        self.offset = 0
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The sample order of `epoch`, a pure function of (seed, epoch)."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        return torch.from_numpy(order)  # [N]
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield this rank's batches forever, starting at the stored (epoch, offset)."""
-        order = self.permutation(self.epoch)
-        while True:
-            if self.offset + self.samples_per_step > self.num_samples:
-                self.epoch += 1
-                self.offset = 0
-                order = self.permutation(self.epoch)
-            start = self.offset + self.rank * self.batch_per_process
-            indices = order[start : start + self.batch_per_process]  # [B]
-            self.offset += self.samples_per_step
-            yield {name: tensor[indices] for name, tensor in self.tensors.items()}
-
-    def state_dict(self) -> dict[str, int]:
-        """Position of the next batch (identical on every rank)."""
-        return {"epoch": self.epoch, "offset": self.offset, "num_samples": self.num_samples, "seed": self.seed}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a saved position; the data must be the same size as when it was saved."""
-        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
-            raise ValueError(
-                f"checkpoint was taken over {state['num_samples']} samples with seed {state['seed']}, this run has "
-                f"{self.num_samples} samples with seed {self.seed}; resume with the same data and seed or use a "
-                "new output_dir"
-            )
-        self.epoch = int(state["epoch"])
-        self.offset = int(state["offset"])
-
-
 class ConstantDecayEMA(EMAModel):
     """diffusers' EMAModel with the same decay at every update, the first included (EMAModel returns 0 there)."""
 
@@ -266,47 +167,6 @@ class LoopResult:
             "export_dir": str(self.export_dir),
             "metrics": self.metrics,
         }
-
-
-class JsonlTracker(GeneralTracker):
-    """Accelerate tracker appending one JSON object per `log` call to `metrics.jsonl` (main process only)."""
-
-    name = "jsonl"
-    requires_logging_directory = False
-    main_process_only = True
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        """Track into the JSON-lines file at `path` (opened for appending by `start`)."""
-        super().__init__()
-        self.path = Path(path)
-        self._stream = None
-
-    @property
-    def tracker(self):
-        """The open file."""
-        return self._stream
-
-    def start(self) -> None:
-        """Open the file for appending."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
-
-    def store_init_configuration(self, values: dict) -> None:
-        """The resolved config lives in config.yaml next to this file; nothing to write here."""
-
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        """Append `{"step": step, **values}` as one line and flush it."""
-        record = {"step": step}
-        for key, value in values.items():
-            record[key] = value.item() if isinstance(value, torch.Tensor) else value
-        self._stream.write(json.dumps(record) + "\n")
-        self._stream.flush()
-
-    def finish(self) -> None:
-        """Close the file."""
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
 
 
 def make_accelerator(cfg: LoopConfig) -> Accelerator:

@@ -3,7 +3,7 @@
 The network F keeps the teacher's input scaling c_in and time input c_noise (it was trained on exactly those inputs);
 a parameterisation only chooses how its output becomes the clean-sample prediction (EDM, Karras et al. 2022, eq. 7):
 
-- ``teacher``: the teacher's own preconditioning (`pipeline.teacher.edm_preconditioning`). At init from the teacher's
+- ``teacher``: the teacher's own preconditioning (`pipeline.noise_schedule.edm_preconditioning`). At init from the teacher's
   weights f IS the teacher's denoiser D(x̃, σ̃). For an ε-prediction VP teacher c_out = −σ̃ (up to −80 at the prior):
   a 1-step sample multiplies every error of the network's output by up to 80.
 - ``edm``: EDM's bounded coefficients c_skip = σ_d²/(σ̃² + σ_d²), |c_out| = σ̃·σ_d/√(σ̃² + σ_d²) ≤ σ_d (EDM eq. 7 with
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pipeline.teacher import NoiseSchedule, edm_preconditioning
+from pipeline.noise_schedule import NoiseSchedule, edm_preconditioning
 
 __all__ = ["PARAMETERIZATION_NAMES", "Parameterization", "resolve_parameterization"]
 

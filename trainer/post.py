@@ -14,7 +14,7 @@ from `trainer/losses.py`, time sampling from `trainer/schedules.py`):
   q is fixed (4096 after CMT) or ECT's doubling schedule (q_mode=doubling) for the diffusion-initialised baseline.
 - ecd (consistency distillation with ECT's loss): x_r is one teacher PF-ODE step from x_t. From a store the pair is
   two consecutive stored solver points (no teacher forward pass at all); from a dataset the teacher takes the step
-  live (`pipeline.solvers.ode_step`).
+  live (`pipeline.ode_step.ode_step`).
 - meanflow (MeanFlow, Geng et al. 2025; t, r in τ): u_tgt = v − (t − r)·sg(du/dt), du/dt = v·∂_z u + ∂_t u, by JVP
   (on the unwrapped module, no grad; the differentiable prediction goes through the DDP-wrapped model so gradients are
   all-reduced) or by a central finite difference; adaptive weight 1/(‖e‖² + c)^p.
@@ -48,12 +48,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
+from trainer.batches import InMemoryBatches
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.data.corrupt_shards import CorruptDataError
 from trainer.data.options import StreamOptions
 from trainer.evaluation import EVAL_SEED
 from trainer.label_dropout import LabelDropout
-from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.methods.ect import ECDConfig, ECTConfig, ECTLoss, LiveECDLoss, StoredECDLoss, ect_sigma_range
 from trainer.methods.meanflow import MeanFlowConfig, MeanFlowLoss, resolve_derivative, tau_max
 from trainer.run_dir import RunDir

@@ -31,10 +31,11 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 
+from trainer.batches import InMemoryBatches
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.image_datasets import ImageDataset, load_dataset
 from pipeline.png_grid import save_grid
-from trainer.loop import InMemoryBatches, LoopConfig, LoopResult, make_accelerator, train_loop
+from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.run_dir import RunDir
 
 
@@ -189,7 +190,7 @@ def edm_loss(
     Written in the network's output space as ‖F_θ(c_in·x̃, c_noise) − (x0 − c_skip·x̃)/c_out‖²/d, which is the same
     number; ln σ̃ ~ N(P_mean, P_std²); c_in, c_noise, c_skip, c_out are the exported scheduler's own.
     """
-    from pipeline.teacher import NoiseSchedule, edm_preconditioning
+    from pipeline.noise_schedule import NoiseSchedule, edm_preconditioning
 
     x0 = batch["images"]  # [B, C, H, W]
     ln_sigma = torch.randn(x0.shape[0], device=x0.device, dtype=torch.float64) * edm.p_std + edm.p_mean  # [B]

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.teacher import NoiseSchedule, Teacher, class_embedding_rows
+from pipeline.network import class_embedding_rows
+from pipeline.noise_schedule import NoiseSchedule
+from pipeline.teacher import Teacher
 from trainer.parameterization import DEFAULT_SIGMA_DATA, Parameterization, resolve_parameterization
 from trainer.second_time import SecondTimeEmbedding, SecondTimeInputError
 

@@ -4,7 +4,7 @@ Mid-training's `stream.source=memory`. The samples are each trajectory's whole t
 all K points in mode "cm", all pairs in "mf"; per-trajectory subsets are not drawn), converted by the same
 `samples_to_batch` as the stream, so a sample is bitwise the one the stream would make. The stores are checked by
 `trainer.data.store_info.check_stores` and every shard against its commit digest as it loads; the batches are drawn
-by `trainer.loop.InMemoryBatches` (one permutation per epoch, disjoint rank slices, exact resume).
+by `trainer.batches.InMemoryBatches` (one permutation per epoch, disjoint rank slices, exact resume).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from storage_schema import CorruptShardError, open_store
+from trainer.batches import InMemoryBatches
 from trainer.data.batch_schema import batch_from_template, sample_template
 from trainer.data.corrupt_shards import corrupt_data_error
 from trainer.data.options import StreamConfig
 from trainer.data.store_info import StoreInfo, check_stores
-from trainer.loop import InMemoryBatches
 
 __all__ = ["InMemoryTrajectories", "preload_samples"]
 

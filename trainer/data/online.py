@@ -17,7 +17,7 @@ stream, up to the float32 rounding of a solve batched differently:
 - The points come from `pipeline.solvers.solve` (the solver, grid and σ range that generation uses; the teacher runs
   under no_grad) and become samples through the stream's own templates (`trainer.data.batch_schema`: `sample_template`,
   `batch_from_template`): the same keys, views and float64 → float32 conversion as a float32 store.
-  Class-conditional teachers get generation's labels (`pipeline.generate.labels_for`) and guidance.
+  Class-conditional teachers get generation's labels (`pipeline.shard_worker.labels_for`) and guidance.
 - Everything is a pure function of (seed_base, b, r), so the position is the number of micro-batches made, and resume
   continues with bitwise the batches the uninterrupted run would have made. The source counts the teacher's network
   evaluations and the seconds spent solving (both checkpointed with the position).
@@ -161,7 +161,7 @@ class OnlineTrajectories:
 
     def make_batch(self, batch: int) -> dict[str, torch.Tensor]:
         """Micro-batch `batch` of this rank: solve its T trajectories and take every (or the drawn) sample of each."""
-        from pipeline.generate import labels_for
+        from pipeline.shard_worker import labels_for
         from pipeline.solvers import solve
         options, teacher = self.options, self.teacher
         indices = self.trajectory_indices(batch)

@@ -1,6 +1,6 @@
 """Streaming training batches from one or more trajectory stores (mid- and post-training data).
 
-`TrajectoryStream` is an endless, resumable stream of dict batches (a `trainer.loop.ResumableBatches`)
+`TrajectoryStream` is an endless, resumable stream of dict batches (a `trainer.batches.ResumableBatches`)
 read chunk by chunk from the committed shards of Zarr trajectory stores (`storage_schema`).
 
 How it is prepared

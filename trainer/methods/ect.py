@@ -14,7 +14,7 @@ Everything here is in the EDM view (x̃ = x0 + σ̃·ε, `pipeline/time_conventi
 - ECD from a store (`StoredECDLoss`): the pair is two consecutive stored solver points, so no teacher runs. Batch keys
   read: "x_t", "sigma_t" (σ̃ of x_t), "x_r", "sigma_r" (σ̃ of x_r < σ̃ of x_t) (`trainer.data` mode "ecd") and "labels".
 - ECD with a live teacher (`LiveECDLoss`, data from a dataset): t, r as in ECT, x_r = one teacher PF-ODE step from
-  (x_t, t) to r (`pipeline.solvers.ode_step`). Batch keys read: "x0" and "labels".
+  (x_t, t) to r (`pipeline.ode_step.ode_step`). Batch keys read: "x0" and "labels".
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class StoredECDLoss:
 @dataclass
 class LiveECDLoss:
     """ECD from clean data with the teacher live (batch keys "x0", "labels"): x_r = one teacher ODE step from x_t
-    (`pipeline.solvers.ode_step`)."""
+    (`pipeline.ode_step.ode_step`)."""
 
     ect: ECTConfig
     ecd: ECDConfig
@@ -214,7 +214,7 @@ class LiveECDLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample ECD loss [B]: t, r as in ECT, x_r from the teacher's step from (x_t, t) to r."""
-        from pipeline.solvers import ode_step
+        from pipeline.ode_step import ode_step
 
         hold_if_asked(step)
         x0 = batch["x0"]  # [B, *S]
