@@ -47,6 +47,7 @@ from jobs.compare_config import (
     parse_scoped_override,
     with_absolute_paths,
 )
+from jobs.figures import finish_fd_axis, pyplot, save_figure
 from jobs.study_runs import execute, mid_plan, post_plan, read_post_run
 from jobs.study_store import generation_command, make_store
 from trainer.run_dir import RunDir
@@ -356,10 +357,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """FD against the ablated quantity (1- and 2-step panels): CMT student and after post-training; online dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [row for row in result["rows"] if "cmt_fd" in row]
     categorical = result["preset"] == "solver"
@@ -377,15 +375,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axis.set_xticks(x, [row["label"] for row in rows], rotation=15)
         else:
             axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel(AXIS_LABELS[result["preset"]])
-        axis.set_ylabel(f"FD-digits, {steps.replace('step', '-step')}")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        finish_fd_axis(axis, xlabel=AXIS_LABELS[result["preset"]], ylabel=f"FD-digits, {steps.replace('step', '-step')}")
+    save_figure(figure, path)
 
 
 # ------------------------------------------------------------------------------------------------------------

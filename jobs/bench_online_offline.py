@@ -39,6 +39,7 @@ import numpy as np
 
 from jobs.compare_accounting import first_crossing, summarise_cell
 from jobs.compare_config import CompareConfig, CompareError, with_absolute_paths
+from jobs.figures import finish_fd_axis, pyplot, save_figure
 from jobs.study_runs import execute, mid_plan, read_post_run
 from jobs.study_store import generation_cost
 from trainer.run_dir import RunDir
@@ -229,10 +230,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:
     """FD-digits (1- and 2-step) against charged seconds for the three pipelines, the equal budget marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = result["summary"]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -243,15 +241,9 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
             axis.plot(row["curve"]["charged_seconds"], row["curve"][f"fd_{steps}step"], marker="o", color=color,
                       linestyle=line, label=row["pipeline"])
         axis.axvline(summary["budget_seconds"], color="gray", linewidth=0.8, label="equal budget")
-        axis.set_yscale("log")
-        axis.set_xlabel("charged seconds (training incl. data + generation charge)")
-        axis.set_ylabel(f"FD-digits, {steps}-step")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        finish_fd_axis(axis, xlabel="charged seconds (training incl. data + generation charge)",
+                       ylabel=f"FD-digits, {steps}-step")
+    save_figure(figure, path)
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from jobs.compare_config import INIT_LABELS, METHOD_LABELS, STEP_COUNTS
+from jobs.figures import finish_fd_axis, pyplot, save_figure
 from jobs.study_runs import RunPlan
 
 MARKDOWN_NAME = "compare_inits.md"
@@ -199,10 +200,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:
     """FD vs charged seconds: a row per method, 1- and 2-step columns; mean, ± std band; CMT amortised dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(dict.fromkeys(cell["method"] for cell in result["cells"]))
     colors = {"cmt": "tab:red", "teacher": "tab:blue", "random": "tab:gray"}
@@ -223,16 +221,10 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
                               label=f"CMT (G amortised over {result['accounting']['amortise_over']})")
                     axis.plot(x[:1], mean[:1], marker="*", markersize=14, linestyle="none", color="black",
                               label="CMT student before post-training")
-            axis.set_yscale("log")
-            axis.set_xlabel("charged wall-clock seconds")
-            axis.set_ylabel(f"FD-{result['config']['fd_dataset']}, {steps}-step")
             axis.set_title(f"{METHOD_LABELS[method]}: {steps}-step")
-            axis.grid(True, which="both", alpha=0.3)
-            axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+            finish_fd_axis(axis, xlabel="charged wall-clock seconds",
+                           ylabel=f"FD-{result['config']['fd_dataset']}, {steps}-step")
+    save_figure(figure, path)
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:

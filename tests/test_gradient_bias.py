@@ -126,7 +126,7 @@ def test_student_reading_weights_each_level_by_its_c_out_squared():
     ε reading's is σ, and bias² is the direct per-level bias weighted by c_out² (the chain rule through f = … + c_out·F)."""
     import torch
 
-    from pipeline.teacher import edm_preconditioning
+    from pipeline.noise_schedule import edm_preconditioning
 
     cfg = dataclasses.replace(QUICK, mc_samples=0)
     mu = cfg.mu_center + cfg.mu_spread * np.linspace(-1.0, 1.0, cfg.dim)
