@@ -15,29 +15,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fault_points import SHARD_PREFIX, SOLVED_STAGE, armed, reach, shard_stage
 from pipeline.generate_options import GenerateConfig, GenerateError
 from storage_schema import GenerationSpec, open_store
 from storage_schema.store import set_write_stage_hook
 
 __all__ = [
-    "HOLD_FILE_ENV",
-    "HOLD_SHARD_ENV",
-    "HOLD_STAGE_ENV",
-    "SHARD_HOLD_PREFIX",
     "ShardWorker",
     "labels_for",
     "start_shard_workers",
 ]
-
-SHARD_HOLD_PREFIX = "shard-hold "
-# Fault-injection hook for tests: the worker holding shard $CMT_GENERATE_HOLD_SHARD stops at $CMT_GENERATE_HOLD_STAGE
-# ("solved", the default: after solving the shard, before writing it; or a write stage of storage_schema's
-# write_shard, e.g. "traj_written": half-written) until the file $CMT_GENERATE_HOLD_FILE exists, and prints
-# "shard-hold <shard> pid=<pid> node=<Ray node id>" first, so a test can kill that process or node exactly there.
-HOLD_SHARD_ENV, HOLD_STAGE_ENV = "CMT_GENERATE_HOLD_SHARD", "CMT_GENERATE_HOLD_STAGE"
-HOLD_FILE_ENV = "CMT_GENERATE_HOLD_FILE"
-SOLVED_STAGE = "solved"
-
 
 def labels_for(indices: np.ndarray, plan: str | None, num_classes: int | None, seed_base: int) -> np.ndarray | None:
     """Class label of each sample index: None (unconditional), 'uniform' (from its own seed) or a cycled list."""
@@ -85,8 +72,8 @@ class ShardWorker:
             )
         self.attention_backend = configure_attention(self.teacher.model, device)
         self.store = open_store(url, "r+")
-        if HOLD_SHARD_ENV in os.environ:
-            set_write_stage_hook(_hold_if_asked)
+        if armed(SHARD_PREFIX):
+            set_write_stage_hook(_hold_at_shard)
         self.claims = self.store.claims(owner=job["claims_owner"])  # the driver's claims; the driver keeps them alive
 
     def generate_shard(self, index: int) -> dict[str, Any]:
@@ -127,7 +114,7 @@ class ShardWorker:
                 f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}; the shard was not written. "
                 f"Check the teacher's weights and the solver settings"
             )
-        _hold_if_asked(SOLVED_STAGE, index)
+        _hold_at_shard(SOLVED_STAGE, index)
         solved = time.perf_counter()
         digest = self.store.write_shard(index, traj, seeds, labels, claims=self.claims)
         return {
@@ -143,15 +130,13 @@ class ShardWorker:
         }
 
 
-def _hold_if_asked(stage: str, index: int) -> None:
-    """Test hook: at the shard and stage named by the environment, wait (polling for a file, never a fixed sleep)."""
-    if os.environ.get(HOLD_SHARD_ENV) != str(index) or os.environ.get(HOLD_STAGE_ENV, SOLVED_STAGE) != stage:
+def _hold_at_shard(stage: str, index: int) -> None:
+    """Fault point `shard-<stage>` of shard `index` (`pipeline.fault_points`), naming this worker's Ray node."""
+    if not armed(shard_stage(stage)):
         return
     import ray
 
-    print(f"{SHARD_HOLD_PREFIX}{index} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}", flush=True)
-    while not os.path.exists(os.environ[HOLD_FILE_ENV]):
-        time.sleep(0.05)
+    reach(shard_stage(stage), index, where=f"node={ray.get_runtime_context().get_node_id()}")
 
 
 def start_shard_workers(cfg: GenerateConfig, spec: GenerationSpec, url: str, count: int, claims_owner: str) -> list[Any]:

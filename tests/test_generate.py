@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipeline.generate import SUMMARY_PREFIX, GenerateConfig, GenerateError, run
-from pipeline.shard_worker import HOLD_FILE_ENV, HOLD_SHARD_ENV, SHARD_HOLD_PREFIX
+from pipeline.fault_points import POINT_ENV, RELEASE_FILE_ENV, SOLVED_STAGE, hold_line, shard_stage
 from pipeline.solvers import solve
 from pipeline.teacher import TeacherLoadError, load_teacher
 from storage_schema import open_store
@@ -112,9 +112,11 @@ def test_cache_root_maps_the_same_spec_to_the_same_store(teacher_dir, tmp_path):
     assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
 
 
-def _spawn_generate(args: list[str], hold_shard: int, hold_file: Path) -> subprocess.Popen:
-    """Start `python pipeline/generate.py ARGS` as a user would, in its own session, holding one shard mid-way."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{HOLD_SHARD_ENV: str(hold_shard), HOLD_FILE_ENV: str(hold_file)})
+def _spawn_generate(args: list[str], hold_shard: int, hold_file: Path, stage: str = SOLVED_STAGE) -> subprocess.Popen:
+    """Start `python pipeline/generate.py ARGS` as a user would, in its own session, holding one shard at `stage`
+    (pipeline.fault_points) until `hold_file` exists."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               **{POINT_ENV: f"{shard_stage(stage)}:{hold_shard}", RELEASE_FILE_ENV: str(hold_file)})
     return subprocess.Popen(
         [sys.executable, str(REPO / "pipeline" / "generate.py"), *args],
         cwd=REPO,
@@ -155,7 +157,7 @@ def test_a_worker_killed_mid_shard_is_retried_and_the_store_is_unchanged(referen
     output = []
     for line in process.stdout:  # a hang here is caught by the wait below and by pytest's outer limit
         output.append(line)
-        if killed is None and SHARD_HOLD_PREFIX + "1 " in line:
+        if killed is None and hold_line(shard_stage(SOLVED_STAGE), 1) in line:
             killed = int(line.rsplit("pid=", 1)[1].split()[0])
             os.kill(killed, signal.SIGKILL)
             release.touch()
@@ -178,7 +180,7 @@ def test_a_killed_driver_is_resumed_by_the_same_command_with_teacher_work_only_f
     output = []
     for line in process.stdout:
         output.append(line)
-        if SHARD_HOLD_PREFIX + "1 " in line:
+        if hold_line(shard_stage(SOLVED_STAGE), 1) in line:
             break
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=HANG_LIMIT_S)

@@ -16,7 +16,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from pipeline.generate import run
 from pipeline.generate_options import GenerateConfig
-from pipeline.shard_worker import HOLD_FILE_ENV, HOLD_SHARD_ENV, SHARD_HOLD_PREFIX
+from pipeline.fault_points import POINT_ENV, RELEASE_FILE_ENV, SOLVED_STAGE, hold_line, shard_stage
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, wait_until
 from tests.test_generate import _summary, store_files, tiny_unet
@@ -93,10 +93,11 @@ def test_two_runs_started_together_share_the_shards_and_both_end_with_the_same_s
 
 def test_a_run_waits_for_a_shard_another_run_holds_and_takes_it_over_when_that_run_dies(teacher, reference, tmp_path):
     out = tmp_path / "store.zarr"
-    holder = Run(_args(teacher, out), **{HOLD_SHARD_ENV: "1", HOLD_FILE_ENV: str(tmp_path / "never")})
-    wait_until(lambda: holder.said(SHARD_HOLD_PREFIX + "1 ") or holder.process.poll() is not None,
+    holder = Run(_args(teacher, out),
+                 **{POINT_ENV: f"{shard_stage(SOLVED_STAGE)}:1", RELEASE_FILE_ENV: str(tmp_path / "never")})
+    wait_until(lambda: holder.said(hold_line(shard_stage(SOLVED_STAGE), 1)) or holder.process.poll() is not None,
                "the first run holds shard 1 mid-way")
-    assert holder.said(SHARD_HOLD_PREFIX + "1 "), "".join(holder.lines)
+    assert holder.said(hold_line(shard_stage(SOLVED_STAGE), 1)), "".join(holder.lines)
     joiner = Run(_args(teacher, out))
     wait_until(lambda: joiner.said("waiting: shard(s) 1") or joiner.process.poll() is not None,
                "the second run says it waits for shard 1")

@@ -16,10 +16,11 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
+from pipeline.fault_points import HOLD_FILE_ENV, MID_STEP, POINT_ENV
 from pipeline.oracle import flow_map, make_oracle_teacher, posterior_mean
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
-from tests.helpers import HANG_LIMIT_S, free_port, tiny_unet
+from tests.helpers import HANG_LIMIT_S, free_port, tiny_unet, wait_until
 from tests.helpers import write_solved_store as write_store
 from trainer.config import ConfigError, load_config
 from trainer.loop import complete_checkpoints
@@ -89,10 +90,12 @@ def test_smoke_checkpoint_sigkill_resume_bitwise_and_export(tiny, tmp_path):
     assert sorted(logged_losses(reference_dir)) == list(range(1, 9))
 
     command = [sys.executable, "trainer/mid.py", *tiny_args(tiny, killed_dir, *overrides)]
-    child = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "CMT_MID_STOP_AT_STEP": "5"},
+    hold_file = tmp_path / "hold"
+    child = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, POINT_ENV: f"{MID_STEP}:5",
+                                                          HOLD_FILE_ENV: str(hold_file)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status = os.waitpid(child.pid, os.WUNTRACED)  # returns once the child stopped itself at step 5
-    assert os.WIFSTOPPED(status), f"child ended before reaching step 5 (status {status})"
+    wait_until(lambda: hold_file.exists() or child.poll() is not None, "the run reaches step 5 or exits")
+    assert hold_file.exists(), f"child ended before reaching step 5 (exit code {child.poll()})"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert [step for step, _ in complete_checkpoints(killed_dir)] == [3]

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from pipeline.shard_worker import HOLD_FILE_ENV, HOLD_SHARD_ENV, HOLD_STAGE_ENV, SHARD_HOLD_PREFIX
+from pipeline.fault_points import POINT_ENV, RELEASE_FILE_ENV, hold_line, shard_stage
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, free_port, process_ended, tiny_unet, wait_until
 from tests.s3_server import new_bucket, object_digests
@@ -62,7 +62,7 @@ def cluster(tmp_path, s3_server):
         RAY_AUTH_TOKEN=secrets.token_hex(32),
         RAY_DEDUP_LOGS="0",  # every worker's hold line reaches the driver as printed, none folded into "repeated"
         PYTHONUNBUFFERED="1",
-        **{HOLD_SHARD_ENV: str(HELD_SHARD), HOLD_STAGE_ENV: "traj_written", HOLD_FILE_ENV: str(release)},
+        **{POINT_ENV: f"{shard_stage('traj_written')}:{HELD_SHARD}", RELEASE_FILE_ENV: str(release)},
     )
     process = subprocess.Popen(
         [sys.executable, "-c", CLUSTER, str(HANG_LIMIT_S), json.dumps([free_port() for _ in range(3)]), temp_dir],
@@ -88,7 +88,7 @@ def _node_processes(node_id: str) -> list[psutil.Process]:
 
 def _holds(line: str) -> tuple[int, str] | None:
     """(pid, node id) of a worker that reports holding the held shard, or None for any other line."""
-    marker = f"{SHARD_HOLD_PREFIX}{HELD_SHARD} pid="
+    marker = f"{hold_line(shard_stage('traj_written'), HELD_SHARD)}pid="
     if marker not in line:
         return None
     pid, node = line.split(marker, 1)[1].split()

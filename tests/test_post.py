@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from pipeline.fault_points import HOLD_FILE_ENV, POINT_ENV, POST_STEP
 from pipeline.ode_step import ode_step
 from pipeline.oracle import flow_map, make_oracle_teacher
 from pipeline.solvers import solve
@@ -39,7 +40,7 @@ from trainer.methods.meanflow import (
     jvp_attention_context,
     meanflow_prediction_and_derivative,
 )
-from trainer.methods.per_step import HOLD_FILE_ENV, HOLD_STEP_ENV, same_dropout
+from trainer.methods.per_step import same_dropout
 from trainer.post import (
     PostConfig,
     describe,
@@ -306,7 +307,7 @@ def test_resume_after_sigkill_gives_bitwise_the_same_losses_and_weights(tiny, tm
     killed_dir, hold_file = tmp_path / "killed", tmp_path / "hold"
     command = [sys.executable, "trainer/post.py", "--config", str(TINY_PRESET), f"teacher={tiny['teacher']}",
                f"loop.output_dir={killed_dir}", *overrides]
-    environment = {**os.environ, HOLD_STEP_ENV: "4", HOLD_FILE_ENV: str(hold_file)}
+    environment = {**os.environ, POINT_ENV: f"{POST_STEP}:4", HOLD_FILE_ENV: str(hold_file)}
     child = subprocess.Popen(command, cwd=REPO_ROOT, env=environment,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: hold_file.exists() or child.poll() is not None, "the run reaches step 4 or exits")

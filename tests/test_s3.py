@@ -18,7 +18,7 @@ import psutil
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from pipeline.shard_worker import HOLD_STAGE_ENV, SHARD_HOLD_PREFIX
+from pipeline.fault_points import hold_line, shard_stage
 from pipeline.teacher import load_teacher
 from storage_schema import open_store
 from tests.helpers import HANG_LIMIT_S, process_ended, tiny_unet, wait_until, write_solved_store
@@ -156,12 +156,12 @@ def test_a_writer_killed_half_way_through_a_shard_on_s3_is_resumed_by_the_same_c
 ):
     url = f"{new_bucket()}/resumed.zarr"
     args = _cli_args(teacher_dir, url, num_workers=1)
-    monkeypatch.setenv(HOLD_STAGE_ENV, "traj_written")  # hold after shard 1's traj object is on S3, before its seeds
-    driver = _spawn_generate(args, hold_shard=1, hold_file=tmp_path / "never")
+    # hold after shard 1's traj object is on S3, before its seeds
+    driver = _spawn_generate(args, hold_shard=1, hold_file=tmp_path / "never", stage="traj_written")
     output = []
     for line in driver.stdout:  # a hang here is caught by pytest's outer limit
         output.append(line)
-        if SHARD_HOLD_PREFIX + "1 " in line:
+        if hold_line(shard_stage("traj_written"), 1) in line:
             break
     writer_process = psutil.Process(int(output[-1].rsplit("pid=", 1)[1].split()[0]))
     writer_process.send_signal(signal.SIGKILL)

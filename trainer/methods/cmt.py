@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.fault_points import MID_STEP, reach
 from trainer.config import ConfigError
-from trainer.methods.per_step import stop_if_asked
 
 __all__ = ["DistanceSettings", "TransferThenCMT", "build_distance", "cm_loss", "mf_loss"]
 
@@ -60,7 +60,7 @@ def cm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int
     """CMT CM form per sample: d(f_θ(x̂_{t_i}, t_i), x̂_{t_0}) (no stop-gradient, no time weighting); t_i = σ̃."""
     from trainer.losses import cmt_cm_loss
 
-    stop_if_asked(step)
+    reach(MID_STEP, step)
     f = model("cm", batch["x_t"], batch["sigma"], batch.get("labels"))  # [B, *S]
     return cmt_cm_loss(f, batch["x0"], distance)  # [B]
 
@@ -70,7 +70,7 @@ def mf_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step: int
     t, r = τ."""
     from trainer.losses import cmt_mf_loss
 
-    stop_if_asked(step)
+    reach(MID_STEP, step)
     u = model("mf", batch["z_t"], t=batch["t"], r=batch["r"], labels=batch.get("labels"))  # [B, *S]
     return cmt_mf_loss(u, batch["z_t"], batch["z_r"], t_i=batch["t"], t_j=batch["r"])  # [B]
 
@@ -95,7 +95,7 @@ class TransferThenCMT:
         from pipeline.time_convention import edm_from_fm
         from trainer.losses import preconditioning_transfer_loss
 
-        stop_if_asked(step)
+        reach(MID_STEP, step)
         if "x_t" in batch:
             x_edm, sigma = batch["x_t"], batch["sigma"].to(torch.float64)  # [B, *S], [B]
         else:

@@ -27,12 +27,12 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
+from pipeline.fault_points import POST_STEP, reach
 from trainer.config import ConfigError
 from trainer.methods.per_step import (
     attention_context,
     column,
     conditioning_labels,
-    hold_if_asked,
     same_dropout,
     step_generator,
     step_seed,
@@ -174,7 +174,7 @@ class ECTLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample ECT loss [B] of one batch."""
-        hold_if_asked(step)
+        reach(POST_STEP, step)
         seed, t, r, x_t, noise = noised_ect_pair(batch["x0"], step, self.ect, self.sigma_range)
         x_r = batch["x0"] + column(r, noise) * noise  # [B, *S], the same ε as x_t
         with attention_context(self.attention):
@@ -192,7 +192,7 @@ class StoredECDLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample ECD loss [B] on the stored one-step pairs (x_t at σ̃_t, x_r at σ̃_r < σ̃_t)."""
-        hold_if_asked(step)
+        reach(POST_STEP, step)
         t = batch["sigma_t"].to(torch.float64)  # [B]
         r = batch["sigma_r"].to(torch.float64)  # [B]
         with attention_context(self.attention):
@@ -216,7 +216,7 @@ class LiveECDLoss:
         """Per-sample ECD loss [B]: t, r as in ECT, x_r from the teacher's step from (x_t, t) to r."""
         from pipeline.ode_step import ode_step
 
-        hold_if_asked(step)
+        reach(POST_STEP, step)
         x0 = batch["x0"]  # [B, *S]
         seed, t, r, x_t, _ = noised_ect_pair(x0, step, self.ect, self.sigma_range)
         labels = conditioning_labels(model, batch)

@@ -39,13 +39,13 @@ from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pipeline.fault_points import POST_STEP, reach
 from trainer.config import ConfigError
 from trainer.label_dropout import DROPPED_KEY
 from trainer.methods.per_step import (
     attention_context,
     column,
     conditioning_labels,
-    hold_if_asked,
     same_dropout,
     step_generator,
     step_seed,
@@ -276,7 +276,7 @@ class MeanFlowLoss:
         """Per-sample MeanFlow loss [B] of one batch."""
         from trainer.losses import meanflow_loss, meanflow_target
 
-        hold_if_asked(step)
+        reach(POST_STEP, step)
         x0 = batch["x0"]  # [B, *S]
         seed = step_seed()
         generator = step_generator(seed, x0.device)

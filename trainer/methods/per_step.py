@@ -1,39 +1,24 @@
 """Per-step glue shared by the training methods (`trainer.methods.ect`, `.meanflow`, `.cmt`): per-step randomness,
-identical dropout masks, the attention kernel, labels, and the tests' fault-injection hooks."""
+identical dropout masks, the attention kernel and labels (the tests' fault points are `pipeline.fault_points`)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
 __all__ = [
-    "HOLD_FILE_ENV",
-    "HOLD_STEP_ENV",
-    "STOP_STEP_ENV",
     "attention_context",
     "column",
     "conditioning_labels",
-    "hold_if_asked",
     "same_dropout",
     "step_generator",
     "step_seed",
-    "stop_if_asked",
 ]
 
-# Fault-injection hooks for tests. Post-training (ECT / ECD / MeanFlow): when $CMT_POST_HOLD_AT_STEP = N, training step
-# N writes the file $CMT_POST_HOLD_FILE and then waits to be killed, so a test can SIGKILL a run at a known step.
-HOLD_STEP_ENV, HOLD_FILE_ENV = "CMT_POST_HOLD_AT_STEP", "CMT_POST_HOLD_FILE"
-# Mid-training (CMT; as in pipeline/generate.py): when $CMT_MID_STOP_AT_STEP = N, the process stops itself (SIGSTOP) at
-# the start of training step N, so a test can SIGKILL it exactly mid-run.
-STOP_STEP_ENV = "CMT_MID_STOP_AT_STEP"
 
 
 def step_seed() -> int:
@@ -76,17 +61,3 @@ def conditioning_labels(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> 
     student = extract_model_from_parallel(model)
     return batch.get("labels") if getattr(student, "num_classes", None) is not None else None
 
-
-def hold_if_asked(step: int) -> None:
-    """Fault injection for tests: at step $CMT_POST_HOLD_AT_STEP write $CMT_POST_HOLD_FILE and wait to be killed."""
-    if os.environ.get(HOLD_STEP_ENV) != str(step) or not os.environ.get(HOLD_FILE_ENV):
-        return
-    Path(os.environ[HOLD_FILE_ENV]).write_text(str(os.getpid()))
-    while True:
-        time.sleep(1.0)
-
-
-def stop_if_asked(step: int) -> None:
-    """Fault injection for tests: at step $CMT_MID_STOP_AT_STEP the process sends itself SIGSTOP."""
-    if os.environ.get(STOP_STEP_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGSTOP)
