@@ -330,28 +330,37 @@ def markdown_table(result: dict[str, Any]) -> str:
                       f"`{cfg['post_preset']}` (settings: {', '.join(cfg['overrides']) or 'preset'}).")),
         "",
         (f"| {AXIS_LABELS[result['preset']]} | trajectories × points | generation teacher forwards | pairs trained "
-         f"| CMT FD 1 / 2-step | after {post or 'no post-training'} FD 1 / 2-step |"),
-        "|---|---:|---:|---:|---|---|",
+         f"| CMT FD 1 / 2-step |" + ("" if post is None else f" after {post} FD 1 / 2-step |")),
+        "|---|---:|---:|---:|---|" + ("" if post is None else "---|"),
     ]
+
+    def post_cell(entry: dict[str, Any], text: str | None = None) -> str:
+        """The post-training column's cell, or nothing when the ablation ran no post-training."""
+        return "" if post is None else f" {text if text is not None else _pair(entry.get('post_fd'))} |"
+
     for row in result["rows"]:
         if "skipped" in row:
-            lines.append(f"| {row['label']} | – | – | – | not runnable for this teacher: {row['skipped']} | – |")
+            lines.append(f"| {row['label']} | – | – | – | not runnable for this teacher: {row['skipped']} |"
+                         + post_cell(row, "–"))
             continue
         lines.append(
             f"| {row['label']} | {row['num_trajectories']:,} × {row['steps'] + 1} "
-            f"| {row['generation_teacher_forwards']:,} | {row['pairs']:,} | {_pair(row['cmt_fd'])} "
-            f"| {_pair(row.get('post_fd'))} |")
+            f"| {row['generation_teacher_forwards']:,} | {row['pairs']:,} | {_pair(row['cmt_fd'])} |" + post_cell(row))
     if "online" in result:
         online = result["online"]
         points = result["rows"][0]["steps"] + 1 if result["rows"] else "K+1"
         lines.append(f"| online (fresh trajectories every step) | {online['trajectories_solved']:,} × {points} "
                      f"| {online['teacher_forwards']:,} (during training) | {online['pairs']:,} "
-                     f"| {_pair(online['cmt_fd'])} | {_pair(online.get('post_fd'))} |")
+                     f"| {_pair(online['cmt_fd'])} |" + post_cell(online))
         lines += ["", "Smallest store within 10 % of the online run's FD:"]
         for key, name in (("cmt_fd", "CMT student"), ("post_fd", f"after {post}")):
             found = result["smallest_within_10pct_of_online"].get(key)
             if found:
                 lines.append(f"- {name}: 1-step {found['1step'] or 'none'}, 2-step {found['2step'] or 'none'}.")
+        stored = [row["cmt_fd"] for row in result["rows"] if "skipped" not in row and row.get("cmt_fd")]
+        for steps in ("1step", "2step"):
+            if stored and all(fd[steps] < online["cmt_fd"][steps] for fd in stored):
+                lines.append(f"- At {steps.replace('step', '-step')}, every store's CMT student beats the online run.")
     return "\n".join(lines) + "\n"
 
 
