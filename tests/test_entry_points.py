@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from tests.helpers import HANG_LIMIT_S
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("storage_schema", "pipeline", "trainer", "jobs")
 
@@ -31,9 +33,9 @@ def test_installed_console_script_runs_the_same_parser_as_the_by_path_command():
     """`make setup` installs the scripts beside the interpreter (pip install -e .)."""
     script = Path(sys.executable).parent / "cmt-generate"
     assert script.exists(), "console scripts are missing: re-run `pip install -e .` (make setup does it)"
-    installed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
+    installed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=HANG_LIMIT_S)
     by_path = subprocess.run([sys.executable, str(REPO / "pipeline" / "generate.py"), "--help"], capture_output=True,
-                             text=True, timeout=300, cwd=REPO)
+                             text=True, timeout=HANG_LIMIT_S, cwd=REPO)
     assert installed.returncode == 0, installed.stderr
     assert by_path.returncode == 0, by_path.stderr
     assert "--num-trajectories" in installed.stdout
