@@ -1,7 +1,7 @@
 """Corrupt trajectory data met by the trainer: every committed shard is checked against its digest before use.
 
 A shard's commit record holds the sha256 of its data (`storage_schema`). A reader of the stream
-(`trainer.data.reader`) checks each shard the first time it reads it in an epoch, before any of its samples reaches a
+(`trainer.data.reader`) checks each shard the first time it reads it in a run, before any of its samples reaches a
 batch: a chunk that fails to decode, or data whose digest no longer matches, stops training with `CorruptDataError`
 naming the store, the shard and the `python -m storage_schema validate URL --deep` command. Checkpoints already
 written are untouched, so after the shard is regenerated the same training command resumes exactly.
