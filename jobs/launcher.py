@@ -29,11 +29,9 @@ class StageFailed(RuntimeError):
     """A stage's CLI exited non-zero or refused its settings; the message ends with what it printed last."""
 
 
-def tail(path: Path, lines: int = 25) -> str:
-    """The last lines of a log file."""
-    if not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+def last_lines(text: str, count: int = 25) -> str:
+    """The last `count` lines of a command's output (what a failure message quotes)."""
+    return "\n".join(text.splitlines()[-count:])
 
 
 def stage_command(stage: Stage, args: Sequence[str]) -> list[str]:
@@ -59,7 +57,7 @@ def run_stage(stage: Stage, args: Sequence[str], *, log_path: Path | None = None
         output = log_path.read_text(errors="replace")
         if status != 0:
             raise StageFailed(f"{STAGE_SCRIPTS[stage]} failed (exit {status}); last lines of {log_path}:\n"
-                              f"{tail(log_path)}")
+                              f"{last_lines(output)}")
         return output
     print("$ " + " ".join(command), flush=True)
     lines = []
@@ -68,7 +66,7 @@ def run_stage(stage: Stage, args: Sequence[str], *, log_path: Path | None = None
             print(line, end="", flush=True)
             lines.append(line)
     if process.returncode != 0:
-        raise StageFailed(f"{STAGE_SCRIPTS[stage]} failed (exit {process.returncode}):\n{''.join(lines[-25:])}")
+        raise StageFailed(f"{STAGE_SCRIPTS[stage]} failed (exit {process.returncode}):\n{last_lines(''.join(lines))}")
     return "".join(lines)
 
 
@@ -98,5 +96,5 @@ def generation_summary(output: str) -> dict[str, Any]:
     summaries = [line[len(SUMMARY_PREFIX):] for line in output.splitlines() if line.startswith(SUMMARY_PREFIX)]
     if not summaries:
         raise StageFailed(f"pipeline/generate.py printed no summary line ({SUMMARY_PREFIX.strip()}):\n"
-                          + "\n".join(output.splitlines()[-25:]))
+                          + last_lines(output))
     return json.loads(summaries[-1])

@@ -109,11 +109,11 @@ def execute(cfg: CompareConfig, plan: RunPlan, runs_dir: Path, log_dir: Path) ->
 
 def read_post_run(run_dir: Path) -> dict[str, Any]:
     """A post-training run's FD before training (init_eval.json) and at every evaluation (step, train_seconds)."""
-    initial = RunDir(run_dir).read_init_eval()
+    run = RunDir(run_dir)
+    initial = run.read_init_eval()
     if initial is None:
-        raise CompareError(f"{RunDir(run_dir).init_eval} is missing: the run was started without eval_at_init; "
-                           f"delete {run_dir}")
-    points = RunDir(run_dir).read_evaluations()
+        raise CompareError(f"{run.init_eval} is missing: the run was started without eval_at_init; delete {run_dir}")
+    points = run.read_evaluations()
     for record in points:
         if "train_seconds" not in record:
             raise CompareError(f"{run_dir}/metrics.jsonl: evaluation at step {record['step']} has no train_seconds; "

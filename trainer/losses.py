@@ -79,7 +79,7 @@ def _per_sample(times: TimeLike, batch: int, name: str, like: Tensor) -> Tensor:
     return times.reshape(batch)  # [B]
 
 
-def _broadcast_to(values: Tensor, like: Tensor) -> Tensor:
+def column(values: Tensor, like: Tensor) -> Tensor:
     """View per-sample values [B] as [B, 1, ..., 1] in `like`'s dtype so they broadcast against `like`."""
     return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))  # [B, 1, ..., 1]
 
@@ -279,7 +279,7 @@ def preconditioning_transfer_loss(f_pred: Tensor, denoised: Tensor, c_out: TimeL
     scale = _per_sample(c_out, f_pred.shape[0], "c_out", f_pred)  # [B]
     if bool((scale == 0).any()):
         raise ValueError("preconditioning_transfer_loss needs c_out != 0 (σ̃ > 0) for every sample")
-    return _sum_squares((f_pred - denoised) / _broadcast_to(scale, f_pred))  # [B]
+    return _sum_squares((f_pred - denoised) / column(scale, f_pred))  # [B]
 
 
 def cmt_mf_loss(h_pred: Tensor, x_i: Tensor, x_j: Tensor, *, t_i: TimeLike, t_j: TimeLike) -> Tensor:
@@ -295,7 +295,7 @@ def cmt_mf_loss(h_pred: Tensor, x_i: Tensor, x_j: Tensor, *, t_i: TimeLike, t_j:
     if bool((dt == 0).any()):
         raise ValueError("cmt_mf_loss needs t_i != t_j for every sample (the average velocity is undefined at "
                          "t_i == t_j); sample pairs of distinct trajectory points")
-    target = (x_i - x_j) / _broadcast_to(dt, x_i)  # [B, ...]
+    target = (x_i - x_j) / column(dt, x_i)  # [B, ...]
     return _sum_squares(h_pred - target)  # [B]
 
 
@@ -366,7 +366,7 @@ def meanflow_target(v: Tensor, du_dt: Tensor, *, t: TimeLike, r: TimeLike) -> Te
     _check_same_shape(v, du_dt, "v and du_dt")
     batch = v.shape[0]
     dt = _per_sample(t, batch, "t", v) - _per_sample(r, batch, "r", v)  # [B]
-    return (v - _broadcast_to(dt, v) * du_dt).detach()  # [B, ...]
+    return (v - column(dt, v) * du_dt).detach()  # [B, ...]
 
 
 def meanflow_loss(u_pred: Tensor, u_tgt: Tensor, *, p: float = 1.0, c: float = MEANFLOW_ADAPTIVE_C) -> Tensor:
@@ -386,8 +386,8 @@ def guided_velocity(
     """
     _check_same_shape(v, u_uncond, "v and u_uncond")
     batch = v.shape[0]
-    omega = _broadcast_to(_per_sample(omega, batch, "omega", v), v)  # [B, 1, ..., 1]
-    kappa = _broadcast_to(_per_sample(kappa, batch, "kappa", v), v)  # [B, 1, ..., 1]
+    omega = column(_per_sample(omega, batch, "omega", v), v)  # [B, 1, ..., 1]
+    kappa = column(_per_sample(kappa, batch, "kappa", v), v)  # [B, 1, ..., 1]
     guided = omega * v + (1.0 - omega - kappa) * u_uncond  # [B, ...]
     if u_cond is None:
         if bool((kappa != 0).any()):

@@ -105,7 +105,7 @@ class PostConfig:
                 f"data={self.data!r}: write `store:<url>[,<url>...]` (trajectory stores of pipeline/generate.py) or "
                 "`dataset:<name>` (digits, mnist, folder:<path>)"
             )
-        if not (self.init in ("teacher", "random") or (self.init.startswith(CMT_PREFIX) and self.init[4:].strip())):
+        if not (self.init in ("teacher", "random") or (self.init.startswith(CMT_PREFIX) and self.init[len(CMT_PREFIX) :].strip())):
             raise ConfigError(
                 f"init={self.init!r}: write `cmt:<dir>` (a trainer/mid.py export), `teacher` or `random`"
             )

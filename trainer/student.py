@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from pipeline.network import class_embedding_rows
 from pipeline.noise_schedule import NoiseSchedule
 from pipeline.teacher import Teacher
+from trainer.losses import column
 from trainer.parameterization import DEFAULT_SIGMA_DATA, Parameterization, resolve_parameterization
 from trainer.second_time import SecondTimeEmbedding, SecondTimeInputError
 
@@ -71,11 +72,6 @@ def _per_sample_times(value: Any, batch: int, device: torch.device) -> Tensor:
     if value.numel() != batch:
         raise ValueError(f"time of shape {tuple(value.shape)} for {batch} samples: pass a scalar or shape [{batch}]")
     return value.reshape(batch)  # [B]
-
-
-def _column(values: Tensor, like: Tensor) -> Tensor:
-    """Per-sample values [B] as [B, 1, ..., 1] in `like`'s dtype."""
-    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def disable_label_dropout(net: nn.Module) -> int:
@@ -277,10 +273,10 @@ class FlowMapStudent(nn.Module):
         safe_sigma = torch.where(at_boundary, torch.ones_like(sigma), sigma)  # [B], keeps c_noise finite
         c_in, c_noise, c_skip, c_out = self.coefficients(safe_sigma)
         out = self._call_net(
-            x_edm * _column(c_in, x_edm), c_noise.to(torch.float32), self._labels(labels, batch, x_edm.device), None
+            x_edm * column(c_in, x_edm), c_noise.to(torch.float32), self._labels(labels, batch, x_edm.device), None
         )  # [B, C, *S]
-        f = _column(c_skip, x_edm) * x_edm + _column(c_out, x_edm) * out.to(x_edm.dtype)  # [B, *S]
-        return torch.where(_column(at_boundary, x_edm).bool(), x_edm, f)
+        f = column(c_skip, x_edm) * x_edm + column(c_out, x_edm) * out.to(x_edm.dtype)  # [B, *S]
+        return torch.where(column(at_boundary, x_edm).bool(), x_edm, f)
 
     def velocity(self, z: Tensor, *, t: Any, r: Any = None, labels: Any = None) -> Tensor:
         """MF form u_θ(z, t, r) in the flow-matching view: t, r are τ (scalars or [B]), r ≤ t; r = None means r = t,
@@ -306,8 +302,8 @@ class FlowMapStudent(nn.Module):
         b_in = c_in / one_minus_tau  # [B], z → c_in·x̃
         a_z = (1.0 - c_skip / one_minus_tau) / tau  # [B]
         a_f = -c_out / tau  # [B]
-        out = self._call_net(z * _column(b_in, z), c_noise.to(torch.float32), labels, gap)  # [B, C, *S]
-        return _column(a_z, z) * z + _column(a_f, z) * out.to(z.dtype)  # [B, *S]
+        out = self._call_net(z * column(b_in, z), c_noise.to(torch.float32), labels, gap)  # [B, C, *S]
+        return column(a_z, z) * z + column(a_f, z) * out.to(z.dtype)  # [B, *S]
 
     def coefficients(self, sigma_edm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_in, c_noise, c_skip, c_out), float64 [B], of this student's parameterisation at EDM levels σ̃ [B]."""
@@ -326,7 +322,7 @@ class FlowMapStudent(nn.Module):
         """Ψ_{t→r}(z) = z − (t − r)·u_θ(z, t, r) in the flow-matching view (t, r in τ, r ≤ t) → [B, *S]."""
         batch = z.shape[0]
         tau, r_times = _per_sample_times(t, batch, z.device), _per_sample_times(r, batch, z.device)
-        return z - _column(tau - r_times, z) * self.velocity(z, t=tau, r=r_times, labels=labels)
+        return z - column(tau - r_times, z) * self.velocity(z, t=tau, r=r_times, labels=labels)
 
     # ------------------------------------------------------------------------------------------------------
     # Sampling

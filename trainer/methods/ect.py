@@ -29,9 +29,9 @@ from torch import Tensor
 
 from pipeline.fault_points import POST_STEP, reach
 from trainer.config import ConfigError
+from trainer.losses import column
 from trainer.methods.per_step import (
     attention_context,
-    column,
     conditioning_labels,
     same_dropout,
     step_generator,

@@ -42,9 +42,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pipeline.fault_points import POST_STEP, reach
 from trainer.config import ConfigError
 from trainer.label_dropout import DROPPED_KEY
+from trainer.losses import column
 from trainer.methods.per_step import (
     attention_context,
-    column,
     conditioning_labels,
     same_dropout,
     step_generator,

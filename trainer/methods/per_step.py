@@ -12,7 +12,6 @@ from torch import Tensor
 
 __all__ = [
     "attention_context",
-    "column",
     "conditioning_labels",
     "same_dropout",
     "step_generator",
@@ -50,10 +49,6 @@ def attention_context(backend: str) -> contextlib.AbstractContextManager:
         return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
     return contextlib.nullcontext()
 
-
-def column(values: Tensor, like: Tensor) -> Tensor:
-    """Per-sample values [B] as [B, 1, ..., 1] in `like`'s dtype."""
-    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def conditioning_labels(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor | None:
