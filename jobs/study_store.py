@@ -52,8 +52,7 @@ def time_generation(teacher_dir: str, url: str, num_probe: int, threads: int) ->
     """Seconds to generate the store at `url`, estimated now: re-solve `num_probe` of its trajectories, scale to N."""
     import torch
 
-    from pipeline.shard_worker import labels_for
-    from pipeline.solvers import solve
+    from pipeline.shard_worker import solve_samples
     from pipeline.teacher import load_teacher
     from storage_schema import open_store
 
@@ -64,19 +63,13 @@ def time_generation(teacher_dir: str, url: str, num_probe: int, threads: int) ->
             f"store {url} was made by teacher {spec.teacher_fingerprint[:12]}…, not by --teacher {teacher_dir} "
             f"({teacher.fingerprint[:12]}…): pass the teacher that made it, or drop --store to generate one"
         )
-    grid = dict(spec.grid_params)
     count = min(num_probe, spec.num_trajectories)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
 
     def solve_range(start: int, stop: int) -> None:
-        """Solve trajectories [start, stop) of the store's spec (labels as generation assigns them)."""
-        indices = np.arange(start, stop)
-        labels = labels_for(indices, spec.label_plan, spec.num_classes, spec.seed_base)
-        with torch.no_grad():
-            solve(teacher, [int(i) + spec.seed_base for i in indices], steps=spec.steps, solver=spec.solver,
-                  grid=spec.grid, sigma_max=grid.get("sigma_max"), sigma_min=grid.get("sigma_min"),
-                  labels=None if labels is None else torch.as_tensor(labels), guidance_scale=spec.guidance_scale)
+        """Solve trajectories [start, stop) of the store's spec, as generation does."""
+        solve_samples(teacher, spec, np.arange(start, stop))
 
     try:
         solve_range(0, min(2, count))  # warm-up (allocator, kernels), not timed

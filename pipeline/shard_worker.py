@@ -78,32 +78,15 @@ class ShardWorker:
 
     def generate_shard(self, index: int) -> dict[str, Any]:
         """Solve the PF-ODE for every trajectory of shard `index` and write the shard (commit last)."""
-        import torch
-
-        from pipeline.solvers import solve
-
         started, forward_before = time.perf_counter(), self.teacher.forward_samples
         spec = self.store.spec
         start, stop = spec.shard_bounds(index)
         indices = np.arange(start, stop)
         seeds = indices + spec.seed_base
         labels = labels_for(indices, spec.label_plan, spec.num_classes, spec.seed_base)
-        grid = dict(spec.grid_params)
         batches = []
         for lo in range(0, len(indices), self.job["batch_size"]):
-            hi = lo + self.job["batch_size"]
-            with torch.no_grad():
-                trajectory = solve(
-                    self.teacher,
-                    [int(s) for s in seeds[lo:hi]],
-                    steps=spec.steps,
-                    solver=spec.solver,
-                    grid=spec.grid,
-                    sigma_max=grid.get("sigma_max"),
-                    sigma_min=grid.get("sigma_min"),
-                    labels=None if labels is None else torch.as_tensor(labels[lo:hi]),
-                    guidance_scale=spec.guidance_scale,
-                )
+            trajectory = solve_samples(self.teacher, spec, indices[lo:lo + self.job["batch_size"]])
             batches.append(trajectory.points.float().cpu().numpy())  # [b, K+1, *S]
         traj = np.concatenate(batches)  # [n, K+1, *S]
         finite = np.isfinite(traj.reshape(len(traj), -1)).all(axis=1)
@@ -137,6 +120,21 @@ def _hold_at_shard(stage: str, index: int) -> None:
     import ray
 
     reach(shard_stage(stage), index, where=f"node={ray.get_runtime_context().get_node_id()}")
+
+
+def solve_samples(teacher: Any, spec: GenerationSpec, indices: np.ndarray) -> Any:
+    """The solver trajectories of samples `indices` of a store's spec: seed `seed_base + i`, the label `labels_for`
+    gives, the spec's solver, steps, grid and guidance (what a shard holds; `pipeline.solvers.Trajectory`)."""
+    import torch
+
+    from pipeline.solvers import solve
+
+    labels = labels_for(indices, spec.label_plan, spec.num_classes, spec.seed_base)
+    grid = dict(spec.grid_params)
+    with torch.no_grad():
+        return solve(teacher, [int(i) + spec.seed_base for i in indices], steps=spec.steps, solver=spec.solver,
+                     grid=spec.grid, sigma_max=grid.get("sigma_max"), sigma_min=grid.get("sigma_min"),
+                     labels=None if labels is None else torch.as_tensor(labels), guidance_scale=spec.guidance_scale)
 
 
 def start_shard_workers(cfg: GenerateConfig, spec: GenerationSpec, url: str, count: int, claims_owner: str) -> list[Any]:
