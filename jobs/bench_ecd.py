@@ -28,15 +28,15 @@ import torch
 def benchmark_ecd(cfg: Any, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     """Median seconds per ECD optimizer step (data + loss + backward + update), stored teacher step vs live teacher.
 
-    `cfg` is a `trainer.post.PostConfig` with data=store:... and teacher=<dir>.
+    `cfg` is a `trainer.post.PostConfig` with data=stores (`--data store:<url>`) and teacher=<dir>.
     """
     from pipeline.teacher import load_teacher
     from trainer.config import ConfigError
     from trainer.methods.ect import LiveECDLoss, ect_sigma_range
     from trainer.post import ForwardCounter, build_setup, store_stream
 
-    if cfg.data_kind != "store" or not cfg.teacher:
-        raise ConfigError("jobs/bench_ecd.py compares stored and live ECD steps: pass data=store:<url> and "
+    if cfg.data != "stores" or not cfg.teacher:
+        raise ConfigError("jobs/bench_ecd.py compares stored and live ECD steps: pass --data store:<url> and "
                           "teacher=<dir>")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.loop.torch_threads is not None:

@@ -48,9 +48,11 @@ from trainer.data.errors import StreamError
 from trainer.data.in_memory import InMemoryTrajectories, preload_samples
 from trainer.data.online import OnlineOptions, OnlineTrajectories, open_online_source
 from trainer.data.options import StreamConfig, StreamOptions
+from trainer.data.reader import build_items
 from trainer.data.store_info import StoreInfo
 from trainer.data.store_info import check_stores as data_check_stores
 from trainer.data.stream import TrajectoryStream, make_stream
+from trainer.data_keys import resolve_data_keys
 from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init, parameter_hash
 from trainer.label_dropout import LabelDropout
 from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
@@ -70,7 +72,9 @@ class MidConfig:
 
     loop: LoopConfig
     teacher: str
-    data: Literal["stores", "online"] = "stores"  # online: solve fresh trajectories every step (trainer/data/online.py)
+    # stores | online (solve fresh trajectories every step, trainer/data/online.py); `--data store:<url>[,<url>...]`
+    # is the short form of data=stores stores=[...] (trainer/data_keys.py, the same keys as post-training)
+    data: str = "stores"
     stores: tuple[str, ...] = ()  # data=stores: the trajectory stores (not read with data=online)
     online: OnlineOptions = field(default_factory=OnlineOptions)  # data=online: the teacher's solver settings
     form: Literal["cm", "mf"] = "cm"
@@ -94,11 +98,10 @@ class MidConfig:
     compute_fd: bool = True
 
     def __post_init__(self) -> None:
-        """Reject settings that cannot work, naming the fix."""
-        if self.data == "stores" and not self.stores:
-            raise ConfigError(
-                "stores is empty: list at least one trajectory store (pipeline/generate.py prints it), or train on "
-                "freshly solved trajectories with data=online")
+        """Resolve the data keys' short form; reject settings that cannot work, naming the fix."""
+        keys = resolve_data_keys(self.data, self.stores, None, kinds=("stores", "online"), stage="trainer/mid.py")
+        object.__setattr__(self, "data", keys.data)
+        object.__setattr__(self, "stores", keys.stores)
         if self.data == "online":
             stream_keys = [name for name in ("points_per_trajectory", "pairs_per_trajectory")
                            if getattr(self.stream, name) is not None] + (["source"] if self.stream.source != "stream"
@@ -287,15 +290,9 @@ def describe(cfg: MidConfig) -> dict[str, Any]:
     else:
         infos = check_stores(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint,
                              world_size=world_size)
-        per_trajectory = []
-        for info in infos:
-            k = info.num_points - 1
-            if cfg.form == "cm":
-                per_trajectory.append(min(k, cfg.stream.points_per_trajectory or k))
-            else:
-                pairs = k * (k + 1) // 2
-                per_trajectory.append(min(pairs, cfg.stream.pairs_per_trajectory or pairs))
-        samples = sum(count * info.num_trajectories for count, info in zip(per_trajectory, infos))
+        stream_cfg = stream_config(cfg, sample_shape=teacher.sample_shape, teacher_fingerprint=teacher.fingerprint)
+        drawn = build_items(stream_cfg, infos).drawn  # the samples a reader draws per trajectory of each store
+        samples = int(sum(int(count) * info.num_trajectories for count, info in zip(drawn, infos)))
         plan.update({"stores": [info.summary() for info in infos], "training_samples_per_epoch": samples,
                      "steps_per_epoch": samples // (cfg.batch_per_process * world_size)})
     plan["student"] = {"form": cfg.form, "init": cfg.init, "second_time_input": student.second_time_input,

@@ -19,8 +19,9 @@ from `trainer/losses.py`, time sampling from `trainer/schedules.py`):
   (on the unwrapped module, no grad; the differentiable prediction goes through the DDP-wrapped model so gradients are
   all-reduced) or by a central finite difference; adaptive weight 1/(‖e‖² + c)^p.
 
-Data: `store:` streams the trajectory stores (`trainer.data`): ect / meanflow take the solver's clean endpoints x̂_0
-(mode "endpoints"), ecd consecutive points (mode "ecd"). `dataset:` uses real images (`trainer.image_datasets`).
+Data (`trainer/data_keys.py`, the same keys as mid-training): data=stores (`--data store:<url>`) streams the trajectory
+stores (`trainer.data`): ect / meanflow take the solver's clean endpoints x̂_0 (mode "endpoints"), ecd consecutive
+points (mode "ecd"). data=dataset (`--data dataset:<name>`) uses real images (`trainer.image_datasets`).
 Init (`trainer/student_init.py`): `cmt:<dir>` (a mid-training export, `FlowMapStudent.from_pretrained`, read with the
 parameterisation it records), `teacher` (the diffusion model itself: the teacher's weights AND its own c_skip/c_out, so
 f is its x0 prediction and u at r = t its velocity), `random` (the teacher's architecture, fresh weights, read the way
@@ -52,6 +53,7 @@ from trainer.batches import InMemoryBatches
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.data.corrupt_shards import CorruptDataError
 from trainer.data.options import StreamOptions
+from trainer.data_keys import DataKeys, describe_data, resolve_data_keys
 from trainer.evaluation import EVAL_SEED
 from trainer.label_dropout import LabelDropout
 from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
@@ -61,7 +63,6 @@ from trainer.run_dir import RunDir
 from trainer.student_init import CMT_PREFIX, check_student_fits, cmt_export_dir, student_from_init
 
 METHODS = ("ect", "ecd", "meanflow")
-STORE_PREFIX, DATASET_PREFIX = "store:", "dataset:"
 BENCHMARK_MOVED = ("--benchmark-ecd moved to jobs/bench_ecd.py: run `python jobs/bench_ecd.py --config PRESET "
                    "[the same flags] --steps N`")
 
@@ -77,7 +78,11 @@ class PostConfig:
     loop: LoopConfig
     method: Literal["ect", "ecd", "meanflow"] = "ect"
     init: str = "teacher"  # "cmt:<dir>" | "teacher" | "random"
-    data: str = "store:runs/digits/store.zarr"  # "store:<url>[,<url>...]" | "dataset:<name>"
+    # stores | dataset; `--data store:<url>[,<url>...]` / `--data dataset:<name>` is the short form
+    # (trainer/data_keys.py, the same keys as mid-training)
+    data: str = "stores"
+    stores: tuple[str, ...] = ()  # data=stores: the trajectory stores
+    dataset: str | None = None  # data=dataset: digits, mnist, folder:<path> (trainer.image_datasets)
     teacher: str | None = None  # teacher dir: needed by init teacher/random and by ECD from a dataset
     batch_per_process: int = 128
     image_size: int | None = None  # dataset: resize to H = W = image_size
@@ -98,20 +103,18 @@ class PostConfig:
     compute_fd: bool = True
 
     def __post_init__(self) -> None:
-        """Reject combinations that cannot work, naming the fix."""
-        data_kind = self.data.split(":", 1)[0] + ":" if ":" in self.data else ""
-        if data_kind not in (STORE_PREFIX, DATASET_PREFIX) or not self.data.split(":", 1)[1].strip():
-            raise ConfigError(
-                f"data={self.data!r}: write `store:<url>[,<url>...]` (trajectory stores of pipeline/generate.py) or "
-                "`dataset:<name>` (digits, mnist, folder:<path>)"
-            )
+        """Resolve the data keys' short form; reject combinations that cannot work, naming the fix."""
+        keys = resolve_data_keys(self.data, self.stores, self.dataset, kinds=("stores", "dataset"),
+                                 stage="trainer/post.py")
+        for name in ("data", "stores", "dataset"):
+            object.__setattr__(self, name, getattr(keys, name))
         if not (self.init in ("teacher", "random") or (self.init.startswith(CMT_PREFIX) and self.init[len(CMT_PREFIX) :].strip())):
             raise ConfigError(
                 f"init={self.init!r}: write `cmt:<dir>` (a trainer/mid.py export), `teacher` or `random`"
             )
         if self.init in ("teacher", "random") and not self.teacher:
             raise ConfigError(f"init={self.init} builds the student from the teacher: pass teacher=<teacher dir>")
-        if self.method == "ecd" and data_kind == DATASET_PREFIX and not self.teacher:
+        if self.method == "ecd" and self.data == "dataset" and not self.teacher:
             raise ConfigError(
                 "ECD from a dataset runs the teacher's ODE step live: pass teacher=<teacher dir>, or use "
                 "--data store:<url> (the stored consecutive solver points; no teacher needed)"
@@ -146,24 +149,14 @@ class PostConfig:
         return 0.1 if self.method == "meanflow" and self.meanflow.guidance_scale is not None else 0.0
 
     @property
-    def data_kind(self) -> Literal["store", "dataset"]:
-        """Where the batches come from."""
-        return "store" if self.data.startswith(STORE_PREFIX) else "dataset"
-
-    @property
-    def store_urls(self) -> tuple[str, ...]:
-        """The trajectory store URLs of `data=store:...`."""
-        return tuple(url.strip() for url in self.data[len(STORE_PREFIX) :].split(",") if url.strip())
-
-    @property
-    def dataset_name(self) -> str:
-        """The dataset name of `data=dataset:...`."""
-        return self.data[len(DATASET_PREFIX) :].strip()
+    def data_flag(self) -> str:
+        """The data keys as the user can type them back: `--data store:<urls>` or `--data dataset:<name>`."""
+        return describe_data(DataKeys(self.data, self.stores, self.dataset))
 
     @property
     def live_teacher(self) -> bool:
         """Whether training runs the teacher (ECD from a dataset); everything else never calls it."""
-        return self.method == "ecd" and self.data_kind == "dataset"
+        return self.method == "ecd" and self.data == "dataset"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -207,17 +200,22 @@ def _configure_attention(cfg: PostConfig, student: Any, device: torch.device) ->
 # Data
 
 
-def dataset_batches(cfg: PostConfig, *, rank: int, world_size: int) -> tuple[InMemoryBatches, tuple[int, ...]]:
-    """Real images as clean samples x0 (+ labels) in InMemoryBatches, and their sample shape."""
+def load_images(cfg: PostConfig) -> Any:
+    """The real images of data=dataset (`trainer.image_datasets.ImageDataset`), loaded once per run; None for stores."""
+    if cfg.data != "dataset":
+        return None
     from trainer.image_datasets import load_dataset
 
     try:
-        data = load_dataset(cfg.dataset_name, image_size=cfg.image_size)
+        return load_dataset(cfg.dataset, image_size=cfg.image_size)
     except ValueError as error:
-        raise ConfigError(f"data={cfg.data}: {error}") from error
-    batches = InMemoryBatches({"x0": data.images, "labels": data.labels}, batch_per_process=cfg.batch_per_process,
-                              seed=cfg.loop.seed, rank=rank, world_size=world_size)
-    return batches, tuple(data.image_shape)
+        raise ConfigError(f"{cfg.data_flag}: {error}") from error
+
+
+def dataset_batches(cfg: PostConfig, images: Any, *, rank: int, world_size: int) -> InMemoryBatches:
+    """Real images as clean samples x0 (+ labels) in InMemoryBatches, this rank's share of every batch."""
+    return InMemoryBatches({"x0": images.images, "labels": images.labels}, batch_per_process=cfg.batch_per_process,
+                           seed=cfg.loop.seed, rank=rank, world_size=world_size)
 
 
 def store_stream(cfg: PostConfig, student: Any, *, rank: int, world_size: int, device: Any = None,
@@ -230,13 +228,13 @@ def store_stream(cfg: PostConfig, student: Any, *, rank: int, world_size: int, d
 
     mode = mode or ("ecd" if cfg.method == "ecd" else "endpoints")
     stream_cfg = StreamConfig.from_options(
-        cfg.stream, urls=cfg.store_urls, mode=mode, batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed,
+        cfg.stream, urls=cfg.stores, mode=mode, batch_per_process=cfg.batch_per_process, seed=cfg.loop.seed,
         expected_sample_shape=student.sample_shape, expected_fingerprint=student.teacher_fingerprint,
     )
     try:
         return make_stream(stream_cfg, rank=rank, world_size=world_size, device=device)
     except StreamError as error:
-        raise ConfigError(f"data={cfg.data}: {error}") from error
+        raise ConfigError(f"{cfg.data_flag}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -299,7 +297,7 @@ def build_setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Seq
     derivative = None
     if cfg.method == "ect":
         loss_fn = ECTLoss(cfg.ect, ect_sigma_range(cfg.ect, student.schedule), cfg.attention)
-    elif cfg.method == "ecd" and cfg.data_kind == "store":
+    elif cfg.method == "ecd" and cfg.data == "stores":
         loss_fn = StoredECDLoss(cfg.ect, cfg.attention)
     elif cfg.method == "ecd":
         loss_fn = LiveECDLoss(cfg.ect, cfg.ecd, teacher, ect_sigma_range(cfg.ect, student.schedule, teacher),
@@ -335,18 +333,6 @@ def _latent_decoder(cfg: PostConfig, student: Any, teacher: Any, device: torch.d
     return vae
 
 
-def _data_sample_shape(cfg: PostConfig) -> tuple[int, ...] | None:
-    """The sample shape of the dataset (stores are checked by the stream against the student)."""
-    if cfg.data_kind != "dataset":
-        return None
-    from trainer.image_datasets import load_dataset
-
-    try:
-        return tuple(load_dataset(cfg.dataset_name, image_size=cfg.image_size).image_shape)
-    except ValueError as error:
-        raise ConfigError(f"data={cfg.data}: {error}") from error
-
-
 def run(cfg: PostConfig) -> PostResult:
     """Post-train (or resume) the student described by `cfg`; returns the loop result, initial scores, rank report."""
     from trainer.evaluation import StudentEvaluator, evaluate_at_init, parameter_hash
@@ -354,13 +340,15 @@ def run(cfg: PostConfig) -> PostResult:
     accelerator = make_accelerator(cfg.loop)  # first: later accelerate state must see the launcher's processes
     output_dir = Path(cfg.loop.output_dir)
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    setup = build_setup(cfg, accelerator.device, data_sample_shape=_data_sample_shape(cfg))  # refuses bad inits first
+    images = load_images(cfg)
+    shape = None if images is None else tuple(images.image_shape)
+    setup = build_setup(cfg, accelerator.device, data_sample_shape=shape)  # refuses bad inits first
     if accelerator.is_main_process:
         save_resolved(cfg, output_dir)
-    if cfg.data_kind == "store":
+    if cfg.data == "stores":
         batches = store_stream(cfg, setup.student, rank=rank, world_size=world_size, device=accelerator.device)
     else:
-        batches, _ = dataset_batches(cfg, rank=rank, world_size=world_size)
+        batches = dataset_batches(cfg, images, rank=rank, world_size=world_size)
     evaluate = StudentEvaluator(cfg, RunDir(output_dir).samples, vae=setup.vae)
     init_metrics = evaluate_at_init(cfg.eval_at_init, evaluate, setup.student, accelerator, RunDir(output_dir).init_eval)
     teacher_calls = ForwardCounter(setup.teacher.model if setup.teacher is not None else None)
@@ -394,12 +382,13 @@ def describe(cfg: PostConfig) -> dict[str, Any]:
     """What a run of `cfg` would do, for --dry-run: resolved config, data, student, derivative; writes nothing."""
     device = torch.device("cpu")
     state = PartialState()
-    setup = build_setup(cfg, device, data_sample_shape=_data_sample_shape(cfg))
-    if cfg.data_kind == "store":
+    images = load_images(cfg)
+    setup = build_setup(cfg, device, data_sample_shape=None if images is None else tuple(images.image_shape))
+    if cfg.data == "stores":
         data = store_stream(cfg, setup.student, rank=state.process_index, world_size=state.num_processes).describe()
     else:
-        batches, shape = dataset_batches(cfg, rank=state.process_index, world_size=state.num_processes)
-        data = {"dataset": cfg.dataset_name, "num_images": batches.num_samples, "image_shape": list(shape)}
+        batches = dataset_batches(cfg, images, rank=state.process_index, world_size=state.num_processes)
+        data = {"dataset": cfg.dataset, "num_images": batches.num_samples, "image_shape": list(images.image_shape)}
     return {
         "config": config_to_dict(cfg),
         "processes": state.num_processes,

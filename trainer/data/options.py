@@ -20,6 +20,22 @@ from trainer.data.corrupt_shards import ON_CORRUPT_SHARD
 __all__ = ["StreamConfig", "StreamOptions"]
 
 
+def check_reading_ranges(settings: StreamOptions | StreamConfig, *, prefix: str) -> None:
+    """The range checks the stage options and the stream config share, naming the key as the user wrote it."""
+    for name in ("points_per_trajectory", "pairs_per_trajectory"):
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{prefix}{name} must be >= 1 or none (all), got {value}")
+    if settings.shuffle_buffer < 0:
+        raise ConfigError(f"{prefix}shuffle_buffer must be >= 0 samples (0: no shuffle buffer), got "
+                          f"{settings.shuffle_buffer}")
+    if settings.num_workers < 0:
+        raise ConfigError(f"{prefix}num_workers must be >= 0 (0 = read in the training process), got "
+                          f"{settings.num_workers}")
+    if settings.prefetch_factor < 1:
+        raise ConfigError(f"{prefix}prefetch_factor must be >= 1, got {settings.prefetch_factor}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StreamOptions:
     """Subsets per trajectory, shuffling, reader workers, the in-memory source, and what to do with imperfect stores."""
@@ -39,12 +55,7 @@ class StreamOptions:
         if self.on_corrupt_shard == "skip" and self.source == "memory":
             raise ConfigError("stream.on_corrupt_shard=skip applies to stream.source=stream (memory checks every "
                               "shard's digest as it loads and stops at a corrupt one): drop one of the two")
-        for name in ("points_per_trajectory", "pairs_per_trajectory"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"stream.{name} must be >= 1 or none (all), got {value}")
-        if self.shuffle_buffer < 1 or self.num_workers < 0 or self.prefetch_factor < 1:
-            raise ConfigError("stream.shuffle_buffer >= 1, stream.num_workers >= 0 and stream.prefetch_factor >= 1")
+        check_reading_ranges(self, prefix="stream.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,14 +98,7 @@ class StreamConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.batch_per_process < 1:
             raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"shuffle_buffer must be >= 0 samples, got {self.shuffle_buffer}")
-        if self.num_workers < 0:
-            raise ConfigError(
-                f"num_workers must be >= 0 (0 = read in the training process), got {self.num_workers}"
-            )
-        if self.prefetch_factor < 1:
-            raise ConfigError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        check_reading_ranges(self, prefix="")
         if self.worker_start_method not in (None, "fork", "spawn", "forkserver"):
             raise ConfigError(
                 f"worker_start_method must be fork, spawn, forkserver or none (the platform default), got "
@@ -108,10 +112,6 @@ class StreamConfig:
                     f"points_per_trajectory applies to modes 'cm' and 'ecd', not {self.mode!r}; "
                     "set it to none" + (" and use pairs_per_trajectory" if self.mode == "mf" else "")
                 )
-            if self.points_per_trajectory < 1:
-                raise ConfigError(
-                    f"points_per_trajectory must be >= 1 or none (all), got {self.points_per_trajectory}"
-                )
         if self.on_corrupt_shard not in ON_CORRUPT_SHARD:
             raise ConfigError(
                 f"on_corrupt_shard must be 'error' (stop at a corrupt shard) or 'skip' (leave corrupt shards out, "
@@ -121,10 +121,6 @@ class StreamConfig:
             if self.mode != "mf":
                 raise ConfigError(
                     f"pairs_per_trajectory applies to mode 'mf' only, not {self.mode!r}; set it to none"
-                )
-            if self.pairs_per_trajectory < 1:
-                raise ConfigError(
-                    f"pairs_per_trajectory must be >= 1 or none (all), got {self.pairs_per_trajectory}"
                 )
 
     @property
