@@ -15,7 +15,7 @@
   K-step solve of the same seeds and labels, and the clean endpoint's error against fp32 (max |x − x_fp32| and
   ‖x − x_fp32‖ / ‖x_fp32‖).
 
-    python jobs/bench_generate.py --teacher facebook/DiT-XL-2-256 --studies precision --precisions fp32,bf16 \
+    python jobs/bench_generate.py --teacher facebook/DiT-XL-2-256 --studies precision --precisions fp32,bf16 \\
         --steps 8 --precision-batch 4 --guidance 1.5
 """
 

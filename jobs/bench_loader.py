@@ -1,6 +1,6 @@
 """Benchmark: mid-training steps/s streaming from a trajectory store vs. the same training on in-memory tensors.
 
-    python jobs/bench_loader.py --teacher /tmp/digits_final/export --store runs/digits/store_k16.zarr \
+    python jobs/bench_loader.py --teacher /tmp/digits_final/export --store runs/digits/store_k16.zarr \\
         [--form cm] [--batch 128] [--steps-per-block 10] [--repetitions 30] [--num-workers 0] [--threads 1]
 
 Both sources feed the same student (the teacher's UNet, CMT loss, RAdam step) with the same batch size and torch
@@ -14,7 +14,7 @@ tensors, mid's stream.source=memory). Data wait = time spent inside `next(batche
 Prints one JSON object: steps/s of each, their ratio (target ≥ 0.95), and the fraction of step time spent
 waiting for data (target ≤ 2 %).
 
-    python jobs/bench_loader.py --loader-only --store URL --mode cm|mf|endpoints|ecd [--batch 128] [--epochs 2] \
+    python jobs/bench_loader.py --loader-only --store URL --mode cm|mf|endpoints|ecd [--batch 128] [--epochs 2] \\
         [--synthetic 4x32x32 --trajectories 2048 --steps 16]
 
 measures the loader alone (no teacher, no training): samples/s of `TrajectoryStream` over whole epochs in the

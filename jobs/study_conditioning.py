@@ -1,6 +1,6 @@
 """Which student parameterisation makes a well-conditioned few-step generator, for which teacher (README "Studies").
 
-    python jobs/study_conditioning.py --teacher eps=runs/digits_eps/export --teacher v=runs/digits_v/export \
+    python jobs/study_conditioning.py --teacher eps=runs/digits_eps/export --teacher v=runs/digits_v/export \\
         --teacher edm=runs/digits/pretrain/export [--variants own auto edm-1.0 ...] [--seeds 0 1 2] [--jobs 2]
 
 For every teacher: its digits store (pipeline/generate.py, the demo's spec: 4,096 trajectories, 16 DPM-Solver++(3M)

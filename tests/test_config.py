@@ -207,6 +207,8 @@ def test_stage_help_lists_every_key_with_its_default_and_starts_nothing(stage, c
     assert module.main(["--help", f"loop.output_dir={tmp_path / 'run'}"]) == 0
     shown = capsys.readouterr().out
     assert f"trainer/{stage}.py --config" in shown
+    usage = [line for line in shown.splitlines() if line.startswith("    ")]
+    assert all(len(line) <= 120 for line in usage), "a usage line ran on: keep its shell continuation (\\\\)"
     keys = describe_keys(config_type)
     for key, _, default in keys:
         assert f"  {key} " in shown

@@ -1,6 +1,6 @@
 """Stage 3, post-training: ECT / ECD (Ψ_{t→0}) and MeanFlow (Ψ_{t→s}) of a FlowMapStudent, after CMT or not.
 
-    accelerate launch trainer/post.py --config jobs/digits/post.yaml --method ect|ecd|meanflow \
+    accelerate launch trainer/post.py --config jobs/digits/post.yaml --method ect|ecd|meanflow \\
         --init cmt:<dir>|teacher|random --data store:<url>[,<url>...]|dataset:<name> [key=value ...] [--dry-run]
     python trainer/post.py ...                          (one process; same flags)
 
