@@ -217,7 +217,8 @@ def summarise(cells: Sequence[Cell], results: dict[Cell, dict[str, Any]], args: 
             row[f"early_{key}"] = _mean_std([run["curve"][0][key] for run in runs])
             row["early_step"] = runs[0]["curve"][0]["step"]
             row[f"final_{key}"] = _mean_std([run["final"][key] for run in runs])
-            row[f"redraw_{key}"] = _mean_std(runs[0]["redraws"][key])  # seed 0's export on fresh noise
+            # every seed's export on the re-drawn evaluation noise, pooled: seeds × redraws values
+            row[f"redraw_{key}"] = _mean_std([value for run in runs for value in run["redraws"][key]])
         rows.append(row)
     return {"mid_steps": args.mid_steps, "transfer_steps": args.transfer_steps, "redraws": args.redraws,
             "num_eval_samples": args.num_eval_samples,
@@ -233,7 +234,8 @@ def _fmt(stat: dict[str, float]) -> str:
 def markdown(summary: dict) -> str:
     """The study's table: one row per (teacher, variant, form)."""
     lines = [f"FD-digits of {summary['num_eval_samples']:,} samples after {summary['mid_steps']} CMT steps (mean ± "
-             f"std over seeds; re-draw: seed 0's export on {summary['redraws']} other draws of the evaluation noise).",
+             f"std over seeds; re-draw: every seed's export on {summary['redraws']} other draws of the evaluation "
+             "noise, pooled).",
              "",
              "| teacher (16-step FD) | student reading | form | init 1/2-step | "
              "early 1/2-step | final 1-step | final 2-step | re-draw 1-step | re-draw 2-step |",
