@@ -18,9 +18,22 @@ from jobs.compare_config import BASELINES, STEP_COUNTS, STORE_TOKEN, CompareConf
 from jobs.launcher import StageFailed, run_stage, run_training_in_process
 from trainer.run_dir import RunDir
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def short_hash(payload: Any) -> str:
     """8 hex digits naming a run by its settings."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def preset_key(preset: str) -> str:
+    """A preset as it enters a run's name: its path inside the project, so that another checkout of the same code
+    finds the same finished runs; a preset outside the project by its absolute path."""
+    path = Path(preset).resolve()
+    try:
+        return path.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,7 @@ def mid_plan(cfg: CompareConfig, form: str, store_url: str, runs_dir: Path) -> R
                 "loop.eval_every_steps=0", "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1",
                 f"num_eval_samples={cfg.num_eval_samples}", "compute_fd=true", f"fd_dataset={cfg.fd_dataset}"]
     chosen = user_overrides(cfg, "mid", form=form)
-    name = f"mid-{form}-{short_hash([cfg.mid_preset, settings, chosen])}"
+    name = f"mid-{form}-{short_hash([preset_key(cfg.mid_preset), settings, chosen])}"
     overrides = (*settings, *chosen, f"loop.output_dir={runs_dir / name}")
     return RunPlan(name, "mid", overrides, cfg.mid_steps, form=form, user_overrides=tuple(chosen))
 
@@ -77,7 +90,8 @@ def post_plan(cfg: CompareConfig, method: str, init: str, seed: int, total_steps
     """One post-training run of (method, init, seed) for `total_steps` steps."""
     init_arg = f"cmt:{cmt_export}" if init == "cmt" else init
     every = _eval_every(total_steps, cfg.evals_per_run)
-    settings = [f"method={method}", f"init={init_arg}", f"teacher={cfg.teacher}", f"data={post_data_argument(cfg, store_url)}",
+    settings = [f"method={method}", f"init={init_arg}", f"teacher={cfg.teacher}",
+                f"data={post_data_argument(cfg, store_url)}",
                 f"loop.seed={seed}", f"loop.total_steps={total_steps}", f"loop.eval_every_steps={every}",
                 f"loop.log_every_steps={every}", "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1",
                 f"loop.torch_threads={cfg.threads}", "eval_at_init=true", f"num_eval_samples={cfg.num_eval_samples}",
@@ -85,7 +99,7 @@ def post_plan(cfg: CompareConfig, method: str, init: str, seed: int, total_steps
     builtin = builtin_post_overrides(method, init, total_steps)
     chosen = [f"data=store:{store_url}" if text.replace(" ", "") == f"data={STORE_TOKEN}" else text
               for text in user_overrides(cfg, "post", method=method, init=init)]
-    name = f"{method}-{init}-s{seed}-{short_hash([cfg.post_preset, settings, builtin, chosen])}"
+    name = f"{method}-{init}-s{seed}-{short_hash([preset_key(cfg.post_preset), settings, builtin, chosen])}"
     overrides = (*settings, *builtin, *chosen, f"loop.output_dir={runs_dir / name}")
     return RunPlan(name, "post", overrides, total_steps, method=method, init=init, seed=seed,
                    user_overrides=tuple(chosen), builtin_overrides=tuple(builtin))

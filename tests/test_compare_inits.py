@@ -193,3 +193,21 @@ def test_a_baseline_that_reads_the_store_is_charged_for_generation(tmp_path):
             for method in ("ect", "ecd")}
     assert reads_store(plan["ecd"]) and "data=store:/s.zarr" in plan["ecd"].overrides
     assert not reads_store(plan["ect"])  # QUICK's post_data is dataset:digits
+
+
+def test_run_names_do_not_depend_on_where_the_project_is_checked_out(tmp_path, monkeypatch):
+    """A finished study run is found again from another checkout: presets inside the project enter the run's name by
+    their path inside it; a preset elsewhere by its absolute path."""
+    from jobs.compare_config import CompareConfig
+    from jobs.study_runs import PROJECT_ROOT, mid_plan, preset_key
+
+    monkeypatch.chdir(PROJECT_ROOT)  # the studies resolve relative presets from the project root
+    inside = PROJECT_ROOT / "jobs" / "digits" / "mid.yaml"
+    assert preset_key(str(inside)) == "jobs/digits/mid.yaml"
+    outside = tmp_path / "mid.yaml"
+    assert preset_key(str(outside)) == str(outside.resolve())
+    names = {mid_plan(CompareConfig(teacher="/t", mid_preset=preset), "cm", "/s.zarr", tmp_path).name
+             for preset in (str(inside), "jobs/digits/mid.yaml", str(PROJECT_ROOT / "jobs" / ".." / "jobs" / "digits" /
+                                                                      "mid.yaml"))}
+    assert len(names) == 1
+    assert mid_plan(CompareConfig(teacher="/t", mid_preset=str(outside)), "cm", "/s.zarr", tmp_path).name not in names
