@@ -8,7 +8,8 @@ Stages, each the project's own CLI run as a user would (so every stage resumes /
 2. trajectories         pipeline/generate.py (4,096 × 17 points, DPM-Solver++(3M), log-SNR grid; cached by spec)
 3. CMT mid-training     trainer/mid.py --config jobs/digits/mid.yaml, in both forms: CM (Ψ_{t→0}, for ECT) and
                         MF (Ψ_{t→s} with a second time input, for MeanFlow)
-4. post-training        trainer/post.py --config jobs/digits/post.yaml: ECT from the CM export, MeanFlow from the MF one
+4. post-training        trainer/post.py --config jobs/digits/post.yaml: ECT from the CM export, MeanFlow from the MF one,
+                        on the digits images (the preset's data)
 
 It ends with a table of FD-digits at 1 and 2 steps (teacher, CMT student, each post-trained student) beside
 the real-vs-real floor, and a report directory: resolved configs, metrics.json, PNG sample grids and a PNG plot
@@ -143,8 +144,8 @@ def run(cfg: DemoConfig) -> dict:
     for index, (method, form) in enumerate((("ect", "cm"), ("meanflow", "mf"))):
         post_dirs[method] = runs / f"post_{method}"
         _stage(f"{5 + index}/7 {method} post-training from the CMT ({form.upper()}) export", "post", [
-            "--config", "jobs/digits/post.yaml", "--method", method, "--init", f"cmt:{RunDir(mid_dirs[form]).export}", "--data", f"store:{store}", f"teacher={teacher}",
-            f"loop.output_dir={post_dirs[method]}", f"loop.total_steps={cfg.post_steps}",
+            "--config", "jobs/digits/post.yaml", "--method", method, "--init", f"cmt:{RunDir(mid_dirs[form]).export}",
+            f"teacher={teacher}", f"loop.output_dir={post_dirs[method]}", f"loop.total_steps={cfg.post_steps}",
             f"loop.eval_every_steps={cfg.eval_every_steps}", threads,
         ])
     timings_path.write_text(json.dumps(stage_seconds, indent=2))

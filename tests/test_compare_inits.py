@@ -195,6 +195,22 @@ def test_a_baseline_that_reads_the_store_is_charged_for_generation(tmp_path):
     assert not reads_store(plan["ect"])  # QUICK's post_data is dataset:digits
 
 
+def test_meanflow_baselines_train_with_meanflows_own_share_of_r_neq_t_and_the_cmt_student_with_the_presets(tmp_path):
+    """The digits post preset's fraction_r_neq_t = 1.0 is for a CMT student; the baselines get the paper's 0.25."""
+    from jobs.study_runs import post_plan
+    from pipeline.config_loader import load_config
+    from trainer.post import PostConfig
+
+    cfg = dataclasses.replace(QUICK, methods=("meanflow",))
+    fractions = {}
+    for init in ("cmt", "teacher", "random"):
+        plan = post_plan(cfg, "meanflow", init, 0, 10, store_url="/s.zarr", cmt_export=tmp_path / "export",
+                         runs_dir=tmp_path)
+        overrides = [text for text in plan.overrides if not text.startswith("init=")]
+        fractions[init] = load_config(PostConfig, cfg.post_preset, overrides).meanflow.fraction_r_neq_t
+    assert fractions == {"cmt": 1.0, "teacher": 0.25, "random": 0.25}
+
+
 def test_run_names_do_not_depend_on_where_the_project_is_checked_out(tmp_path, monkeypatch):
     """A finished study run is found again from another checkout: presets inside the project enter the run's name by
     their path inside it; a preset elsewhere by its absolute path."""
