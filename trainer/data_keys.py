@@ -7,13 +7,14 @@
 Presets and the `config.yaml` a run writes use these three keys. On the command line `--data store:<url>[,<url>...]`
 and `--data dataset:<name>` remain the short form of `data=stores stores=[...]` and `data=dataset dataset=<name>`; the
 short form replaces the preset's `stores` / `dataset`, so `--data store:other.zarr` with a preset that lists a store
-trains on other.zarr only. A stage resolves the short form in its config's `__post_init__` (`resolve_data_keys`).
+trains on other.zarr only. A stage resolves the short form in its config's `__post_init__` (`resolve_onto`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from trainer.config import ConfigError
 
@@ -64,8 +65,19 @@ def resolve_data_keys(data: str, stores: Sequence[str], dataset: str | None, *, 
     return DataKeys(data, stores, dataset.strip() if dataset else dataset)
 
 
-def describe_data(keys: DataKeys) -> str:
-    """The data keys as the user can type them back, for error messages: `--data store:a,b` or `--data dataset:x`."""
+def resolve_onto(config: Any, *, kinds: Sequence[str], stage: str) -> None:
+    """Resolve a frozen stage config's data keys in place (from its `__post_init__`); a config without a `dataset`
+    key (mid-training) is resolved as if it were none."""
+    keys = resolve_data_keys(config.data, config.stores, getattr(config, "dataset", None), kinds=kinds, stage=stage)
+    object.__setattr__(config, "data", keys.data)
+    object.__setattr__(config, "stores", keys.stores)
+    if hasattr(config, "dataset"):
+        object.__setattr__(config, "dataset", keys.dataset)
+
+
+def describe_data(keys: Any) -> str:
+    """The data keys (a DataKeys or a stage config) as the user can type them back, for error messages:
+    `--data store:a,b` or `--data dataset:x`."""
     if keys.data == "stores":
         return f"--data {STORE_PREFIX}{','.join(keys.stores)}"
     if keys.data == "dataset":

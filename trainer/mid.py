@@ -52,7 +52,7 @@ from trainer.data.reader import build_items
 from trainer.data.store_info import StoreInfo
 from trainer.data.store_info import check_stores as data_check_stores
 from trainer.data.stream import TrajectoryStream, make_stream
-from trainer.data_keys import resolve_data_keys
+from trainer.data_keys import resolve_onto
 from trainer.evaluation import EVAL_SEED, StudentEvaluator, evaluate_at_init, parameter_hash
 from trainer.label_dropout import LabelDropout
 from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
@@ -99,9 +99,7 @@ class MidConfig:
 
     def __post_init__(self) -> None:
         """Resolve the data keys' short form; reject settings that cannot work, naming the fix."""
-        keys = resolve_data_keys(self.data, self.stores, None, kinds=("stores", "online"), stage="trainer/mid.py")
-        object.__setattr__(self, "data", keys.data)
-        object.__setattr__(self, "stores", keys.stores)
+        resolve_onto(self, kinds=("stores", "online"), stage="trainer/mid.py")
         if self.data == "online":
             stream_keys = [name for name in ("points_per_trajectory", "pairs_per_trajectory")
                            if getattr(self.stream, name) is not None] + (["source"] if self.stream.source != "stream"

@@ -53,7 +53,7 @@ from trainer.batches import InMemoryBatches
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
 from trainer.data.corrupt_shards import CorruptDataError
 from trainer.data.options import StreamOptions
-from trainer.data_keys import DataKeys, describe_data, resolve_data_keys
+from trainer.data_keys import describe_data, resolve_onto
 from trainer.evaluation import EVAL_SEED
 from trainer.label_dropout import LabelDropout
 from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
@@ -104,11 +104,9 @@ class PostConfig:
 
     def __post_init__(self) -> None:
         """Resolve the data keys' short form; reject combinations that cannot work, naming the fix."""
-        keys = resolve_data_keys(self.data, self.stores, self.dataset, kinds=("stores", "dataset"),
-                                 stage="trainer/post.py")
-        for name in ("data", "stores", "dataset"):
-            object.__setattr__(self, name, getattr(keys, name))
-        if not (self.init in ("teacher", "random") or (self.init.startswith(CMT_PREFIX) and self.init[len(CMT_PREFIX) :].strip())):
+        resolve_onto(self, kinds=("stores", "dataset"), stage="trainer/post.py")
+        named_export = self.init.startswith(CMT_PREFIX) and self.init[len(CMT_PREFIX) :].strip()
+        if not (self.init in ("teacher", "random") or named_export):
             raise ConfigError(
                 f"init={self.init!r}: write `cmt:<dir>` (a trainer/mid.py export), `teacher` or `random`"
             )
@@ -151,7 +149,7 @@ class PostConfig:
     @property
     def data_flag(self) -> str:
         """The data keys as the user can type them back: `--data store:<urls>` or `--data dataset:<name>`."""
-        return describe_data(DataKeys(self.data, self.stores, self.dataset))
+        return describe_data(self)
 
     @property
     def live_teacher(self) -> bool:
