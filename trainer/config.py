@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class StageArgs:
     """What a stage's CLI was asked for: the preset path, the overrides and whether to stop after resolving."""

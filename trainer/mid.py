@@ -61,7 +61,6 @@ from trainer.run_dir import RunDir
 from trainer.student_options import StudentOptions, build_student, plan_transfer
 
 
-
 class MidDataError(ConfigError):
     """Stores that cannot feed this run (incomplete, wrong shape, wrong teacher, too few shards); names the fix."""
 

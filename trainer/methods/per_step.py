@@ -19,7 +19,6 @@ __all__ = [
 ]
 
 
-
 def step_seed() -> int:
     """One seed per training step from the global torch RNG (checkpointed by the loop, so resume replays it)."""
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
@@ -48,7 +47,6 @@ def attention_context(backend: str) -> contextlib.AbstractContextManager:
 
         return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
     return contextlib.nullcontext()
-
 
 
 def conditioning_labels(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor | None:
