@@ -4,7 +4,7 @@
         [--methods ect meanflow] [--inits cmt teacher random] [--set SCOPE:key=value ...] [--only METHOD/INIT ...]
         [--amortise-over N] [--dry-run]
 
-Runs, for every method (ECT, MeanFlow; ECD on request) and every seed, post-training (`trainer/post.py`) from
+Runs, for every method (ECT, ECD, MeanFlow) and every seed, post-training (`trainer/post.py`) from
 three initialisations: `cmt` (the mid-training export of `trainer/mid.py`: CM form for ECT/ECD, MF form for
 MeanFlow), `teacher` (the diffusion model: its x0 prediction for ECT, its flow-matching velocity for MeanFlow) and
 `random` (the teacher's architecture, fresh weights). Stages are reused: the trajectory store
