@@ -112,6 +112,24 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
     assert (tmp_path / "logs").is_dir()
 
 
+def test_the_logged_gradient_norm_is_the_mean_global_norm_before_clipping(tmp_path):
+    norms: dict[int, float] = {}
+
+    def loss_recording_the_gradient_norm(model, batch, step):
+        loss = regression_loss(model, batch, step)  # [B]
+        gradients = torch.autograd.grad(loss.mean(), list(model.parameters()), retain_graph=True)
+        norms[step] = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in gradients])))
+        return loss
+
+    run_regression(loop_config(tmp_path, total_steps=6, log_every_steps=3, checkpoint_every_steps=0, grad_clip=0.01),
+                   loss_fn=loss_recording_the_gradient_norm)
+    logged = {record["step"]: record["grad_norm"] for record in RunDir(tmp_path).read_metrics()}
+    assert min(norms.values()) > 10 * 0.01, "the norms are far above the clip, so clipped norms would not match"
+    for step, first in ((3, 0), (6, 3)):
+        expected = sum(norms[s] for s in range(first, step)) / 3
+        assert logged[step] == pytest.approx(expected, rel=1e-5)
+
+
 def test_linear_schedule_decays_to_zero(tmp_path):
     run_regression(loop_config(tmp_path, total_steps=10, lr_schedule="linear", warmup_steps=2, lr=1.0,
                                checkpoint_every_steps=0))

@@ -124,12 +124,14 @@ class ConstantDecayEMA(EMAModel):
 
 @dataclass
 class TrainingProgress:
-    """Saved with every checkpoint: steps taken, how many were skipped, training wall time, losses not yet logged."""
+    """Saved with every checkpoint: steps taken, how many were skipped, training wall time, and the losses and
+    gradient norms not yet logged."""
 
     step: int = 0
     skipped_steps: int = 0
     train_seconds: float = 0.0
     window_losses: list[float] = field(default_factory=list)
+    window_grad_norms: list[float] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the unlogged losses as a plain dict."""
@@ -138,14 +140,16 @@ class TrainingProgress:
             "skipped_steps": self.skipped_steps,
             "train_seconds": self.train_seconds,
             "window_losses": list(self.window_losses),
+            "window_grad_norms": list(self.window_grad_norms),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the counters and the unlogged losses."""
+        """Restore the counters and the unlogged losses and gradient norms."""
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.train_seconds = float(state.get("train_seconds", 0.0))  # absent in checkpoints of earlier versions
         self.window_losses = list(state["window_losses"])
+        self.window_grad_norms = list(state.get("window_grad_norms", []))  # absent in checkpoints of earlier versions
 
 
 @dataclass(frozen=True)
@@ -291,16 +295,16 @@ def train_loop(
         record: dict[str, float] = {}
         # log
         if fresh_step and (step % cfg.log_every_steps == 0 or step == cfg.total_steps):
-            finite = [value for value in progress.window_losses if math.isfinite(value)]
             record.update(
-                loss=sum(finite) / len(finite) if finite else float("nan"),
+                loss=_finite_mean(progress.window_losses),
+                grad_norm=_finite_mean(progress.window_grad_norms),
                 lr=last_lr,
                 skipped_steps=progress.skipped_steps,
                 steps_per_second=len(progress.window_losses) / max(time.perf_counter() - window_start, 1e-9),
                 train_seconds=progress.train_seconds,
                 **(batches.log_values() if hasattr(batches, "log_values") else {}),
             )
-            progress.window_losses, window_start = [], time.perf_counter()
+            progress.window_losses, progress.window_grad_norms, window_start = [], [], time.perf_counter()
         # eval
         if evaluate is not None and fresh_step and _due(step, cfg.eval_every_steps, cfg.total_steps):
             ema.copy_to(ema_model.parameters())
@@ -350,6 +354,7 @@ def train_loop(
         progress.step += 1
         progress.train_seconds += time.perf_counter() - step_started
         progress.window_losses.append(float(gathered[:, 0].mean()))
+        progress.window_grad_norms.append(float(grad_norm))  # before clipping; the same on every rank
         bar.update(1)
         bar.set_postfix(loss=f"{progress.window_losses[-1]:.4g}", skipped=progress.skipped_steps)
     bar.close()
@@ -370,6 +375,12 @@ def train_loop(
         start_step=start_step,
         skipped_steps=progress.skipped_steps,
     )
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (a skipped step's NaN is left out); NaN when none is finite."""
+    finite = [value for value in values if math.isfinite(value)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def _due(step: int, every: int, total_steps: int) -> bool:
