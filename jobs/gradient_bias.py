@@ -87,7 +87,7 @@ from trainer.schedules import SIGMA_MAX, SIGMA_MIN, ect_r_from_t
 
 PAIRS = ("shared_noise", "ode")
 READINGS = ("direct", "edm", "epsilon")
-CMT_SOLVERS = tuple(name for name in SOLVERS if name in ("euler", "dpmpp-2m", "dpmpp-3m", "flow-euler"))
+CMT_SOLVERS = tuple(name for name in SOLVERS if name != "ddim")  # every solver that drives the oracle's EDM schedule
 MAX_LEVELS = 200_000
 RANDOM_DEGREE = 3
 JSON_NAME = "gradient_bias.json"
@@ -172,7 +172,7 @@ class GradientBiasConfig:
         if not self.solvers or any(name not in CMT_SOLVERS for name in self.solvers):
             raise GradientBiasConfigError(
                 f"solvers={self.solvers}: choose from {', '.join(CMT_SOLVERS)} (the solvers that drive the oracle's "
-                "EDM schedule; ddim and heun need a VP teacher)"
+                "EDM schedule; ddim needs a VP teacher)"
             )
         if self.grid not in GRIDS or self.grid == "scheduler":
             raise GradientBiasConfigError(f"grid={self.grid!r}: use 'logsnr' or 'karras' (σ_max → σ_min)")

@@ -13,7 +13,7 @@ solver         diffusers scheduler                    sample space (α, σ)     
 =============  =====================================  ========================  =========================
 ddim           DDIMScheduler (eta = 0)                VP (√ᾱ_t, √(1−ᾱ_t))        vp; grid "scheduler" only
 euler          EulerDiscreteScheduler                 EDM (1, σ̃)                vp, edm, flow
-heun           HeunDiscreteScheduler                  EDM (1, σ̃)                vp
+heun           HeunDiscreteScheduler                  EDM (1, σ̃)                vp, edm
 dpmpp-2m/3m    DPMSolverMultistepScheduler,           VP (1/√(1+σ̃²), σ̃·α)      vp, edm, flow
                algorithm_type="dpmsolver++", order 2/3
 flow-euler     FlowMatchEulerDiscreteScheduler        FM (1−τ, τ)               vp, edm, flow
@@ -42,10 +42,11 @@ schedule represents: a DDPM linear schedule (β 1e-4…0.02, T = 1000) spans σ�
 recipe becomes 80 → 0.0100 there (a warning is issued only when a value the caller gave is clamped).
 
 Custom grids are installed through each scheduler's own features: ``set_timesteps(sigmas=…)`` for Euler and
-flow-Euler (flow shift disabled so τ is used as given), ``set_timesteps(timesteps=…)`` for Heun (fractional
-timesteps found by inverting Heun's own linear σ(t) interpolation). ``DPMSolverMultistepScheduler.set_timesteps``
-only takes integer timesteps, so for it the levels are written into ``scheduler.sigmas`` after
-``set_timesteps(K)`` (its step reads nothing else).
+flow-Euler (flow shift disabled so τ is used as given), ``set_timesteps(timesteps=…)`` for Heun on a VP teacher
+(fractional timesteps found by inverting Heun's own linear σ(t) interpolation). ``DPMSolverMultistepScheduler
+.set_timesteps`` only takes integer timesteps, and an EDM teacher's config has no β table for Heun's σ(t), so for
+these two the levels are written into ``scheduler.sigmas`` after ``set_timesteps(K)`` (Heun's as its interleaved
+s_0, s_1, s_1, …, s_{K−1}, s_{K−1}, 0); their step reads nothing else.
 
 Where ``grid="scheduler"`` differs from diffusers' own loop over the teacher's scheduler config, on purpose
 (tests/test_solver_goldens.py checks every state against that loop at float32 tolerance, across the flags above):
@@ -90,7 +91,7 @@ KARRAS_RHO = 7.0
 _FAMILIES_BY_SOLVER = {
     "ddim": ("vp",),
     "euler": ("vp", "edm", "flow"),
-    "heun": ("vp",),
+    "heun": ("vp", "edm"),
     "dpmpp-2m": ("vp", "edm", "flow"),
     "dpmpp-3m": ("vp", "edm", "flow"),
     "flow-euler": ("vp", "edm", "flow"),
@@ -260,13 +261,22 @@ def _euler_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Pla
 
 
 def _heun_plan(teacher: Teacher, steps: int, levels: np.ndarray | None) -> _Plan:
-    """HeunDiscreteScheduler in the EDM-scaled space; only full (second-order) steps are recorded."""
+    """HeunDiscreteScheduler in the EDM-scaled space; only full (second-order) steps are recorded.
+
+    Heun's 2nd-order step (EDM Algorithm 1 without churn) on an EDM teacher: the scheduler's own β table is never
+    read, the teacher's levels are written into its interleaved sigmas.
+    """
     from diffusers import HeunDiscreteScheduler
 
     overrides = {"prediction_type": "sample", "clip_sample": False}
     if levels is None:
         scheduler = _fresh(HeunDiscreteScheduler, teacher, **overrides)
         scheduler.set_timesteps(steps)
+    elif teacher.schedule.family == "edm":
+        scheduler = HeunDiscreteScheduler(**overrides, timestep_spacing="linspace")
+        scheduler.set_timesteps(steps)
+        interleaved = np.concatenate([levels[:1], np.repeat(levels[1:-1], 2), levels[-1:]])  # [2K]
+        scheduler.sigmas = torch.from_numpy(interleaved.astype(np.float32))  # read by step() via step_index
     else:
         off = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
         scheduler = _fresh(HeunDiscreteScheduler, teacher, **overrides, **off)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.ablate_store import QUICK, AblationConfig, AblationError, cell_config, locate_store, main, run
+from jobs.ablate_store import QUICK, AblationConfig, AblationError, cell_config, locate_store, main, run, runnable
 from pipeline.generate import GenerateConfig, build_spec
 from pipeline.generate_options import resolve_defaults
 from pipeline.teacher import load_teacher
@@ -42,7 +42,7 @@ def write_cached_stores(cfg: AblationConfig) -> list[str]:
     identity = teacher_identity(cfg.teacher)
     urls = []
     for cell in cfg.cells():
-        if cell.solver == "heun":
+        if runnable(teacher, cell) is not None:
             continue
         cell_compare = cell_config(compare, cell)
         generate_cfg, _ = resolve_defaults(GenerateConfig(teacher=cfg.teacher, num_trajectories=cell.num_trajectories,
@@ -112,7 +112,7 @@ def test_quick_trajectories_preset_reports_every_store_and_the_online_reference(
 
 
 @pytest.mark.slow  # a store per solver and a mid run each: ~17 s; the refusal itself is in test_online.py
-def test_quick_solver_preset_skips_a_solver_the_teacher_cannot_run(tmp_path):
+def test_quick_solver_preset_runs_heun_on_an_edm_teacher_and_skips_a_solver_it_cannot_run(tmp_path):
     from diffusers import DDPMPipeline, EDMEulerScheduler
 
     from tests.helpers import tiny_unet
@@ -120,15 +120,16 @@ def test_quick_solver_preset_skips_a_solver_the_teacher_cannot_run(tmp_path):
     edm_dir = tmp_path / "edm_teacher"  # an EDM-form teacher (as trainer/pretrain.py schedule=edm exports it)
     scheduler = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction_type="epsilon")
     DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(edm_dir, safe_serialization=True)
-    cfg = tiny_config(tmp_path, edm_dir, "solver", post_method="none")
+    cfg = tiny_config(tmp_path, edm_dir, "solver", post_method="none", solvers=("heun", "ddim", "dpmpp-3m"))
     write_cached_stores(cfg)
     result = run(cfg)
     labels = [row["label"] for row in result["rows"]]
-    assert labels == [f"euler (= DDIM) K={K}", f"heun K={(K + 1) // 2}", f"dpmpp-3m K={K}"]
-    heun = result["rows"][1]
-    assert "solver 'heun' cannot drive a edm schedule" in heun["skipped"] and "cmt_fd" not in heun
-    for row in (result["rows"][0], result["rows"][2]):
+    assert labels == [f"heun K={(K + 1) // 2}", f"ddim K={K}", f"dpmpp-3m K={K}"]
+    ddim = result["rows"][1]
+    assert "solver 'ddim' cannot drive a edm schedule" in ddim["skipped"] and "cmt_fd" not in ddim
+    heun, dpm = result["rows"][0], result["rows"][2]
+    for row in (heun, dpm):
         assert "cmt_fd" in row and "post_fd" not in row
-        assert row["generation_teacher_forwards"] == 16 * K  # equal teacher forwards per trajectory
+    assert dpm["generation_teacher_forwards"] == 16 * K and heun["generation_teacher_forwards"] == 16 * (K - 1)
     markdown = Path(result["files"]["markdown"]).read_text()
-    assert "| heun K=2 | – | – | – | not runnable for this teacher: solver 'heun' cannot drive" in markdown
+    assert f"| ddim K={K} | – | – | – | not runnable for this teacher: solver 'ddim' cannot drive" in markdown

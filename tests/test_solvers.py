@@ -128,6 +128,7 @@ ORDER_CASES = {
     "euler": (DDPMScheduler(beta_start=1e-6), "euler", "logsnr", (16, 32, 64, 128), 1),
     "flow-euler": (DDPMScheduler(beta_start=1e-6), "flow-euler", "logsnr", (16, 32, 64, 128), 1),
     "heun": (DDPMScheduler(beta_start=1e-6), "heun", "karras", (16, 32, 64, 128), 2),
+    "heun-edm": (EDMEulerScheduler(), "heun", "karras", (16, 32, 64, 128), 2),
     "dpmpp-2m": (DDPMScheduler(beta_start=1e-6), "dpmpp-2m", "logsnr", (32, 64, 128), 2),
     "dpmpp-2m-edm": (EDMEulerScheduler(), "dpmpp-2m", "karras", (32, 64, 128), 2),
     "flow-euler-flow": (FlowMatchEulerDiscreteScheduler(), "flow-euler", "scheduler", (16, 32, 64, 128), 1),
@@ -220,13 +221,31 @@ def test_cmt_authors_grid_is_the_authors_levels_and_step_orders_in_closed_form()
         time_grid(teacher, steps, "euler", "cmt-authors")
 
 
+def test_heun_on_an_edm_teacher_is_edm_algorithm_1_in_closed_form():
+    """Heun on an EDM teacher (EDM Algorithm 1 without churn): from σ_max·ε, x' = x + (σ' − σ)·(d + d')/2 with
+    d = (x − D(x, σ))/σ at both ends, and an Euler step into σ = 0; checked with the exact Gaussian denoiser."""
+    teacher = make_oracle_teacher(EDMEulerScheduler(), SHAPE, MU, S)
+    steps = 4
+    trajectory = solve(teacher, [0, 1, 2], steps=steps, solver="heun", grid="karras")
+    levels = trajectory.sigma  # [K+1], α = 1 in the EDM space
+    assert np.array_equal(trajectory.alpha, np.ones(steps + 1)) and levels[0] == pytest.approx(80.0, rel=1e-6)
+    x = prior_noise([0, 1, 2], SHAPE).double() * levels[0]  # [3, *S]
+    assert torch.allclose(trajectory.points[:, 0].double(), x, rtol=1e-6)
+    slope = lambda x, sigma: (x - (MU + S**2 / (S**2 + sigma**2) * (x - MU))) / sigma  # noqa: E731  d = (x − D)/σ
+    for i in range(steps):
+        d = slope(x, levels[i])
+        euler = x + (levels[i + 1] - levels[i]) * d
+        x = euler if levels[i + 1] == 0 else x + (levels[i + 1] - levels[i]) * 0.5 * (d + slope(euler, levels[i + 1]))
+        assert torch.allclose(trajectory.points[:, i + 1].double(), x, rtol=1e-4, atol=1e-5 * float(x.abs().max()))
+
+
 def test_scheduler_grid_of_an_edm_teacher_is_its_own_schedule():
     """grid='scheduler' on an EDM teacher uses its EDMEulerScheduler's Karras levels, installed into each solver."""
     scheduler = EDMEulerScheduler(sigma_min=0.01, sigma_max=40.0)
     teacher = make_oracle_teacher(scheduler, SHAPE, MU, S)
     scheduler.set_timesteps(6)
     own = scheduler.sigmas.double().numpy()  # [7], Karras ρ = 7 from 40 to 0.01, then 0
-    for solver in ("euler", "dpmpp-2m", "flow-euler"):
+    for solver in ("euler", "heun", "dpmpp-2m", "flow-euler"):
         alpha, sigma = time_grid(teacher, 6, solver, "scheduler")
         assert np.allclose(sigma / alpha, own, rtol=1e-6), solver
 
