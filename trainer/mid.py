@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from trainer.config import ConfigError, config_to_dict, load_config, parse_stage_args, save_resolved, stage_help
@@ -58,6 +58,7 @@ from trainer.label_dropout import LabelDropout
 from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.methods.cmt import TransferThenCMT, build_distance, cm_loss, mf_loss
 from trainer.run_dir import RunDir
+from trainer.run_lock import training_lock
 from trainer.student_options import StudentOptions, build_student, plan_transfer
 
 
@@ -197,6 +198,12 @@ def data_report(batches: Any) -> dict[str, Any]:
 def run(cfg: MidConfig) -> MidResult:
     """Mid-train (or resume) the student described by `cfg`; returns the loop result and the initial scores."""
     accelerator = make_accelerator(cfg.loop)  # first: later accelerate state must see the launcher's processes
+    with training_lock(cfg.loop.output_dir, hold=accelerator.is_main_process):  # one process per run directory
+        return _mid_train(cfg, accelerator)
+
+
+def _mid_train(cfg: MidConfig, accelerator: Accelerator) -> MidResult:
+    """`run` with the run directory held."""
     output_dir = Path(cfg.loop.output_dir)
     if accelerator.is_main_process:
         save_resolved(cfg, output_dir)

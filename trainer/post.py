@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from trainer.batches import InMemoryBatches
@@ -60,6 +60,7 @@ from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.methods.ect import ECDConfig, ECTConfig, ECTLoss, LiveECDLoss, StoredECDLoss, ect_sigma_range
 from trainer.methods.meanflow import MeanFlowConfig, MeanFlowLoss, resolve_derivative, tau_max
 from trainer.run_dir import RunDir
+from trainer.run_lock import training_lock
 from trainer.student_init import CMT_PREFIX, check_student_fits, cmt_export_dir, student_from_init
 
 METHODS = ("ect", "ecd", "meanflow")
@@ -333,9 +334,15 @@ def _latent_decoder(cfg: PostConfig, student: Any, teacher: Any, device: torch.d
 
 def run(cfg: PostConfig) -> PostResult:
     """Post-train (or resume) the student described by `cfg`; returns the loop result, initial scores, rank report."""
+    accelerator = make_accelerator(cfg.loop)  # first: later accelerate state must see the launcher's processes
+    with training_lock(cfg.loop.output_dir, hold=accelerator.is_main_process):  # one process per run directory
+        return _post_train(cfg, accelerator)
+
+
+def _post_train(cfg: PostConfig, accelerator: Accelerator) -> PostResult:
+    """`run` with the run directory held."""
     from trainer.evaluation import StudentEvaluator, evaluate_at_init, parameter_hash
 
-    accelerator = make_accelerator(cfg.loop)  # first: later accelerate state must see the launcher's processes
     output_dir = Path(cfg.loop.output_dir)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     images = load_images(cfg)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 
@@ -37,6 +37,7 @@ from trainer.image_datasets import ImageDataset, load_dataset
 from pipeline.png_grid import save_grid
 from trainer.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 from trainer.run_dir import RunDir
+from trainer.run_lock import training_lock
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +261,12 @@ def export_pipeline(
 def run(cfg: PretrainConfig) -> LoopResult:
     """Train (or resume) the stage-1 teacher described by `cfg`; returns the loop's result (export dir, metrics)."""
     accelerator = make_accelerator(cfg.loop)
+    with training_lock(cfg.loop.output_dir, hold=accelerator.is_main_process):  # one process per run directory
+        return _pretrain(cfg, accelerator)
+
+
+def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> LoopResult:
+    """`run` with the run directory held."""
     output_dir = Path(cfg.loop.output_dir)
     if accelerator.is_main_process:
         save_resolved(cfg, output_dir)
