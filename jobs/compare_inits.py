@@ -46,10 +46,10 @@ and logs/ (one log per subprocess).
 Every stage runs as its own subprocess (`trainer/mid.py`, `trainer/post.py`; accelerate's state is per process);
 `--launcher inprocess` runs them in this process instead (what the smoke test does, to skip interpreter start-up).
 `--quick` (1 seed, tens of steps, 200 FD samples, ECT and MeanFlow) takes ~3 min on the shared 2-core machine.
-The default preset (ECT, MeanFlow and ECD, 3 seeds: 27 post-training runs, 1 torch thread each) ran as
-`--methods ect` / `--methods ecd` / `--methods meanflow` invocations two at a time on the 2-core machine in about
-65 min of wall clock (2026-11-22; results and the settings tried are in README.md, "Studies"); one invocation
-running them one after another: ~1.5 h (the sum of the three invocations' wall times, an estimate).
+The default preset's cost on the 2-core machine, 1 torch thread per run (2026-11-29, one seed: README.md, "Studies"):
+each method's invocation took ~45 min of wall clock (`--methods ect` then `--methods ecd` on one core, `--methods
+meanflow` on the other; ECD reuses the CM mid-training run). Every baseline gets the CMT pipeline's ~15 minutes, so
+each further seed costs about 2 core-hours.
 """
 
 from __future__ import annotations
