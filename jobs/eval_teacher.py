@@ -1,8 +1,12 @@
 """FD of a teacher's samples at several solver step counts, beside the real-vs-real floor; prints JSON.
 
     python jobs/eval_teacher.py --teacher runs/digits/pretrain/export --dataset digits --steps 4 8 16
+    python jobs/eval_teacher.py --teacher runs/digits/pretrain/export --steps 16 --student-draws 6
 
-Every row uses the same prior noise (seeds 0..num-1) and the same number of samples, so rows compare.
+Every row uses the same prior noise (seeds 0..num-1) and the same number of samples, so rows compare. With
+--student-draws N the rows are instead scored on the noise the students are scored on: draw 0 is the training runs'
+own evaluation draw (trainer.evaluation.EVAL_SEED), draws 1..N-1 the fresh re-draws of
+jobs.study_conditioning.fd_redraws, so a student's FD and the teacher's can be compared draw by draw.
 """
 
 from __future__ import annotations
@@ -16,31 +20,45 @@ from pathlib import Path
 
 import torch
 
+from jobs.study_conditioning import REDRAW_SEED_STRIDE
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
 from pipeline.png_grid import save_grid
+from trainer.evaluation import EVAL_SEED
 from trainer.metrics import FDMetric, get_classifier, real_vs_real_floor
+
+
+def draw_seeds(draw: int | None, num: int) -> list[int]:
+    """Prior-noise seeds: 0..num-1 (draw None), or the students' evaluation draw `draw` (0: the runs' own)."""
+    if draw is None:
+        return list(range(num))
+    first = EVAL_SEED + draw * REDRAW_SEED_STRIDE
+    return list(range(first, first + num))
 
 
 def teacher_fd(
     teacher_dir: str, dataset: str, steps: Sequence[int], *, num: int, solver: str, grid: str, batch: int,
-    grid_dir: Path | None = None,
+    grid_dir: Path | None = None, student_draws: int = 0,
 ) -> dict:
-    """FD-<dataset> of `num` teacher samples per step count, with the floor and the classifier's accuracy."""
+    """FD-<dataset> of `num` teacher samples per step count (per student draw), with the floor and the classifier's
+    accuracy."""
     teacher = load_teacher(teacher_dir)
     metric = FDMetric(dataset)
     _, info = get_classifier(dataset)
     rows = []
     for k in steps:
-        started = time.perf_counter()
-        with torch.no_grad():
-            samples = torch.cat([
-                teacher.decode(solve(teacher, list(range(lo, min(lo + batch, num))), steps=k, solver=solver, grid=grid).points[:, -1])
-                for lo in range(0, num, batch)
-            ])  # [num, C, H, W]
-        rows.append({"steps": k, "fd": metric(samples), "seconds": time.perf_counter() - started})
-        if grid_dir is not None:
-            save_grid(samples[:64].clamp(-1, 1), grid_dir / f"teacher_{solver}_{k}steps.png")
+        for draw in range(student_draws) if student_draws else [None]:
+            seeds = draw_seeds(draw, num)
+            started = time.perf_counter()
+            with torch.no_grad():
+                samples = torch.cat([
+                    teacher.decode(solve(teacher, seeds[lo:lo + batch], steps=k, solver=solver, grid=grid).points[:, -1])
+                    for lo in range(0, num, batch)
+                ])  # [num, C, H, W]
+            rows.append({"steps": k, **({} if draw is None else {"draw": draw}), "fd": metric(samples),
+                         "seconds": time.perf_counter() - started})
+            if grid_dir is not None and draw in (None, 0):
+                save_grid(samples[:64].clamp(-1, 1), grid_dir / f"teacher_{solver}_{k}steps.png")
     return {
         "teacher": teacher_dir,
         "metric": metric.name,
@@ -64,9 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid", default="logsnr")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--grid-dir", type=Path, default=None, help="write a PNG grid per step count here")
+    parser.add_argument("--student-draws", type=int, default=0, metavar="N",
+                        help="score on the students' evaluation draws 0..N-1 instead of seeds 0..num-1")
     args = parser.parse_args(argv)
+    if args.student_draws < 0:
+        parser.error(f"--student-draws {args.student_draws}: pass 0 (seeds 0..num-1) or a number of draws >= 1")
     result = teacher_fd(args.teacher, args.dataset, args.steps, num=args.num, solver=args.solver, grid=args.grid,
-                        batch=args.batch, grid_dir=args.grid_dir)
+                        batch=args.batch, grid_dir=args.grid_dir, student_draws=args.student_draws)
     print(json.dumps(result, indent=2))
     return 0
 
