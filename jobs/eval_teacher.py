@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from jobs.study_conditioning import REDRAW_SEED_STRIDE
+from jobs.study_conditioning import redraw_eval_seed
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
 from pipeline.png_grid import save_grid
-from trainer.evaluation import EVAL_SEED
 from trainer.metrics import FDMetric, get_classifier, real_vs_real_floor
 
 
@@ -32,7 +31,7 @@ def draw_seeds(draw: int | None, num: int) -> list[int]:
     """Prior-noise seeds: 0..num-1 (draw None), or the students' evaluation draw `draw` (0: the runs' own)."""
     if draw is None:
         return list(range(num))
-    first = EVAL_SEED + draw * REDRAW_SEED_STRIDE
+    first = redraw_eval_seed(draw)
     return list(range(first, first + num))
 
 

@@ -65,6 +65,13 @@ VARIANTS = {
 REDRAW_SEED_STRIDE = 100_003  # re-draw k's evaluation noise seeds start at EVAL_SEED + k·stride (the runs use k = 0)
 
 
+def redraw_eval_seed(draw: int) -> int:
+    """The first evaluation-noise seed of re-draw `draw` (0: the training runs' own draw, trainer.evaluation.EVAL_SEED)."""
+    from trainer.evaluation import EVAL_SEED
+
+    return EVAL_SEED + draw * REDRAW_SEED_STRIDE
+
+
 @dataclass(frozen=True)
 class Cell:
     """One mid-training run: teacher, variant, form, seed and its trainer/mid.py overrides."""
@@ -157,7 +164,7 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
     """FD-digits of the export's 1- and 2-step samples on `redraws` fresh draws of the evaluation noise."""
     from trainer.config import load_config
     from trainer.metrics import FDMetric
-    from trainer.evaluation import EVAL_SEED, eval_seeds
+    from trainer.evaluation import eval_seeds
     from trainer.mid import MidConfig
     from trainer.sample import draw_samples
     from trainer.student import FlowMapStudent
@@ -169,7 +176,7 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, li
     metric = FDMetric("digits")
     scores: dict[str, list[float]] = {"fd_1step": [], "fd_2step": []}
     for k in range(1, redraws + 1):
-        cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={EVAL_SEED + k * REDRAW_SEED_STRIDE}",
+        cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={redraw_eval_seed(k)}",
                                                   f"num_eval_samples={num_samples}"])
         for steps in (1, 2):
             samples = draw_samples(student, eval_seeds(cfg), steps, intermediate=cfg.eval_intermediate)
