@@ -22,11 +22,13 @@ Compute accounting (wall-clock seconds on this machine):
   only; evaluations, checkpoints and process start-up excluded), for mid- and post-training alike.
 - Amortised: the store reused by N experiments (--amortise-over) charges G/N per CMT run.
 - Equal compute by steps: the CMT post-training runs go first (`cmt_post_steps` per method). A line
-  train_seconds = overhead + steps / rate fitted to their evaluation points (all seeds; the overhead is the slower
+  train_seconds = overhead + steps / rate fitted to their evaluation points (all its seeds; the overhead is the slower
   first steps) converts each baseline's budget, mean CMT charged total minus the baseline's own pre-cost, into a
   step count. Baseline and CMT steps cost the same (same network, loss and batch), so both get the same
   wall clock; the curves and tables use the seconds each run actually logged, and each cell's `charged_over_cmt`
-  reports the achieved ratio to the CMT pipeline's charged total.
+  reports the achieved ratio to the CMT pipeline's charged total. The fit is made once per method, by the invocation
+  that first runs it, and kept in <out>/baseline_budgets.json (`jobs/compare_budget.py`): seeds added later (`--seeds
+  1 2` after `--seeds 0`) train only their own runs, and baselines of every seed train for the same step count.
 
 Per-run settings. Built in: ECT from `teacher`/`random` uses ECT's doubling Δt schedule (q = 2 → 4096 over the
 run; after CMT q stays fixed at 4096); `random` inits use EMA warm-up (pretrained inits keep it off).
@@ -66,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from jobs.compare_accounting import Charges, compute_fractions, mean_std, step_time_fit, summarise_cell
+from jobs.compare_budget import BUDGET_RECORD, budget_key, record_budget, recorded_budget
 from jobs.compare_config import (
     INITS,
     METHOD_FORMS,
@@ -122,19 +125,32 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
                                runs_dir=runs_dir)
     charges = dataclasses.replace(charges, baselines_read_store=reads_store(baseline_probe))  # e.g. ecd:data=store
     cmt_seconds = [run_["train_seconds"][-1] for run_ in cmt_runs]
-    rate, startup = step_time_fit(cmt_runs)
     cmt_total = charges.before_post("cmt", mid["seconds"]) + float(np.mean(cmt_seconds))
-    budget = cmt_total - charges.before_post("teacher", mid["seconds"])
-    equal_steps = max(1, round((budget - startup) * rate))
+    seed0_name = post_plan(cfg, method, "cmt", 0, steps, store_url=store_url, cmt_export=Path(mid["export"]),
+                           runs_dir=runs_dir).name
+    key = budget_key(method, seed0_name, charges.generation, charges.baselines_read_store)
+    fit = recorded_budget(Path(cfg.out), key)
+    if fit is None:
+        rate, startup = step_time_fit(cmt_runs)
+        budget = cmt_total - charges.before_post("teacher", mid["seconds"])
+        fit = record_budget(Path(cfg.out), key, {
+            "baseline_budget_seconds": budget, "steps_per_second": rate, "startup_seconds": startup,
+            "baseline_steps_for_equal_compute": max(1, round((budget - startup) * rate)),
+            "fitted_on_seeds": list(cfg.seeds)})
+    else:
+        print(f"[compare_inits] {method}: baselines keep the {fit['baseline_steps_for_equal_compute']} steps fitted "
+              f"on seeds {fit['fitted_on_seeds']} ({BUDGET_RECORD}; delete it to fit again)", flush=True)
+    equal_steps = fit["baseline_steps_for_equal_compute"]
     baseline_steps = min(equal_steps, cfg.max_baseline_steps or equal_steps)
     accounting = {
         "form": METHOD_FORMS[method], "mid_seconds": mid["seconds"], "cmt_post_steps": steps,
         "baselines_charged_for_generation": charges.baselines_read_store,
-        "cmt_post_seconds": mean_std(cmt_seconds), "steps_per_second": rate, "startup_seconds": startup,
-        "cmt_charged_seconds": cmt_total,
+        "cmt_post_seconds": mean_std(cmt_seconds), "steps_per_second": fit["steps_per_second"],
+        "startup_seconds": fit["startup_seconds"], "cmt_charged_seconds": cmt_total,
         "cmt_charged_seconds_amortised": (charges.before_post("cmt", mid["seconds"], amortised=True)
                                           + float(np.mean(cmt_seconds))),
-        "baseline_budget_seconds": budget, "baseline_steps": baseline_steps,
+        "baseline_budget_seconds": fit["baseline_budget_seconds"], "baseline_budget_fitted_on_seeds":
+            fit["fitted_on_seeds"], "baseline_steps": baseline_steps,
         "baseline_steps_for_equal_compute": equal_steps, "capped_by_max_baseline_steps": baseline_steps < equal_steps,
     }
     wanted = set(cfg.only) or {f"{method}/{init}" for init in cfg.inits}
@@ -192,7 +208,8 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
             "baselines_charged_for_generation": charges.baselines_read_store, "mid": mid, "methods": accounting,
             "equal_compute_by": "steps: each baseline's wall-clock budget (mean CMT charged seconds minus the "
                                 "baseline's own pre-cost) converted with train_seconds = overhead + steps / rate, "
-                                "fitted to the same method's CMT post-training runs in this invocation",
+                                "fitted to the same method's CMT post-training runs by the invocation that first "
+                                f"ran the method ({BUDGET_RECORD}: seeds added later keep that step count)",
             "train_seconds": "trainer/loop.py train_seconds: optimizer steps only (evaluations, checkpoints and "
                              "process start-up excluded), for mid- and post-training alike",
         },

@@ -12,6 +12,7 @@ import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from jobs.compare_accounting import first_crossing
+from jobs.compare_budget import BUDGET_RECORD, budget_key, record_budget, recorded_budget
 from jobs.compare_config import QUICK, CompareError, parse_scoped_override
 from jobs.compare_inits import main, run
 from jobs.compare_report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, SETTINGS_LOG
@@ -152,6 +153,40 @@ def test_a_rerun_reuses_every_stage_and_logs_nothing_twice(tiny_comparison):
     assert again["accounting"]["generation_seconds"] == result["accounting"]["generation_seconds"]  # recorded
     assert again["cells"] == result["cells"]
     assert len((out / SETTINGS_LOG).read_text().splitlines()) == len(METHODS) * len(INITS) * len(SEEDS)
+
+
+@pytest.mark.slow
+def test_a_seed_added_later_trains_only_its_own_runs_and_keeps_the_baselines_step_count(tiny_comparison, tmp_path):
+    base, _, _ = tiny_comparison  # its teacher and store; ECT alone, one seed first
+    cfg = dataclasses.replace(base, out=str(tmp_path / "out"), methods=("ect",), seeds=(0,))
+    first = run(cfg)
+    runs = tmp_path / "out" / "runs"
+    finished = {path.parent.name: path.read_text() for path in runs.glob("*/metrics.jsonl")}
+    again = run(dataclasses.replace(cfg, seeds=(0, 1)))
+    after = {path.parent.name: path.read_text() for path in runs.glob("*/metrics.jsonl")}
+    assert {name: after[name] for name in finished} == finished  # no finished run trained again or renamed
+    added = sorted(set(after) - set(finished))
+    assert len(added) == len(INITS) and all("-s1-" in name for name in added)
+    assert again["accounting"]["methods"]["ect"]["baseline_steps"] == first["accounting"]["methods"]["ect"][
+        "baseline_steps"]
+    assert again["accounting"]["methods"]["ect"]["baseline_budget_fitted_on_seeds"] == [0]
+    steps = {cell["init"]: cell["post_steps"] for cell in first["cells"]}
+    assert all(cell["post_steps"] == steps[cell["init"]] for cell in again["cells"])
+    assert all(cell["final_fd"]["1step"]["n"] == 2 for cell in again["cells"])
+
+
+def test_a_baseline_budget_is_recorded_under_a_key_of_everything_it_depends_on_but_the_seeds(tmp_path):
+    key = budget_key("ect", "ect-cmt-s0-0123abcd", 84.5, False)
+    assert recorded_budget(tmp_path, key) is None
+    kept = record_budget(tmp_path, key, {"baseline_steps_for_equal_compute": 1127, "fitted_on_seeds": [0]})
+    assert recorded_budget(tmp_path, key) == kept and kept["baseline_steps_for_equal_compute"] == 1127
+    assert json.loads((tmp_path / BUDGET_RECORD).read_text()) == {key: kept}
+    others = {budget_key("meanflow", "ect-cmt-s0-0123abcd", 84.5, False),
+              budget_key("ect", "ect-cmt-s0-fedc3210", 84.5, False),
+              budget_key("ect", "ect-cmt-s0-0123abcd", 90.0, False),
+              budget_key("ect", "ect-cmt-s0-0123abcd", 84.5, True)}
+    assert key not in others and len(others) == 4
+    assert all(recorded_budget(tmp_path, other) is None for other in others)
 
 
 def test_dry_run_applies_scoped_overrides_to_their_cells_only(tmp_path, capsys):
