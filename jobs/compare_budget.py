@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.study_runs import short_hash
+from pipeline.paths import write_text
 
 BUDGET_RECORD = "baseline_budgets.json"
 
@@ -37,5 +38,5 @@ def record_budget(out: Path, key: str, budget: dict[str, Any]) -> dict[str, Any]
     records = json.loads(path.read_text()) if path.exists() else {}
     records[key] = {**budget, "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=2))
+    write_text(str(path), json.dumps(records, indent=2))  # whole: a parallel invocation may read it now
     return records[key]

@@ -98,6 +98,7 @@ from jobs.study_runs import (
     reads_store,
 )
 from jobs.study_store import generation_command, generation_cost
+from pipeline.paths import write_text
 from trainer.run_dir import RunDir
 
 def run_mid_stages(cfg: CompareConfig, store_url: str, runs_dir: Path, log_dir: Path) -> dict[str, dict[str, Any]]:
@@ -221,7 +222,7 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     append_settings_log(out / SETTINGS_LOG, settings_rows)
     result["settings_tried"] = settings_tried(out / SETTINGS_LOG)
     result["files"] = write_outputs(result, out)
-    (out / JSON_NAME).write_text(json.dumps(json_ready(result), indent=2))
+    write_text(str(out / JSON_NAME), json.dumps(json_ready(result), indent=2))
     return json_ready(result)
 
 

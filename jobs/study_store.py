@@ -13,6 +13,7 @@ import numpy as np
 
 from jobs.compare_config import CompareConfig, CompareError
 from jobs.launcher import StageFailed, generation_summary, run_stage
+from pipeline.paths import write_text
 
 GENERATION_RECORD = "generation.json"
 
@@ -102,5 +103,5 @@ def generation_cost(cfg: CompareConfig, out: Path) -> dict[str, Any]:
     entry = {**entry, "url": made["url"], "recorded_at": entry.get("recorded_at", time.strftime("%Y-%m-%d %H:%M:%S"))}
     records[made["url"]] = entry
     out.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(records, indent=2))
+    write_text(str(record_path), json.dumps(records, indent=2))  # whole: a parallel invocation may read it now
     return entry
