@@ -52,6 +52,26 @@ def summarise_cell(runs: Sequence[dict[str, Any]], pre_seconds: float, pre_secon
             "post_train_seconds": mean_std(x[:, -1]), "post_steps": int(runs[0]["steps"][length - 1])}
 
 
+def with_mid_curve(summary: dict[str, Any], mid_points: Sequence[dict[str, Any]], pre_seconds: float,
+                   pre_seconds_amortised: float) -> dict[str, Any]:
+    """A CMT cell's summary with mid-training's own evaluations put first on its curve, at charged seconds
+    `pre_seconds` (generation) + the mid run's train_seconds: (step, FD) of each evaluation before mid-training's
+    last step (that state is the post-training runs' init point). One mid run serves every seed, so their std is 0."""
+    curve = summary["curve"]
+    mid_seconds = [point["train_seconds"] for point in mid_points]
+    merged = {
+        "stage": ["mid"] * len(mid_points) + ["post"] * len(curve["steps"]),
+        "steps": [point["step"] for point in mid_points] + curve["steps"],
+        "charged_seconds": [pre_seconds + seconds for seconds in mid_seconds] + curve["charged_seconds"],
+        "charged_seconds_amortised": ([pre_seconds_amortised + seconds for seconds in mid_seconds]
+                                      + curve["charged_seconds_amortised"]),
+    }
+    for steps in STEP_COUNTS:
+        merged[f"fd_{steps}step_mean"] = [point[f"fd_{steps}step"] for point in mid_points] + curve[f"fd_{steps}step_mean"]
+        merged[f"fd_{steps}step_std"] = [0.0] * len(mid_points) + curve[f"fd_{steps}step_std"]
+    return {**summary, "curve": merged}
+
+
 @dataclass(frozen=True)
 class Charges:
     """Seconds charged before a run's own post-training: CMT runs (G + mid) and baselines (G if they read the store)."""

@@ -60,6 +60,9 @@ class CompareConfig:
     cmt_post_steps: tuple[tuple[str, int], ...] = (("ect", 400), ("ecd", 400), ("meanflow", 200))
     max_baseline_steps: int | None = None  # safety cap on a baseline's step count (the shortfall is reported)
     evals_per_run: int = 5  # FD evaluations along each post-training run (plus the init's)
+    # FD evaluations along each mid-training run (the last step's included): the CMT curve starts with them, so the
+    # compute fractions find where mid-training alone already reaches a baseline. 0: the end only (an upper bound).
+    mid_evals: int = 4
     num_eval_samples: int = 1000
     fd_dataset: str = "digits"
     amortise_over: int = 10  # N experiments sharing the store: the amortised figures charge G/N
@@ -99,6 +102,8 @@ class CompareConfig:
         for method in self.methods:
             if self.post_steps(method) < 1:
                 raise CompareError(f"cmt_post_steps {method}={self.post_steps(method)}: pass a value >= 1")
+        if self.mid_evals < 0:
+            raise CompareError(f"mid_evals={self.mid_evals}: pass 0 (the end of mid-training only) or more")
         if self.max_baseline_steps is not None and self.max_baseline_steps < 1:
             raise CompareError(f"max_baseline_steps={self.max_baseline_steps}: pass >= 1 or leave it unset")
         if self.launcher not in ("subprocess", "inprocess"):
@@ -129,6 +134,7 @@ QUICK = CompareConfig(
     cmt_post_steps=(("ect", 20), ("ecd", 20), ("meanflow", 6)),
     max_baseline_steps=400,
     evals_per_run=2,
+    mid_evals=2,
     num_eval_samples=200,
 )
 

@@ -2,7 +2,7 @@
 
     python jobs/compare_inits.py [--quick] [--out DIR] [--teacher DIR] [--store URL] [--seeds 0 1 2]
         [--methods ect meanflow] [--inits cmt teacher random] [--set SCOPE:key=value ...] [--only METHOD/INIT ...]
-        [--amortise-over N] [--dry-run]
+        [--amortise-over N] [--mid-evals N] [--dry-run]
 
 Runs, for every method (ECT, ECD, MeanFlow) and every seed, post-training (`trainer/post.py`) from
 three initialisations: `cmt` (the mid-training export of `trainer/mid.py`: CM form for ECT/ECD, MF form for
@@ -20,6 +20,10 @@ Compute accounting (wall-clock seconds on this machine):
   with the same teacher, now, and scaling to the store's size. The figure is kept in <out>/generation.json and
   reused by later invocations. Training seconds are the loop's `train_seconds` (trainer/loop.py: optimizer steps
   only; evaluations, checkpoints and process start-up excluded), for mid- and post-training alike.
+- The CMT curve starts with mid-training's own FD evaluations (--mid-evals along the run), at G + the mid run's
+  train_seconds, then continues with post-training's; so a fraction finds where mid-training alone already reaches
+  a baseline. Mid runs are named without their evaluation cadence (evaluations do not change what is trained), so
+  a mid run made with another cadence is reused, with the curve it has.
 - Amortised: the store reused by N experiments (--amortise-over) charges G/N per CMT run.
 - Equal compute by steps: the CMT post-training runs go first (`cmt_post_steps` per method). A line
   train_seconds = overhead + steps / rate fitted to their evaluation points (all its seeds; the overhead is the slower
@@ -67,7 +71,14 @@ from typing import Any
 
 import numpy as np
 
-from jobs.compare_accounting import Charges, compute_fractions, mean_std, step_time_fit, summarise_cell
+from jobs.compare_accounting import (
+    Charges,
+    compute_fractions,
+    mean_std,
+    step_time_fit,
+    summarise_cell,
+    with_mid_curve,
+)
 from jobs.compare_budget import BUDGET_RECORD, budget_key, record_budget, recorded_budget
 from jobs.compare_config import (
     INITS,
@@ -104,6 +115,7 @@ from trainer.run_dir import RunDir
 def run_mid_stages(cfg: CompareConfig, store_url: str, runs_dir: Path, log_dir: Path) -> dict[str, dict[str, Any]]:
     """Mid-train once per form the methods need (cm: ECT/ECD, mf: MeanFlow); {form: run, export, seconds, ...}."""
     mid: dict[str, dict[str, Any]] = {}
+    fd_keys = [f"fd_{steps}step" for steps in STEP_COUNTS]
     for form in sorted({METHOD_FORMS[method] for method in cfg.methods}):
         plan = mid_plan(cfg, form, store_url, runs_dir)
         run_dir = execute(cfg, plan, runs_dir, log_dir)
@@ -111,7 +123,9 @@ def run_mid_stages(cfg: CompareConfig, store_url: str, runs_dir: Path, log_dir: 
         mid[form] = {"run": plan.name, "export": str(RunDir(run_dir).export), "steps": cfg.mid_steps,
                      "seconds": final_train_seconds(run_dir), "overrides": list(plan.user_overrides),
                      "fd_at_end": ({f"{steps}step": final[-1][f"fd_{steps}step"] for steps in STEP_COUNTS}
-                                   if final else None)}
+                                   if final else None),
+                     "curve": [{key: record[key] for key in ("step", "train_seconds", *fd_keys)}
+                               for record in final if record["step"] < cfg.mid_steps]}
     return mid
 
 
@@ -169,6 +183,8 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
                       "overrides": list(plans[0].user_overrides),
                       "builtin_overrides": list(plans[0].builtin_overrides), **summary})
         settings_rows += [settings_row(plan, run_) for run_, plan in zip(runs, plans)]
+    cells[0] = with_mid_curve(cells[0], mid["curve"], charges.before_post("cmt", 0.0),
+                              charges.before_post("cmt", 0.0, amortised=True))
     for cell in cells:
         cell["cmt_student_fd"] = cells[0]["init_fd"]  # the mid-trained student, before post-training
         cell["improved"] = {f"{s}step": cell["final_fd"][s]["mean"] < cell["init_fd"][s]["mean"] for s in STEP_COUNTS}
@@ -278,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cmt-post-steps", nargs="+", metavar="METHOD=STEPS")
     parser.add_argument("--max-baseline-steps", type=int)
     parser.add_argument("--evals-per-run", type=int)
+    parser.add_argument("--mid-evals", type=int, help="FD evaluations along each mid-training run (default 4; 0: end)")
     parser.add_argument("--num-eval-samples", type=int)
     parser.add_argument("--post-data", help="dataset:<name> (default dataset:digits) or store (the store's endpoints)")
     parser.add_argument("--mid-preset")
@@ -298,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache_root": args.cache_root, "methods": tuple(args.methods) if args.methods else None,
         "inits": tuple(args.inits) if args.inits else None, "seeds": tuple(args.seeds) if args.seeds else None,
         "mid_steps": args.mid_steps, "max_baseline_steps": args.max_baseline_steps,
-        "evals_per_run": args.evals_per_run, "num_eval_samples": args.num_eval_samples, "post_data": args.post_data,
+        "evals_per_run": args.evals_per_run, "mid_evals": args.mid_evals, "num_eval_samples": args.num_eval_samples, "post_data": args.post_data,
         "mid_preset": args.mid_preset, "post_preset": args.post_preset, "amortise_over": args.amortise_over,
         "threads": args.threads, "launcher": args.launcher,
     }

@@ -128,8 +128,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         "## Compute the CMT pipeline needs to reach each baseline's final FD",
         "",
-        ("Fraction = CMT charged seconds at which its mean curve first reaches the baseline's final mean FD (linear "
-         f"interpolation between evaluations) / the baseline's charged seconds. Amortised: generation / {n}."),
+        ("Fraction = CMT charged seconds at which its mean curve (mid-training's own evaluations, then "
+         "post-training's) first reaches the baseline's final mean FD (linear interpolation between evaluations) / "
+         f"the baseline's charged seconds. Amortised: generation / {n}."
+         + ("" if all(mid.get("curve") for mid in acct["mid"].values()) else
+            " Mid-training was evaluated only at its end here, so each fraction is an upper bound.")),
         "",
         ("| method | baseline | steps | baseline final FD | baseline s | CMT s to reach | fraction "
          f"| fraction (amortised, N={n}) |"),

@@ -17,6 +17,7 @@ from jobs.compare_config import QUICK, CompareError, parse_scoped_override
 from jobs.compare_inits import main, run
 from jobs.compare_report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, SETTINGS_LOG
 from pipeline.teacher import load_teacher
+from trainer.run_dir import RunDir
 from tests.helpers import tiny_unet, write_solved_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_quick_run_writes_table_json_plot_and_settings_log_with_every_cell(tiny_
 
 @pytest.mark.slow
 def test_cmt_runs_are_charged_generation_and_mid_training_and_baselines_get_that_much_more(tiny_comparison):
-    _, result, out = tiny_comparison
+    cfg, result, out = tiny_comparison
     accounting = result["accounting"]
     generation = accounting["generation_seconds"]
     assert generation > 0 and "estimated" in accounting["generation_source"]  # --store: re-timed now
@@ -103,9 +104,20 @@ def test_cmt_runs_are_charged_generation_and_mid_training_and_baselines_get_that
         post_seconds = [final_train_seconds(out / "runs" / name) for name in cell["runs"]]
         curve = cell["curve"]
         if cell["init"] == "cmt":
-            # The CMT curve starts after generation + mid-training; its last point adds the post-training time.
-            assert curve["charged_seconds"][0] == pytest.approx(generation + mid_seconds)
-            assert curve["charged_seconds_amortised"][0] == pytest.approx(generation / 4 + mid_seconds)
+            # The CMT curve starts with mid-training's own evaluations (before its last step), at generation + the
+            # mid run's train_seconds; post-training starts after generation + all of mid-training.
+            evaluated = [record for record in RunDir(mid_dir).read_evaluations() if record["step"] < cfg.mid_steps]
+            assert [record["step"] for record in evaluated] == [3]  # QUICK's mid_evals=2 of mid_steps=6
+            first_post = curve["stage"].index("post")
+            assert curve["stage"][:first_post] == ["mid"] * len(evaluated)
+            for index, record in enumerate(evaluated):
+                assert curve["steps"][index] == record["step"]
+                assert curve["charged_seconds"][index] == pytest.approx(generation + record["train_seconds"])
+                assert curve["charged_seconds_amortised"][index] == pytest.approx(generation / 4
+                                                                                  + record["train_seconds"])
+                assert curve["fd_1step_mean"][index] == record["fd_1step"] and curve["fd_1step_std"][index] == 0
+            assert curve["charged_seconds"][first_post] == pytest.approx(generation + mid_seconds)
+            assert curve["charged_seconds_amortised"][first_post] == pytest.approx(generation / 4 + mid_seconds)
             assert cell["charged_seconds"]["mean"] == pytest.approx(generation + mid_seconds + sum(post_seconds) / 2)
             assert cell["post_steps"] == 4
             # Steps/s and the first-steps overhead: a line through every evaluation point of the CMT runs.
@@ -140,7 +152,7 @@ def test_fractions_interpolate_the_cmt_curve_against_each_baseline_final_fd(tiny
         if expected is None:
             assert row["fraction"] is None
         else:
-            assert expected >= cmt["curve"]["charged_seconds"][0]  # never before generation + mid are paid
+            assert expected >= cmt["curve"]["charged_seconds"][0]  # never before generation is paid
             assert row["fraction"] == pytest.approx(expected / baseline["charged_seconds"]["mean"])
 
 
@@ -262,3 +274,20 @@ def test_run_names_do_not_depend_on_where_the_project_is_checked_out(tmp_path, m
                                                                       "mid.yaml"))}
     assert len(names) == 1
     assert mid_plan(CompareConfig(teacher="/t", mid_preset=str(outside)), "cm", "/s.zarr", tmp_path).name not in names
+
+
+def test_a_mid_run_is_evaluated_along_the_way_and_named_without_its_evaluation_cadence(tmp_path):
+    """mid_evals sets the mid run's eval_every_steps but not its name: evaluations do not change what is trained
+    (tests/test_mid.py), so runs made with another cadence are found again."""
+    from jobs.compare_config import CompareConfig
+    from jobs.study_runs import mid_plan
+
+    plans = {evals: mid_plan(CompareConfig(teacher="/t", mid_evals=evals), "cm", "/s.zarr", tmp_path)
+             for evals in (0, 4, 3)}
+    assert len({plan.name for plan in plans.values()}) == 1
+    cadence = {evals: [text for text in plan.overrides if text.startswith("loop.eval_every_steps=")]
+               for evals, plan in plans.items()}
+    assert cadence == {0: ["loop.eval_every_steps=0"], 4: ["loop.eval_every_steps=200"],
+                       3: ["loop.eval_every_steps=267"]}  # mid_steps=800
+    with pytest.raises(CompareError, match="mid_evals=-1"):
+        CompareConfig(teacher="/t", mid_evals=-1).validate()

@@ -119,6 +119,26 @@ def test_smoke_checkpoint_sigkill_resume_bitwise_and_export(tiny, tmp_path):
     assert not torch.equal(exported[0]["conv_in.weight"], initial["conv_in.weight"])  # training moved the weights
 
 
+def test_evaluations_do_not_change_what_is_trained(tiny, tmp_path):
+    """Evaluating (samples, FD) on its own RNG leaves the training streams alone, so the evaluation cadence is not
+    part of a study run's identity (jobs/study_runs.py names mid runs without it)."""
+    runs = {}
+    for every in (0, 2):
+        output_dir = tmp_path / f"every_{every}"
+        runs[every] = output_dir
+        run(load_config(MidConfig, TINY_PRESET, tiny_args(
+            tiny, output_dir, "loop.total_steps=6", f"loop.eval_every_steps={every}", "compute_fd=true",
+            "fd_dataset=digits")[2:]))
+    evaluations = {every: RunDir(runs[every]).read_evaluations() for every in (0, 2)}
+    assert [record["step"] for record in evaluations[2]] == [2, 4, 6]
+    assert [record["step"] for record in evaluations[0]] == [6]  # the last step is always evaluated
+    assert evaluations[2][-1]["fd_1step"] == evaluations[0][-1]["fd_1step"]
+    assert logged_losses(runs[2]) == logged_losses(runs[0])  # floats compared exactly
+    exported = [FlowMapStudent.from_pretrained(runs[every] / "export").net.state_dict() for every in (0, 2)]
+    for name, tensor in exported[0].items():
+        assert torch.equal(tensor, exported[1][name]), name
+
+
 def test_two_real_processes_read_disjoint_shards_and_keep_identical_parameters(tiny, tmp_path):
     output_dir = tmp_path / "ddp"
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
