@@ -67,7 +67,8 @@ def with_mid_curve(summary: dict[str, Any], mid_points: Sequence[dict[str, Any]]
                                       + curve["charged_seconds_amortised"]),
     }
     for steps in STEP_COUNTS:
-        merged[f"fd_{steps}step_mean"] = [point[f"fd_{steps}step"] for point in mid_points] + curve[f"fd_{steps}step_mean"]
+        mid_fd = [point[f"fd_{steps}step"] for point in mid_points]
+        merged[f"fd_{steps}step_mean"] = mid_fd + curve[f"fd_{steps}step_mean"]
         merged[f"fd_{steps}step_std"] = [0.0] * len(mid_points) + curve[f"fd_{steps}step_std"]
     return {**summary, "curve": merged}
 
@@ -118,6 +119,8 @@ def compute_fractions(cells: Sequence[dict[str, Any]], amortise_over: int) -> li
                     "method": cmt["method"], "baseline": baseline["init"], "steps": steps,
                     "baseline_final_fd": target, "baseline_charged_seconds": baseline_seconds,
                     "cmt_seconds_to_reach": reach, "fraction": None if reach is None else reach / baseline_seconds,
+                    # reached at the curve's first evaluation: it may have been reached earlier (an upper bound)
+                    "reached_at_first_evaluation": reach is not None and reach == curve["charged_seconds"][0],
                     "cmt_seconds_to_reach_amortised": reach_amortised,
                     "fraction_amortised": None if reach_amortised is None else reach_amortised / baseline_amortised,
                     "amortise_over": amortise_over,

@@ -26,13 +26,14 @@ Compute accounting (wall-clock seconds on this machine):
   a mid run made with another cadence is reused, with the curve it has.
 - Amortised: the store reused by N experiments (--amortise-over) charges G/N per CMT run.
 - Equal compute by steps: the CMT post-training runs go first (`cmt_post_steps` per method). A line
-  train_seconds = overhead + steps / rate fitted to their evaluation points (all its seeds; the overhead is the slower
-  first steps) converts each baseline's budget, mean CMT charged total minus the baseline's own pre-cost, into a
-  step count. Baseline and CMT steps cost the same (same network, loss and batch), so both get the same
-  wall clock; the curves and tables use the seconds each run actually logged, and each cell's `charged_over_cmt`
-  reports the achieved ratio to the CMT pipeline's charged total. The fit is made once per method, by the invocation
-  that first runs it, and kept in <out>/baseline_budgets.json (`jobs/compare_budget.py`): seeds added later (`--seeds
-  1 2` after `--seeds 0`) train only their own runs, and baselines of every seed train for the same step count.
+  train_seconds = overhead + steps / rate fitted to their evaluation points (every seed of the invocation that
+  fits it; the overhead is the slower first steps) converts each baseline's budget, mean CMT charged total minus
+  the baseline's own pre-cost, into a step count. Baseline and CMT steps cost the same (same network, loss and
+  batch), so both get the same wall clock; the curves and tables use the seconds each run actually logged, and each
+  cell's `charged_over_cmt` reports the achieved ratio to the CMT pipeline's charged total. The fit is made once
+  per method, by the first invocation that runs it, and kept in <out>/baseline_budgets.json
+  (`jobs/compare_budget.py`): seeds added later (`--seeds 1 2` after `--seeds 0`) train only their own runs, and
+  baselines of every seed train for the same step count.
 
 Per-run settings. Built in: ECT from `teacher`/`random` uses ECT's doubling Δt schedule (q = 2 → 4096 over the
 run; after CMT q stays fixed at 4096); `random` inits use EMA warm-up (pretrained inits keep it off).
@@ -46,8 +47,9 @@ record (probe one cell with `--only ect/cmt --seeds 0 --set ect/cmt:loop.lr=1e-4
 Outputs in --out: compare_inits.png (FD-digits vs charged seconds, 1- and 2-step, mean ± std over seeds; CMT
 dashed when amortised), compare_inits.md and compare_inits.json (final FD mean ± std, the CMT student's FD before
 post-training beside every row, the fraction of each baseline's compute that the CMT pipeline needs to reach the
-baseline's final FD, the accounting), settings_log.jsonl, generation.json, runs/ (one directory per stage run)
-and logs/ (one log per subprocess).
+baseline's final FD, the accounting), settings_log.jsonl, generation.json, baseline_budgets.json, runs/ (one
+directory per stage run) and logs/ (one log per subprocess). Invocations in parallel on one --out (seeds or methods
+split over cores) share generation.json and baseline_budgets.json safely (`jobs/study_records.py`).
 
 Every stage runs as its own subprocess (`trainer/mid.py`, `trainer/post.py`; accelerate's state is per process);
 `--launcher inprocess` runs them in this process instead (what the smoke test does, to skip interpreter start-up).
@@ -79,7 +81,7 @@ from jobs.compare_accounting import (
     summarise_cell,
     with_mid_curve,
 )
-from jobs.compare_budget import BUDGET_RECORD, budget_key, record_budget, recorded_budget
+from jobs.compare_budget import BUDGET_RECORD, baseline_budget, budget_key
 from jobs.compare_config import (
     INITS,
     METHOD_FORMS,
@@ -125,7 +127,7 @@ def run_mid_stages(cfg: CompareConfig, store_url: str, runs_dir: Path, log_dir: 
                      "fd_at_end": ({f"{steps}step": final[-1][f"fd_{steps}step"] for steps in STEP_COUNTS}
                                    if final else None),
                      "curve": [{key: record[key] for key in ("step", "train_seconds", *fd_keys)}
-                               for record in final if record["step"] < cfg.mid_steps]}
+                               for record in final if record["step"] < cfg.mid_steps]}  # the loop times every FD
     return mid
 
 
@@ -143,16 +145,17 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     cmt_total = charges.before_post("cmt", mid["seconds"]) + float(np.mean(cmt_seconds))
     seed0_name = post_plan(cfg, method, "cmt", 0, steps, store_url=store_url, cmt_export=Path(mid["export"]),
                            runs_dir=runs_dir).name
-    key = budget_key(method, seed0_name, charges.generation, charges.baselines_read_store)
-    fit = recorded_budget(Path(cfg.out), key)
-    if fit is None:
+
+    def fit_budget() -> dict[str, Any]:
         rate, startup = step_time_fit(cmt_runs)
         budget = cmt_total - charges.before_post("teacher", mid["seconds"])
-        fit = record_budget(Path(cfg.out), key, {
-            "baseline_budget_seconds": budget, "steps_per_second": rate, "startup_seconds": startup,
-            "baseline_steps_for_equal_compute": max(1, round((budget - startup) * rate)),
-            "fitted_on_seeds": list(cfg.seeds)})
-    else:
+        return {"baseline_budget_seconds": budget, "steps_per_second": rate, "startup_seconds": startup,
+                "baseline_steps_for_equal_compute": max(1, round((budget - startup) * rate)),
+                "fitted_on_seeds": list(cfg.seeds)}
+
+    fit = baseline_budget(Path(cfg.out), budget_key(method, seed0_name, charges.generation,
+                                                    charges.baselines_read_store), fit_budget)
+    if fit["fitted_on_seeds"] != list(cfg.seeds):
         print(f"[compare_inits] {method}: baselines keep the {fit['baseline_steps_for_equal_compute']} steps fitted "
               f"on seeds {fit['fitted_on_seeds']} ({BUDGET_RECORD}; delete it to fit again)", flush=True)
     equal_steps = fit["baseline_steps_for_equal_compute"]
@@ -183,8 +186,8 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
                       "overrides": list(plans[0].user_overrides),
                       "builtin_overrides": list(plans[0].builtin_overrides), **summary})
         settings_rows += [settings_row(plan, run_) for run_, plan in zip(runs, plans)]
-    cells[0] = with_mid_curve(cells[0], mid["curve"], charges.before_post("cmt", 0.0),
-                              charges.before_post("cmt", 0.0, amortised=True))
+    cells[0] = with_mid_curve(cells[0], mid["curve"], charges.generation,  # cells[0]: cell_runs puts cmt first
+                              charges.generation / charges.amortise_over)
     for cell in cells:
         cell["cmt_student_fd"] = cells[0]["init_fd"]  # the mid-trained student, before post-training
         cell["improved"] = {f"{s}step": cell["final_fd"][s]["mean"] < cell["init_fd"][s]["mean"] for s in STEP_COUNTS}
@@ -294,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cmt-post-steps", nargs="+", metavar="METHOD=STEPS")
     parser.add_argument("--max-baseline-steps", type=int)
     parser.add_argument("--evals-per-run", type=int)
-    parser.add_argument("--mid-evals", type=int, help="FD evaluations along each mid-training run (default 4; 0: end)")
+    parser.add_argument("--mid-evals", type=int,
+                        help="FD evaluations along each mid-training run (default 4; 0: at its end only)")
     parser.add_argument("--num-eval-samples", type=int)
     parser.add_argument("--post-data", help="dataset:<name> (default dataset:digits) or store (the store's endpoints)")
     parser.add_argument("--mid-preset")
@@ -315,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache_root": args.cache_root, "methods": tuple(args.methods) if args.methods else None,
         "inits": tuple(args.inits) if args.inits else None, "seeds": tuple(args.seeds) if args.seeds else None,
         "mid_steps": args.mid_steps, "max_baseline_steps": args.max_baseline_steps,
-        "evals_per_run": args.evals_per_run, "mid_evals": args.mid_evals, "num_eval_samples": args.num_eval_samples, "post_data": args.post_data,
+        "evals_per_run": args.evals_per_run, "mid_evals": args.mid_evals, "num_eval_samples": args.num_eval_samples,
+        "post_data": args.post_data,
         "mid_preset": args.mid_preset, "post_preset": args.post_preset, "amortise_over": args.amortise_over,
         "threads": args.threads, "launcher": args.launcher,
     }

@@ -130,7 +130,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         ("Fraction = CMT charged seconds at which its mean curve (mid-training's own evaluations, then "
          "post-training's) first reaches the baseline's final mean FD (linear interpolation between evaluations) / "
-         f"the baseline's charged seconds. Amortised: generation / {n}."
+         f"the baseline's charged seconds. Amortised: generation / {n}. ≤: reached already at the curve's first "
+         "evaluation, so an upper bound."
          + ("" if all(mid.get("curve") for mid in acct["mid"].values()) else
             " Mid-training was evaluated only at its end here, so each fraction is an upper bound.")),
         "",
@@ -139,11 +140,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["fractions"]:
-        reach = "–" if row["cmt_seconds_to_reach"] is None else _seconds(row["cmt_seconds_to_reach"])
+        bound = "≤ " if row.get("reached_at_first_evaluation") else ""
+        reach = "–" if row["cmt_seconds_to_reach"] is None else bound + _seconds(row["cmt_seconds_to_reach"])
+        fraction = ("" if row["fraction"] is None else bound) + _fraction_text(row["fraction"])
         lines.append(
             f"| {METHOD_LABELS[row['method']]} | {INIT_LABELS[row['baseline']]} | {row['steps']} "
             f"| {row['baseline_final_fd']:.1f} | {_seconds(row['baseline_charged_seconds'])} | {reach} "
-            f"| {_fraction_text(row['fraction'])} | {_fraction_text(row['fraction_amortised'])} |"
+            f"| {fraction} | {_fraction_text(row['fraction_amortised'])} |"
         )
     lines += [
         "",
@@ -154,6 +157,11 @@ def markdown_table(result: dict[str, Any]) -> str:
          + (" (baselines are charged G too)." if acct["baselines_charged_for_generation"] else ".")),
         f"- Equal compute by {acct['equal_compute_by']}.",
         f"- Seconds: {acct['train_seconds']}.",
+        *(f"- {METHOD_LABELS[method]}: baselines keep the step count fitted on seeds "
+          f"{row['baseline_budget_fitted_on_seeds']} (baseline_budgets.json); CMT charged seconds below are the mean "
+          "over every seed, and the last column is each baseline's achieved ratio."
+          for method, row in acct["methods"].items()
+          if row.get("baseline_budget_fitted_on_seeds", result["config"]["seeds"]) != list(result["config"]["seeds"])),
         "",
         ("| method | mid form | mid s | CMT post steps | CMT post s | steps/s | CMT charged s | CMT charged s "
          "(amortised) | baselines charged G | baseline steps | charged ratio baseline/CMT |"),
@@ -216,14 +224,15 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
                 x = np.asarray(curve["charged_seconds"])
                 mean = np.asarray(curve[f"fd_{steps}step_mean"])
                 std = np.asarray(curve[f"fd_{steps}step_std"])
-                label = INIT_LABELS[cell["init"]] + (" (charged G + mid)" if cell["init"] == "cmt" else "")
+                label = INIT_LABELS[cell["init"]] + (" (charged G, then mid)" if cell["init"] == "cmt" else "")
                 axis.plot(x, mean, marker="o", color=colors[cell["init"]], label=label)
                 axis.fill_between(x, np.maximum(mean - std, 1e-3), mean + std, color=colors[cell["init"]], alpha=0.2)
                 if cell["init"] == "cmt":
                     axis.plot(curve["charged_seconds_amortised"], mean, linestyle="--", color=colors["cmt"],
                               label=f"CMT (G amortised over {result['accounting']['amortise_over']})")
-                    axis.plot(x[:1], mean[:1], marker="*", markersize=14, linestyle="none", color="black",
-                              label="CMT student before post-training")
+                    start = curve.get("stage", ["post"]).index("post")  # after mid-training's own evaluations
+                    axis.plot(x[start:start + 1], mean[start:start + 1], marker="*", markersize=14, linestyle="none",
+                              color="black", label="CMT student before post-training")
             axis.set_title(f"{METHOD_LABELS[method]}: {steps}-step")
             finish_fd_axis(axis, xlabel="charged wall-clock seconds",
                            ylabel=f"FD-{result['config']['fd_dataset']}, {steps}-step")

@@ -59,17 +59,18 @@ def _eval_every(total_steps: int, evals: int) -> int:
 
 def mid_plan(cfg: CompareConfig, form: str, store_url: str, runs_dir: Path) -> RunPlan:
     """The mid-training run of `form` (cm for ECT/ECD, mf for MeanFlow) on the comparison's store."""
-    settings = [f"teacher={cfg.teacher}", f"stores=[{store_url}]", f"form={form}",
+    def settings(eval_every: int) -> list[str]:
+        return [f"teacher={cfg.teacher}", f"stores=[{store_url}]", f"form={form}",
                 f"loop.total_steps={cfg.mid_steps}", f"loop.torch_threads={cfg.threads}", "eval_at_init=false",
-                "loop.eval_every_steps=0", "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1",
+                f"loop.eval_every_steps={eval_every}", "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1",
                 f"num_eval_samples={cfg.num_eval_samples}", "compute_fd=true", f"fd_dataset={cfg.fd_dataset}"]
+
     chosen = user_overrides(cfg, "mid", form=form)
     # Named without its evaluation cadence (hashed as 0, the cadence runs were named with before mid_evals):
     # evaluations leave the training streams alone (tests/test_mid.py), so the cadence does not change the run.
-    name = f"mid-{form}-{short_hash([preset_key(cfg.mid_preset), settings, chosen])}"
+    name = f"mid-{form}-{short_hash([preset_key(cfg.mid_preset), settings(0), chosen])}"
     every = _eval_every(cfg.mid_steps, cfg.mid_evals) if cfg.mid_evals else 0
-    settings[settings.index("loop.eval_every_steps=0")] = f"loop.eval_every_steps={every}"
-    overrides = (*settings, *chosen, f"loop.output_dir={runs_dir / name}")
+    overrides = (*settings(every), *chosen, f"loop.output_dir={runs_dir / name}")
     return RunPlan(name, "mid", overrides, cfg.mid_steps, form=form, user_overrides=tuple(chosen))
 
 

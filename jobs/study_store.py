@@ -4,7 +4,6 @@ generation seconds measured when made, recorded in <out>/generation.json, or re-
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import numpy as np
 
 from jobs.compare_config import CompareConfig, CompareError
 from jobs.launcher import StageFailed, generation_summary, run_stage
-from pipeline.paths import write_text
+from jobs.study_records import update_record
 
 GENERATION_RECORD = "generation.json"
 
@@ -88,20 +87,17 @@ def time_generation(teacher_dir: str, url: str, num_probe: int, threads: int) ->
 def generation_cost(cfg: CompareConfig, out: Path) -> dict[str, Any]:
     """The store's URL and generation seconds G: measured now, recorded earlier in <out>/generation.json, or probed."""
     made = make_store(cfg, out / "logs")
-    record_path = out / GENERATION_RECORD
-    records = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if not made["cache_hit"]:
-        from storage_schema import open_store
 
-        entry = {"seconds": made["seconds"], "num_trajectories": open_store(made["url"]).spec.num_trajectories,
-                 "source": "measured: pipeline.generate.run wall time in the invocation that made the store "
-                           "(Ray start-up, solving, compression, writes, validation)"}
-    elif made["url"] in records:
-        entry = records[made["url"]]
-    else:
-        entry = time_generation(cfg.teacher, made["url"], cfg.generation_probe_trajectories, cfg.threads)
-    entry = {**entry, "url": made["url"], "recorded_at": entry.get("recorded_at", time.strftime("%Y-%m-%d %H:%M:%S"))}
-    records[made["url"]] = entry
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(str(record_path), json.dumps(records, indent=2))  # whole: a parallel invocation may read it now
-    return entry
+    def decide(recorded: dict[str, Any] | None) -> dict[str, Any]:
+        if not made["cache_hit"]:
+            from storage_schema import open_store
+
+            return {"seconds": made["seconds"], "num_trajectories": open_store(made["url"]).spec.num_trajectories,
+                    "source": "measured: pipeline.generate.run wall time in the invocation that made the store "
+                              "(Ray start-up, solving, compression, writes, validation)"}
+        if recorded is not None:
+            return recorded
+        return time_generation(cfg.teacher, made["url"], cfg.generation_probe_trajectories, cfg.threads)
+
+    entry = update_record(out / GENERATION_RECORD, made["url"], decide)  # parallel invocations probe once
+    return {**entry, "url": made["url"]}

@@ -12,7 +12,7 @@ import pytest
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from jobs.compare_accounting import first_crossing
-from jobs.compare_budget import BUDGET_RECORD, budget_key, record_budget, recorded_budget
+from jobs.compare_budget import BUDGET_RECORD, baseline_budget, budget_key
 from jobs.compare_config import QUICK, CompareError, parse_scoped_override
 from jobs.compare_inits import main, run
 from jobs.compare_report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, SETTINGS_LOG
@@ -187,18 +187,26 @@ def test_a_seed_added_later_trains_only_its_own_runs_and_keeps_the_baselines_ste
     assert all(cell["final_fd"]["1step"]["n"] == 2 for cell in again["cells"])
 
 
-def test_a_baseline_budget_is_recorded_under_a_key_of_everything_it_depends_on_but_the_seeds(tmp_path):
+def test_a_baseline_budget_is_fitted_once_under_a_key_of_everything_it_depends_on_but_the_seeds(tmp_path):
+    fits = []
+
+    def fit():
+        fits.append(len(fits))
+        return {"baseline_steps_for_equal_compute": 1127 + len(fits), "fitted_on_seeds": [0]}
+
     key = budget_key("ect", "ect-cmt-s0-0123abcd", 84.5, False)
-    assert recorded_budget(tmp_path, key) is None
-    kept = record_budget(tmp_path, key, {"baseline_steps_for_equal_compute": 1127, "fitted_on_seeds": [0]})
-    assert recorded_budget(tmp_path, key) == kept and kept["baseline_steps_for_equal_compute"] == 1127
+    kept = baseline_budget(tmp_path, key, fit)
+    assert kept["baseline_steps_for_equal_compute"] == 1128 and len(fits) == 1
+    assert baseline_budget(tmp_path, key, fit) == kept and len(fits) == 1  # a later invocation reuses it
     assert json.loads((tmp_path / BUDGET_RECORD).read_text()) == {key: kept}
     others = {budget_key("meanflow", "ect-cmt-s0-0123abcd", 84.5, False),
               budget_key("ect", "ect-cmt-s0-fedc3210", 84.5, False),
               budget_key("ect", "ect-cmt-s0-0123abcd", 90.0, False),
               budget_key("ect", "ect-cmt-s0-0123abcd", 84.5, True)}
     assert key not in others and len(others) == 4
-    assert all(recorded_budget(tmp_path, other) is None for other in others)
+    for other in others:
+        baseline_budget(tmp_path, other, fit)
+    assert len(fits) == 5
 
 
 def test_dry_run_applies_scoped_overrides_to_their_cells_only(tmp_path, capsys):
@@ -291,3 +299,29 @@ def test_a_mid_run_is_evaluated_along_the_way_and_named_without_its_evaluation_c
                        3: ["loop.eval_every_steps=267"]}  # mid_steps=800
     with pytest.raises(CompareError, match="mid_evals=-1"):
         CompareConfig(teacher="/t", mid_evals=-1).validate()
+
+
+def test_mid_trainings_own_evaluations_start_the_cmt_curve_and_a_fraction_can_fall_between_them():
+    """Hand-computed: mid points at G + 100 s (FD 80) and G + 200 s (FD 40); post-training starts at G + 400 s."""
+    from jobs.compare_accounting import compute_fractions, summarise_cell, with_mid_curve
+
+    generation = 50.0
+    post_run = {"steps": [10], "train_seconds": [100.0], "init_fd": {1: 30.0, 2: 20.0}, "fd": {1: [25.0], 2: [15.0]}}
+    cmt = with_mid_curve(summarise_cell([post_run], generation + 400.0, generation / 10 + 400.0),
+                         [{"step": 100, "train_seconds": 100.0, "fd_1step": 80.0, "fd_2step": 70.0},
+                          {"step": 200, "train_seconds": 200.0, "fd_1step": 40.0, "fd_2step": 35.0}],
+                         generation, generation / 10)
+    assert cmt["curve"]["stage"] == ["mid", "mid", "post", "post"]
+    assert cmt["curve"]["charged_seconds"] == [150.0, 250.0, 450.0, 550.0]
+    assert cmt["curve"]["charged_seconds_amortised"] == [105.0, 205.0, 405.0, 505.0]
+    assert cmt["curve"]["fd_1step_mean"] == [80.0, 40.0, 30.0, 25.0]
+    assert cmt["init_fd"][1]["mean"] == 30.0 and cmt["final_fd"][1]["mean"] == 25.0  # post-training's own
+    baseline = {"method": "ect", "init": "random", "final_fd": {1: {"mean": 60.0}, 2: {"mean": 90.0}},
+                "charged_seconds": {"mean": 1000.0}, "charged_seconds_amortised": {"mean": 1000.0}}
+    rows = {row["steps"]: row for row in compute_fractions([{**cmt, "method": "ect", "init": "cmt"}, baseline], 10)}
+    # 1-step: FD 60 is halfway from 80 (150 s) to 40 (250 s): 200 s, 20 % of the baseline's 1,000 s.
+    assert rows[1]["cmt_seconds_to_reach"] == pytest.approx(200.0) and rows[1]["fraction"] == pytest.approx(0.2)
+    assert not rows[1]["reached_at_first_evaluation"]
+    # 2-step: FD 90 is already beaten at the first mid point: 150 s, an upper bound.
+    assert rows[2]["cmt_seconds_to_reach"] == 150.0 and rows[2]["reached_at_first_evaluation"]
+    assert rows[2]["fraction_amortised"] == pytest.approx(0.105)

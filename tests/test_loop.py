@@ -112,6 +112,14 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
     assert (tmp_path / "logs").is_dir()
 
 
+def test_an_evaluation_between_logging_steps_records_its_train_seconds(tmp_path):
+    run_regression(loop_config(tmp_path, total_steps=6, log_every_steps=4, eval_every_steps=3,
+                               checkpoint_every_steps=0), evaluate=lambda model, step: {"score": float(step)})
+    records = {record["step"]: record for record in RunDir(tmp_path).read_metrics()}
+    assert sorted(records) == [3, 4, 6] and "loss" not in records[3] and records[3]["score"] == 3.0
+    assert 0 < records[3]["train_seconds"] < records[4]["train_seconds"] < records[6]["train_seconds"]
+
+
 def test_the_logged_gradient_norm_is_the_mean_global_norm_before_clipping(tmp_path):
     norms: dict[int, float] = {}
 

@@ -313,6 +313,7 @@ def train_loop(
                     scores = evaluate(ema_model, step)
                 if accelerator.is_main_process:
                     record.update(scores)
+                    record.setdefault("train_seconds", progress.train_seconds)  # every FD point has its time
             accelerator.wait_for_everyone()
         if record:
             accelerator.log(record, step=step)
