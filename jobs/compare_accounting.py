@@ -119,7 +119,8 @@ def compute_fractions(cells: Sequence[dict[str, Any]], amortise_over: int) -> li
                     "method": cmt["method"], "baseline": baseline["init"], "steps": steps,
                     "baseline_final_fd": target, "baseline_charged_seconds": baseline_seconds,
                     "cmt_seconds_to_reach": reach, "fraction": None if reach is None else reach / baseline_seconds,
-                    # reached at the curve's first evaluation: it may have been reached earlier (an upper bound)
+                    # reached at the curve's first evaluation (amortised too: same FD points): it may have been
+                    # reached earlier, so both fractions are upper bounds
                     "reached_at_first_evaluation": reach is not None and reach == curve["charged_seconds"][0],
                     "cmt_seconds_to_reach_amortised": reach_amortised,
                     "fraction_amortised": None if reach_amortised is None else reach_amortised / baseline_amortised,

@@ -146,7 +146,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {METHOD_LABELS[row['method']]} | {INIT_LABELS[row['baseline']]} | {row['steps']} "
             f"| {row['baseline_final_fd']:.1f} | {_seconds(row['baseline_charged_seconds'])} | {reach} "
-            f"| {fraction} | {_fraction_text(row['fraction_amortised'])} |"
+            f"| {fraction} | {('' if row['fraction_amortised'] is None else bound)}"
+            f"{_fraction_text(row['fraction_amortised'])} |"
         )
     lines += [
         "",
