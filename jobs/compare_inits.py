@@ -54,10 +54,9 @@ split over cores) share generation.json and baseline_budgets.json safely (`jobs/
 Every stage runs as its own subprocess (`trainer/mid.py`, `trainer/post.py`; accelerate's state is per process);
 `--launcher inprocess` runs them in this process instead (what the smoke test does, to skip interpreter start-up).
 `--quick` (1 seed, tens of steps, 200 FD samples, ECT and MeanFlow) takes ~3 min on the shared 2-core machine.
-The default preset's cost on the 2-core machine, 1 torch thread per run (2026-11-29, one seed: README.md, "Studies"):
-each method's invocation took ~45 min of wall clock (`--methods ect` then `--methods ecd` on one core, `--methods
-meanflow` on the other; ECD reuses the CM mid-training run). Every baseline gets the CMT pipeline's ~15 minutes, so
-each further seed costs about 2 core-hours.
+The default preset's cost on the 2-core machine, 1 torch thread per run (2026-11-29, README.md, "Studies"): seed 0
+took ~45 min of wall clock per method (the two mid runs first, ~10 min each); seeds 1 and 2, one per core beside
+other jobs, took ~2 h 10 min each for all three methods (every baseline gets the CMT pipeline's ~15 minutes).
 """
 
 from __future__ import annotations
