@@ -81,9 +81,13 @@ class Charges:
     amortise_over: int
     baselines_read_store: bool
 
+    def generation_charged(self, *, amortised: bool = False) -> float:
+        """G, or G/N with the store amortised over N experiments."""
+        return self.generation / self.amortise_over if amortised else self.generation
+
     def before_post(self, init: str, mid_seconds: float, *, amortised: bool = False) -> float:
         """Pre-cost of a run of `init` whose CMT pipeline mid-trained for `mid_seconds`."""
-        generation = self.generation / self.amortise_over if amortised else self.generation
+        generation = self.generation_charged(amortised=amortised)
         if init == "cmt":
             return generation + mid_seconds
         return generation if self.baselines_read_store else 0.0

@@ -185,8 +185,8 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
                       "overrides": list(plans[0].user_overrides),
                       "builtin_overrides": list(plans[0].builtin_overrides), **summary})
         settings_rows += [settings_row(plan, run_) for run_, plan in zip(runs, plans)]
-    cells[0] = with_mid_curve(cells[0], mid["curve"], charges.generation,  # cells[0]: cell_runs puts cmt first
-                              charges.generation / charges.amortise_over)
+    cells[0] = with_mid_curve(cells[0], mid["curve"], charges.generation_charged(),  # cell_runs puts cmt first
+                              charges.generation_charged(amortised=True))
     for cell in cells:
         cell["cmt_student_fd"] = cells[0]["init_fd"]  # the mid-trained student, before post-training
         cell["improved"] = {f"{s}step": cell["final_fd"][s]["mean"] < cell["init_fd"][s]["mean"] for s in STEP_COUNTS}
