@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 
 from pipeline.fault_points import HOLD_FILE_ENV, POINT_ENV, POST_STEP
 from pipeline.ode_step import ode_step
@@ -39,6 +39,7 @@ from trainer.methods.meanflow import (
     guided_target_velocity,
     jvp_attention_context,
     meanflow_prediction_and_derivative,
+    teacher_velocity,
 )
 from trainer.methods.per_step import same_dropout
 from trainer.post import (
@@ -213,6 +214,30 @@ def test_meanflow_jvp_and_finite_difference_targets_agree_with_one_dropout_mask(
     assert torch.equal(primal, u_jvp.detach())  # the JVP's u and the trained prediction saw the same dropout mask
 
 
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(beta_schedule="squaredcos_cap_v2"), EDMEulerScheduler()],
+                         ids=["vp", "edm"])
+def test_meanflow_teacher_velocity_is_the_time_derivative_of_the_oracles_flow(scheduler):
+    """meanflow.velocity=teacher: v(z, τ) = d/dτ of the PF-ODE path through z, in the flow-matching view
+    z = x̃/(1 + σ̃), τ = σ̃/(1 + σ̃); checked against the oracle's closed-form flow map, differentiated numerically."""
+    mu, s = 0.3, 0.5
+    teacher = make_oracle_teacher(scheduler, (1, 4, 4), mu, s)
+    tau = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
+    z = (1 - tau).reshape(-1, 1, 1, 1) * mu + torch.randn(5, 1, 4, 4, dtype=torch.float64)  # [5, 1, 4, 4]
+    velocity = teacher_velocity(teacher, z.float(), tau, labels=None).double()
+
+    def path(to: torch.Tensor) -> torch.Tensor:
+        """z at τ' on the PF-ODE path through (z, τ)."""
+        sigma_from, sigma_to = tau / (1 - tau), to / (1 - to)
+        x_edm = flow_map(z / (1 - tau).reshape(-1, 1, 1, 1), sigma_from, sigma_to, mu, s)
+        return (1 - to).reshape(-1, 1, 1, 1) * x_edm
+
+    delta = 1e-5
+    derivative = (path(tau + delta) - path(tau - delta)) / (2 * delta)
+    # the teacher runs in float32, and (z − x̂0)/τ scales its rounding by 1/τ
+    assert_close(velocity.float(), derivative.float(), magnitude=float(z.abs().max() / tau.min()),
+                 what="teacher velocity")
+
+
 class ToyConditionalVelocity(torch.nn.Module):
     """u(z, t, r | y) = w_y·z + (t − r)/2 with a null class (id 3): a hand-checkable class-conditional MF model."""
 
@@ -250,6 +275,8 @@ def test_meanflow_guided_velocity_is_the_official_formula_inside_the_interval_an
         tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_kappa=0.5")
     with pytest.raises(ConfigError, match="label_dropout with ECD from a dataset"):
         tiny_cfg(tiny, tmp_path, "--method", "ecd", "--data", "dataset:digits", "label_dropout=0.1")
+    with pytest.raises(ConfigError, match="label_dropout with meanflow.velocity=teacher.*meanflow.velocity=conditional"):
+        tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.velocity=teacher", "label_dropout=0.1")
     with pytest.raises(ConfigError, match="label_dropout needs a class-conditional student"):
         run(tiny_cfg(tiny, tmp_path, "--method", "ect", "label_dropout=0.1"))
     with pytest.raises(ConfigError, match="guidance_t_min < meanflow.guidance_t_max"):
@@ -298,6 +325,16 @@ def test_store_runs_after_cmt_never_load_the_teacher_and_live_ecd_runs_it(tiny, 
                         "loop.total_steps=3", "ecd.teacher_step=euler"))
     assert live.rank_report["teacher_in_training"] is True
     assert live.rank_report["teacher_forward_samples"] == 3 * BATCH  # one teacher evaluation per sample and step
+    distilled = run(tiny_cfg(tiny, tmp_path / "meanflow_teacher", "--method", "meanflow", "--init", "teacher",
+                             "--data", "dataset:digits", "loop.total_steps=3", "meanflow.velocity=teacher",
+                             "meanflow.derivative=fd"))
+    assert distilled.rank_report["teacher_in_training"] is True and distilled.loop.skipped_steps == 0
+    assert distilled.rank_report["teacher_forward_samples"] == 3 * BATCH  # v(z, t): one forward per sample and step
+    with pytest.raises(ConfigError, match="meanflow.velocity=teacher takes the teacher's velocity"):
+        tiny_cfg(tiny, tmp_path, "--method", "meanflow", "--init", f"cmt:{tiny['cmt']}", "meanflow.velocity=teacher",
+                 "teacher=none")
+    with pytest.raises(ConfigError, match="meanflow.velocity` must be one of 'conditional', 'teacher'"):
+        tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.velocity=student")
 
 
 def test_resume_after_sigkill_gives_bitwise_the_same_losses_and_weights(tiny, tmp_path):

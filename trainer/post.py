@@ -17,7 +17,8 @@ from `trainer/losses.py`, time sampling from `trainer/schedules.py`):
   live (`pipeline.ode_step.ode_step`).
 - meanflow (MeanFlow, Geng et al. 2025; t, r in τ): u_tgt = v − (t − r)·sg(du/dt), du/dt = v·∂_z u + ∂_t u, by JVP
   (on the unwrapped module, no grad; the differentiable prediction goes through the DDP-wrapped model so gradients are
-  all-reduced) or by a central finite difference; adaptive weight 1/(‖e‖² + c)^p.
+  all-reduced) or by a central finite difference; adaptive weight 1/(‖e‖² + c)^p. v is ε − x0 (the paper's), or with
+  meanflow.velocity=teacher the teacher's PF-ODE velocity at (z, t), one teacher forward per sample and step.
 
 Data (`trainer/data_keys.py`, the same keys as mid-training): data=stores (`--data store:<url>`) streams the trajectory
 stores (`trainer.data`): ect / meanflow take the solver's clean endpoints x̂_0 (mode "endpoints"), ecd consecutive
@@ -118,6 +119,9 @@ class PostConfig:
                 "ECD from a dataset runs the teacher's ODE step live: pass teacher=<teacher dir>, or use "
                 "--data store:<url> (the stored consecutive solver points; no teacher needed)"
             )
+        if self.method == "meanflow" and self.meanflow.velocity == "teacher" and not self.teacher:
+            raise ConfigError("meanflow.velocity=teacher takes the teacher's velocity every step: pass "
+                              "teacher=<teacher dir>, or use meanflow.velocity=conditional (ε − x0, no teacher)")
         if self.batch_per_process < 1:
             raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
         if self.num_eval_samples < 1 or self.num_grid_images < 1:
@@ -135,9 +139,11 @@ class PostConfig:
             raise ConfigError(f"label_dropout must lie in [0, 1) or be none (the method's default), got "
                               f"{self.label_dropout}")
         if self.live_teacher and self.label_drop_probability > 0:
+            what, other = (("ECD from a dataset", "--data store:<url>") if self.method == "ecd"
+                           else ("meanflow.velocity=teacher", "meanflow.velocity=conditional"))
             raise ConfigError(
-                "label_dropout with ECD from a dataset: the live teacher takes its ODE step with the real labels, so "
-                "a dropped (null) label would get a conditional target; drop label_dropout, or use --data store:<url>"
+                f"label_dropout with {what}: the live teacher runs with the real labels, so a dropped (null) label "
+                f"would get a conditional target; set label_dropout=0, or use {other}"
             )
 
     @property
@@ -154,8 +160,9 @@ class PostConfig:
 
     @property
     def live_teacher(self) -> bool:
-        """Whether training runs the teacher (ECD from a dataset); everything else never calls it."""
-        return self.method == "ecd" and self.data == "dataset"
+        """Whether training runs the teacher (ECD from a dataset, MeanFlow with meanflow.velocity=teacher)."""
+        return (self.method == "ecd" and self.data == "dataset") or (
+            self.method == "meanflow" and self.meanflow.velocity == "teacher")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -306,7 +313,8 @@ def build_setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Seq
         if derivative == "fd" and cfg.meanflow.derivative == "auto":
             warnings.warn(f"attention={cfg.attention} has no forward-mode AD: MeanFlow uses the finite difference",
                           stacklevel=2)
-        loss_fn = MeanFlowLoss(cfg.meanflow, derivative, tau_max(student, cfg.meanflow), cfg.attention, null_class)
+        loss_fn = MeanFlowLoss(cfg.meanflow, derivative, tau_max(student, cfg.meanflow), cfg.attention, null_class,
+                               teacher if cfg.meanflow.velocity == "teacher" else None)
     if cfg.label_drop_probability > 0:
         loss_fn = LabelDropout(loss_fn, cfg.label_drop_probability, null_class)
     vae = _latent_decoder(cfg, student, teacher, device)

@@ -4,10 +4,19 @@ callable `trainer/post.py` trains with (`MeanFlowLoss`).
 
     u_tgt = ṽ − (t − r)·sg(du/dt),  du/dt = ṽ·∂_z u + ∂_t u,  loss sg(w)·‖u_θ(z, t, r) − sg(u_tgt)‖²
 
-in the flow-matching view: t and r are τ ∈ [0, 1] (r ≤ t), z = (1 − t)·x0 + t·ε and v = ε − x0; u_θ(z, t, r) is
-`FlowMapStudent.velocity(z, t=t, r=r)`, the average velocity the paper writes u(z, r, t). Guidance (class-conditional
-students) replaces v by the guided field of the official MeanFlow code (`guidance_fn`), inside the guidance interval
-t ∈ [t_min, t_max] only:
+in the flow-matching view: t and r are τ ∈ [0, 1] (r ≤ t), z = (1 − t)·x0 + t·ε and v = ε − x0 (`velocity:
+conditional`, the paper's); u_θ(z, t, r) is `FlowMapStudent.velocity(z, t=t, r=r)`, the average velocity the paper
+writes u(z, r, t).
+
+The MeanFlow identity (Geng et al. 2025, Eq. 6) holds for the marginal velocity v(z, t) = E[ε − x0 | z]. The paper's
+conditional ε − x0 stands in for it without bias: the target is linear in v (du/dt is too), so only its variance
+changes. `velocity: teacher` (distillation) takes the teacher's own PF-ODE velocity, v = (z − D(z))/t with the
+teacher's denoiser D at α = 1 − t, σ = t, at one teacher forward per sample and step: the teacher's flow (the one CMT
+distilled), equal to the paper's target in expectation where the teacher is exact, without the conditional
+velocity's variance Var(x0 | z)/t².
+
+Guidance (class-conditional students) replaces v by the guided field of the official MeanFlow code (`guidance_fn`),
+inside the guidance interval t ∈ [t_min, t_max] only:
 
     ṽ = ω·v + (1 − ω − κ)·u_θ(z, t, t | ∅) + κ·u_θ(z, t, t | c)      (ω = 1, κ = 0 outside the interval)
 
@@ -61,6 +70,7 @@ __all__ = [
     "meanflow_times",
     "resolve_derivative",
     "tau_max",
+    "teacher_velocity",
 ]
 
 
@@ -84,6 +94,7 @@ class MeanFlowConfig:
     guidance_kappa: float = 0.0  # κ, the share of the student's own conditional velocity in ṽ
     guidance_t_min: float = 0.0  # guidance interval [t_min, t_max] in τ; outside it ṽ = v
     guidance_t_max: float = 1.0
+    velocity: Literal["conditional", "teacher"] = "conditional"  # v: ε − x0 (the paper's), or the teacher's v(z, t)
 
     def __post_init__(self) -> None:
         """Reject settings the derivative, the sampler or the guided target cannot run with."""
@@ -142,6 +153,18 @@ def meanflow_times(
     t, r = sample_meanflow_times(batch, p_mean=mf.p_mean, p_std=mf.p_std, fraction_r_neq_t=mf.fraction_r_neq_t,
                                  generator=generator, dtype=torch.float64)
     return t.clamp(mf.tau_min, tau_limit), r.clamp(mf.tau_min, tau_limit)
+
+
+@torch.no_grad()
+def teacher_velocity(teacher: Any, z: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    """The teacher's PF-ODE velocity at z = (1 − t)·x0 + t·ε in the flow-matching view → [B, *S] (t: τ [B]).
+
+    v(z, t) = E[ε − x0 | z] = (z − x̂0)/t with x̂0 = D(z) the teacher's denoiser at α = 1 − t, σ = t
+    (from ε = (z − (1 − t)·x0)/t).
+    """
+    t = t.to(torch.float64)  # [B]
+    x0_hat = teacher.denoise_native(z, (1.0 - t).cpu().numpy(), t.cpu().numpy(), labels=labels)  # [B, *S]
+    return ((z.float() - x0_hat.to(z.device)) / column(t, z).float()).to(z.dtype)  # [B, *S]
 
 
 def _contiguous_first_input(module: nn.Module, args: tuple) -> tuple:
@@ -271,6 +294,12 @@ class MeanFlowLoss:
     tau_max: float
     attention: str = "sdpa"
     null_class: int | None = None
+    teacher: Any = None  # velocity: teacher
+
+    def __post_init__(self) -> None:
+        """A teacher velocity needs the teacher."""
+        if self.mf.velocity == "teacher" and self.teacher is None:
+            raise ConfigError("meanflow.velocity=teacher runs the teacher every step: pass teacher=<teacher dir>")
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample MeanFlow loss [B] of one batch."""
@@ -283,8 +312,11 @@ class MeanFlowLoss:
         t, r = meanflow_times(x0.shape[0], self.mf, self.tau_max, generator)  # [B] each, float64
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # [B, *S]
         z = (1.0 - column(t, x0)) * x0 + column(t, x0) * noise  # [B, *S]
-        v = noise - x0  # [B, *S]
         labels = conditioning_labels(model, batch)
+        if self.mf.velocity == "teacher":
+            v = teacher_velocity(self.teacher, z, t, labels)  # [B, *S]
+        else:
+            v = noise - x0  # [B, *S]
         if self.mf.guidance_scale is not None and labels is not None:
             guided = guided_target_velocity(
                 model, z, t=t, v=v, labels=labels, omega=self.mf.guidance_scale, kappa=self.mf.guidance_kappa,
