@@ -1,6 +1,6 @@
 """Benchmark: mid-training steps/s streaming from a trajectory store vs. the same training on in-memory tensors.
 
-    python jobs/bench_loader.py --teacher /tmp/digits_final/export --store runs/digits/store_k16.zarr \\
+    python jobs/bench_loader.py --teacher /tmp/digits_final/export --store runs/digits/store_heun_k8.zarr \\
         [--form cm] [--batch 128] [--steps-per-block 10] [--repetitions 30] [--num-workers 0] [--threads 1]
 
 Both sources feed the same student (the teacher's UNet, CMT loss, RAdam step) with the same batch size and torch

@@ -39,7 +39,7 @@ def test_short_form_resolves_to_the_keys_and_replaces_the_presets_stores(config_
 def test_presets_list_their_stores_under_the_same_key():
     mid, post = load_config(MidConfig, MID_PRESET), load_config(PostConfig, POST_PRESET)
     assert mid.data == "stores" and post.data == "dataset"  # the digits post preset trains on real images
-    assert mid.stores == post.stores == ("runs/digits/store_k16.zarr",)
+    assert mid.stores == post.stores == ("runs/digits/store_heun_k8.zarr",)
     assert load_config(PostConfig, POST_PRESET, ["data=stores"]).stores == mid.stores
 
 
