@@ -275,6 +275,8 @@ def test_meanflow_guided_velocity_is_the_official_formula_inside_the_interval_an
         tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.guidance_kappa=0.5")
     with pytest.raises(ConfigError, match="label_dropout with ECD from a dataset"):
         tiny_cfg(tiny, tmp_path, "--method", "ecd", "--data", "dataset:digits", "label_dropout=0.1")
+    with pytest.raises(ConfigError, match="meanflow.velocity=teacher with meanflow.guidance_scale"):
+        tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.velocity=teacher", "meanflow.guidance_scale=2.0")
     with pytest.raises(ConfigError, match="label_dropout with meanflow.velocity=teacher.*meanflow.velocity=conditional"):
         tiny_cfg(tiny, tmp_path, "--method", "meanflow", "meanflow.velocity=teacher", "label_dropout=0.1")
     with pytest.raises(ConfigError, match="label_dropout needs a class-conditional student"):
@@ -327,7 +329,7 @@ def test_store_runs_after_cmt_never_load_the_teacher_and_live_ecd_runs_it(tiny, 
     assert live.rank_report["teacher_forward_samples"] == 3 * BATCH  # one teacher evaluation per sample and step
     distilled = run(tiny_cfg(tiny, tmp_path / "meanflow_teacher", "--method", "meanflow", "--init", "teacher",
                              "--data", "dataset:digits", "loop.total_steps=3", "meanflow.velocity=teacher",
-                             "meanflow.derivative=fd"))
+                             "meanflow.derivative=fd", "meanflow.p_mean=-8.0"))  # t at tau_min: below the VP table
     assert distilled.rank_report["teacher_in_training"] is True and distilled.loop.skipped_steps == 0
     assert distilled.rank_report["teacher_forward_samples"] == 3 * BATCH  # v(z, t): one forward per sample and step
     with pytest.raises(ConfigError, match="meanflow.velocity=teacher takes the teacher's velocity"):

@@ -85,7 +85,7 @@ class PostConfig:
     data: str = "stores"
     stores: tuple[str, ...] = ()  # data=stores: the trajectory stores
     dataset: str | None = None  # data=dataset: digits, mnist, folder:<path> (trainer.image_datasets)
-    teacher: str | None = None  # teacher dir: needed by init teacher/random and by ECD from a dataset
+    teacher: str | None = None  # teacher dir: init teacher/random, ECD from a dataset, meanflow.velocity=teacher
     batch_per_process: int = 128
     image_size: int | None = None  # dataset: resize to H = W = image_size
     attention: Literal["sdpa", "flash", "xformers"] = "sdpa"  # flash: force the flash SDPA kernel (no forward AD)
@@ -122,6 +122,13 @@ class PostConfig:
         if self.method == "meanflow" and self.meanflow.velocity == "teacher" and not self.teacher:
             raise ConfigError("meanflow.velocity=teacher takes the teacher's velocity every step: pass "
                               "teacher=<teacher dir>, or use meanflow.velocity=conditional (ε − x0, no teacher)")
+        distilled = self.method == "meanflow" and self.meanflow.velocity == "teacher"
+        if distilled and self.meanflow.guidance_scale is not None:
+            raise ConfigError(
+                "meanflow.velocity=teacher with meanflow.guidance_scale: the guided target mixes in the student's own "
+                "null-class velocity, which only label dropout trains, and the live teacher runs with the real labels; "
+                "drop meanflow.guidance_scale, or use meanflow.velocity=conditional"
+            )
         if self.batch_per_process < 1:
             raise ConfigError(f"batch_per_process must be >= 1, got {self.batch_per_process}")
         if self.num_eval_samples < 1 or self.num_grid_images < 1:
@@ -289,7 +296,8 @@ def _null_class(cfg: PostConfig, student: Any) -> int | None:
 def build_setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Sequence[int] | None) -> PostSetup:
     """Load the teacher if one is named, build and check the student against it, and pick the method's loss.
 
-    The teacher is kept only for ECD from a dataset; every other method drops it before training.
+    The teacher is kept only where training runs it (ECD from a dataset, meanflow.velocity=teacher); every other run
+    drops it before training.
     """
     from pipeline.teacher import load_teacher
 
@@ -319,7 +327,7 @@ def build_setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Seq
         loss_fn = LabelDropout(loss_fn, cfg.label_drop_probability, null_class)
     vae = _latent_decoder(cfg, student, teacher, device)
     if not cfg.live_teacher:
-        teacher = None  # nothing below calls it: ECT, MeanFlow and stored ECD never run the teacher
+        teacher = None  # nothing below calls it: ECT, stored ECD and MeanFlow on ε − x0 never run the teacher
     return PostSetup(student, teacher, loss_fn, derivative, vae)
 
 

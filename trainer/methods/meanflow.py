@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -164,7 +164,8 @@ def teacher_velocity(teacher: Any, z: Tensor, t: Tensor, labels: Tensor | None) 
     """
     t = t.to(torch.float64)  # [B]
     x0_hat = teacher.denoise_native(z, (1.0 - t).cpu().numpy(), t.cpu().numpy(), labels=labels)  # [B, *S]
-    return ((z.float() - x0_hat.to(z.device)) / column(t, z).float()).to(z.dtype)  # [B, *S]
+    t_column = t.to(device=z.device, dtype=torch.float32).reshape(-1, *[1] * (z.dim() - 1))  # [B, 1, ...]
+    return ((z.float() - x0_hat.to(z.device)) / t_column).to(z.dtype)  # [B, *S]
 
 
 def _contiguous_first_input(module: nn.Module, args: tuple) -> tuple:
@@ -287,7 +288,7 @@ def guided_target_velocity(
 @dataclass
 class MeanFlowLoss:
     """MeanFlow on clean samples x0 (batch keys "x0", "labels", "labels_dropped"; t, r in τ): z = (1 − t)·x0 + t·ε,
-    v = ε − x0, loss sg(w)·‖u_θ(z, t, r) − sg(u_tgt)‖²."""
+    v = ε − x0 or the teacher's velocity at (z, t) (`velocity`), loss sg(w)·‖u_θ(z, t, r) − sg(u_tgt)‖²."""
 
     mf: MeanFlowConfig
     derivative: Literal["jvp", "fd"]
@@ -295,11 +296,16 @@ class MeanFlowLoss:
     attention: str = "sdpa"
     null_class: int | None = None
     teacher: Any = None  # velocity: teacher
+    t_floor: float = field(init=False, default=0.0)  # velocity: teacher: t ≥ the teacher's lowest level, in τ
 
     def __post_init__(self) -> None:
-        """A teacher velocity needs the teacher."""
-        if self.mf.velocity == "teacher" and self.teacher is None:
+        """A teacher velocity needs the teacher, and t inside its schedule (a VP table ends above τ = 0.005)."""
+        if self.mf.velocity != "teacher":
+            return
+        if self.teacher is None:
             raise ConfigError("meanflow.velocity=teacher runs the teacher every step: pass teacher=<teacher dir>")
+        lowest = self.teacher.sigma_edm_range[0]  # σ̃
+        self.t_floor = lowest / (1.0 + lowest)  # τ = σ̃/(1 + σ̃)
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample MeanFlow loss [B] of one batch."""
@@ -310,6 +316,7 @@ class MeanFlowLoss:
         seed = step_seed()
         generator = step_generator(seed, x0.device)
         t, r = meanflow_times(x0.shape[0], self.mf, self.tau_max, generator)  # [B] each, float64
+        t = t.clamp(min=self.t_floor)  # [B]; r ≤ t still
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # [B, *S]
         z = (1.0 - column(t, x0)) * x0 + column(t, x0) * noise  # [B, *S]
         labels = conditioning_labels(model, batch)
