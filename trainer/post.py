@@ -119,11 +119,10 @@ class PostConfig:
                 "ECD from a dataset runs the teacher's ODE step live: pass teacher=<teacher dir>, or use "
                 "--data store:<url> (the stored consecutive solver points; no teacher needed)"
             )
-        if self.method == "meanflow" and self.meanflow.velocity == "teacher" and not self.teacher:
+        if self.meanflow_on_teacher_velocity and not self.teacher:
             raise ConfigError("meanflow.velocity=teacher takes the teacher's velocity every step: pass "
                               "teacher=<teacher dir>, or use meanflow.velocity=conditional (ε − x0, no teacher)")
-        distilled = self.method == "meanflow" and self.meanflow.velocity == "teacher"
-        if distilled and self.meanflow.guidance_scale is not None:
+        if self.meanflow_on_teacher_velocity and self.meanflow.guidance_scale is not None:
             raise ConfigError(
                 "meanflow.velocity=teacher with meanflow.guidance_scale: the guided target mixes in the student's own "
                 "null-class velocity, which only label dropout trains, and the live teacher runs with the real labels; "
@@ -166,10 +165,14 @@ class PostConfig:
         return describe_data(self)
 
     @property
+    def meanflow_on_teacher_velocity(self) -> bool:
+        """MeanFlow whose target takes the teacher's velocity (meanflow.velocity=teacher)."""
+        return self.method == "meanflow" and self.meanflow.velocity == "teacher"
+
+    @property
     def live_teacher(self) -> bool:
         """Whether training runs the teacher (ECD from a dataset, MeanFlow with meanflow.velocity=teacher)."""
-        return (self.method == "ecd" and self.data == "dataset") or (
-            self.method == "meanflow" and self.meanflow.velocity == "teacher")
+        return (self.method == "ecd" and self.data == "dataset") or self.meanflow_on_teacher_velocity
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def build_setup(cfg: PostConfig, device: torch.device, *, data_sample_shape: Seq
             warnings.warn(f"attention={cfg.attention} has no forward-mode AD: MeanFlow uses the finite difference",
                           stacklevel=2)
         loss_fn = MeanFlowLoss(cfg.meanflow, derivative, tau_max(student, cfg.meanflow), cfg.attention, null_class,
-                               teacher if cfg.meanflow.velocity == "teacher" else None)
+                               teacher if cfg.meanflow_on_teacher_velocity else None)
     if cfg.label_drop_probability > 0:
         loss_fn = LabelDropout(loss_fn, cfg.label_drop_probability, null_class)
     vae = _latent_decoder(cfg, student, teacher, device)

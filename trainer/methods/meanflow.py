@@ -164,8 +164,8 @@ def teacher_velocity(teacher: Any, z: Tensor, t: Tensor, labels: Tensor | None) 
     """
     t = t.to(torch.float64)  # [B]
     x0_hat = teacher.denoise_native(z, (1.0 - t).cpu().numpy(), t.cpu().numpy(), labels=labels)  # [B, *S]
-    t_column = t.to(device=z.device, dtype=torch.float32).reshape(-1, *[1] * (z.dim() - 1))  # [B, 1, ...]
-    return ((z.float() - x0_hat.to(z.device)) / t_column).to(z.dtype)  # [B, *S]
+    z32 = z.float()  # [B, *S]; t enters as float32, not rounded to a bf16 z
+    return ((z32 - x0_hat.to(z.device)) / column(t, z32)).to(z.dtype)  # [B, *S]
 
 
 def _contiguous_first_input(module: nn.Module, args: tuple) -> tuple:
