@@ -1,7 +1,8 @@
 """Ablations that only cached trajectories make cheap: how the store behind CMT changes the student's FD.
 
     python jobs/ablate_store.py --preset trajectories|solver-steps|solver [--quick] [--generate] [--teacher DIR]
-        [--values ...] [--post-method ect|ecd|meanflow|none] [--out DIR] [--report-dir DIR] [--set SCOPE:key=value ...]
+        [--values ...] [--seeds 0 1 2] [--post-method ect|ecd|meanflow|none] [--out DIR] [--report-dir DIR]
+        [--set SCOPE:key=value ...]
 
 Presets (every cell: CMT mid-training, CM form, `jobs/digits/mid.yaml`, then one post-training method from the CMT
 student; FD-digits of both):
@@ -21,6 +22,11 @@ that does not exist is refused, naming it and the generate command that makes it
 as `jobs/study_store.make_store` makes stores). Runs reuse `jobs/study_runs.py`'s plans and launcher: a finished
 run is skipped on a re-run, so presets sharing a cell (N = 4,096, K = 16, DPM-Solver++(3M)) train it once.
 
+`--seeds` trains every cell (and the online reference) once per training seed (`loop.seed` of the CMT and the
+post-training run; the store and the evaluation noise stay the same): the table shows each FD as the mean ± sample
+standard deviation over the seeds, the JSON keeps every seed's FD, and the plot draws the spread as error bars. Seed 0
+is the run a single-seed ablation made, so adding seeds reuses it.
+
 Outputs in --report-dir (default --out): ablate_<preset>.md, .json and .png (FD against the ablated quantity, 1- and
 2-step, CMT student and after post-training; the online reference as dashed lines). `--quick` shrinks any preset to
 tiny stores and tens of steps (a smoke run; its numbers mean nothing).
@@ -32,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import shlex
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,6 +107,7 @@ class AblationConfig:
     post_steps: int = 400
     post_data: str = "dataset:digits"
     num_eval_samples: int = 1000
+    seeds: tuple[int, ...] = (0,)  # training seeds per cell (loop.seed of the CMT and post-training runs)
     threads: int = 1
     launcher: Literal["subprocess", "inprocess"] = "subprocess"
     generate_missing: bool = False
@@ -139,6 +147,9 @@ class AblationConfig:
             raise AblationError(f"--values {bad}: trajectory and step counts must be >= 1")
         if not self.cells():
             raise AblationError(f"--values is empty for preset {self.preset}: pass at least one value")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise AblationError(f"--seeds {' '.join(map(str, self.seeds))}: pass distinct whole numbers >= 0, "
+                                "e.g. --seeds 0 1 2")
         return CompareConfig(
             out=self.out, teacher=self.teacher, num_trajectories=self.base_trajectories, solver=self.base_solver,
             solver_steps=self.base_steps, grid=self.grid, cache_root=self.cache_root, mid_preset=self.mid_preset,
@@ -232,11 +243,13 @@ def final_fd(run_dir: Path) -> dict[str, float]:
     return {key: float(scored[-1][f"fd_{key}"]) for key in STEP_KEYS}
 
 
-def train_cell(compare: CompareConfig, cfg: AblationConfig, store_url: str, label: str) -> dict[str, Any]:
-    """CMT on one store (or online: compare's overrides say so), then the post-training method; their final FD."""
+def train_cell(compare: CompareConfig, cfg: AblationConfig, store_url: str, label: str,
+               seed: int = 0) -> dict[str, Any]:
+    """CMT on one store (or online: compare's overrides say so), then the post-training method, both with training
+    seed `seed`; their final FD."""
     runs_dir, log_dir = Path(compare.out) / "runs", Path(compare.out) / "logs"
-    mid = mid_plan(compare, "cm", store_url, runs_dir)
-    print(f"[ablate_store] {label}", flush=True)
+    mid = mid_plan(compare, "cm", store_url, runs_dir, seed)
+    print(f"[ablate_store] {label}, seed {seed}", flush=True)
     mid_dir = execute(compare, mid, runs_dir, log_dir)
     result = {"label": label, "mid_run": mid.name, "cmt_fd": final_fd(mid_dir),
               "pairs": training_pairs(mid_dir, mid.total_steps)}
@@ -245,11 +258,28 @@ def train_cell(compare: CompareConfig, cfg: AblationConfig, store_url: str, labe
         result.update(trajectories_solved=sum(rank["batches_made"] * rank["trajectories_per_batch"] for rank in online),
                       teacher_forwards=sum(rank["teacher_forward_samples"] for rank in online))
     if cfg.post_method != "none":
-        post = post_plan(compare, cfg.post_method, "cmt", 0, cfg.post_steps, store_url=store_url,
+        post = post_plan(compare, cfg.post_method, "cmt", seed, cfg.post_steps, store_url=store_url,
                          cmt_export=mid_dir / "export", runs_dir=runs_dir)
         scores = read_post_run(execute(compare, post, runs_dir, log_dir))
         result.update(post_run=post.name, post_fd={f"{s}step": scores["fd"][s][-1] for s in (1, 2)})
     return result
+
+
+def train_seeds(compare: CompareConfig, cfg: AblationConfig, store_url: str, label: str) -> dict[str, Any]:
+    """One cell over every seed: the first seed's row with each FD replaced by its mean over the seeds, "<key>_std"
+    its sample standard deviation (0 for one seed), and "seeds" the per-seed rows."""
+    runs = [{"seed": seed, **train_cell(compare, cfg, store_url, label, seed)} for seed in cfg.seeds]
+    row = {key: value for key, value in runs[0].items() if key not in ("seed", "mid_run", "post_run")}
+    for key in ("cmt_fd", "post_fd"):
+        if key in runs[0]:
+            values = {steps: [run[key][steps] for run in runs] for steps in STEP_KEYS}
+            row[key] = {steps: statistics.fmean(v) for steps, v in values.items()}
+            row[f"{key}_std"] = {steps: statistics.stdev(v) if len(v) > 1 else 0.0 for steps, v in values.items()}
+    row["mid_run"] = runs[0]["mid_run"]
+    if "post_run" in runs[0]:
+        row["post_run"] = runs[0]["post_run"]
+    row["seeds"] = runs
+    return row
 
 
 def smallest_within(rows: Sequence[dict[str, Any]], reference: dict[str, Any], key: str) -> dict[str, str | None]:
@@ -277,7 +307,7 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
         if "skipped" in store:
             rows.append({"label": cell.label, "value": cell.value, "skipped": store["skipped"]})
             continue
-        row = train_cell(cell_config(compare, cell), cfg, store["url"], cell.label)
+        row = train_seeds(cell_config(compare, cell), cfg, store["url"], cell.label)
         forwards = _generation_forwards(cell)
         rows.append({**row, "value": cell.value, "store": store["url"], "num_trajectories": cell.num_trajectories,
                      "solver": cell.solver, "steps": cell.steps, "generation_teacher_forwards": forwards})
@@ -287,7 +317,7 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
         largest = max(trained, key=lambda row: row["num_trajectories"])
         online_compare = dataclasses.replace(cell_config(compare, cells[0]),
                                              overrides=compare.overrides + online_overrides(largest["store"]))
-        online = train_cell(online_compare, cfg, largest["store"], "online (fresh every step)")
+        online = train_seeds(online_compare, cfg, largest["store"], "online (fresh every step)")
         result["online"] = online
         result["smallest_within_10pct_of_online"] = {
             key: smallest_within(trained, online, key) for key in ("cmt_fd", "post_fd") if key in online}
@@ -313,9 +343,21 @@ def _generation_forwards(cell: StoreCell) -> int:
 # Outputs
 
 
-def _pair(scores: dict[str, float] | None) -> str:
-    """`1-step / 2-step` FD, or a dash."""
-    return "–" if scores is None else " / ".join(f"{scores[key]:.1f}" for key in STEP_KEYS)
+def _pair(entry: dict[str, Any], key: str) -> str:
+    """`1-step / 2-step` FD of entry[key] (with ± the spread over seeds when there are several), or a dash."""
+    scores, spread = entry.get(key), entry.get(f"{key}_std")
+    if scores is None:
+        return "–"
+    several = len(entry.get("seeds", ())) > 1
+    return " / ".join(f"{scores[steps]:.1f}" + (f" ± {spread[steps]:.1f}" if several else "") for steps in STEP_KEYS)
+
+
+def _seeds_sentence(seeds: Sequence[int]) -> str:
+    """How many training seeds each FD stands for."""
+    if len(seeds) == 1:
+        return f"One training seed ({seeds[0]}); FD on the runs' one evaluation draw."
+    return (f"Each FD: mean ± sample standard deviation over {len(seeds)} training seeds ({', '.join(map(str, seeds))}),"
+            " on the runs' one evaluation draw; every seed's FD is in the JSON.")
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -329,6 +371,8 @@ def markdown_table(result: dict[str, Any]) -> str:
          f"batch)" + ("." if post is None else f"; then {post}, {cfg['post_steps']} steps of "
                       f"`{cfg['post_preset']}` (settings: {', '.join(cfg['overrides']) or 'preset'}).")),
         "",
+        _seeds_sentence(cfg.get("seeds", [0])),
+        "",
         (f"| {AXIS_LABELS[result['preset']]} | trajectories × points | generation teacher forwards | pairs trained "
          f"| CMT FD 1 / 2-step |" + ("" if post is None else f" after {post} FD 1 / 2-step |")),
         "|---|---:|---:|---:|---|" + ("" if post is None else "---|"),
@@ -336,7 +380,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
     def post_cell(entry: dict[str, Any], text: str | None = None) -> str:
         """The post-training column's cell, or nothing when the ablation ran no post-training."""
-        return "" if post is None else f" {text if text is not None else _pair(entry.get('post_fd'))} |"
+        return "" if post is None else f" {text if text is not None else _pair(entry, 'post_fd')} |"
 
     for row in result["rows"]:
         if "skipped" in row:
@@ -345,13 +389,13 @@ def markdown_table(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {row['label']} | {row['num_trajectories']:,} × {row['steps'] + 1} "
-            f"| {row['generation_teacher_forwards']:,} | {row['pairs']:,} | {_pair(row['cmt_fd'])} |" + post_cell(row))
+            f"| {row['generation_teacher_forwards']:,} | {row['pairs']:,} | {_pair(row, 'cmt_fd')} |" + post_cell(row))
     if "online" in result:
         online = result["online"]
         points = result["rows"][0]["steps"] + 1 if result["rows"] else "K+1"
         lines.append(f"| online (fresh trajectories every step) | {online['trajectories_solved']:,} × {points} "
                      f"| {online['teacher_forwards']:,} (during training) | {online['pairs']:,} "
-                     f"| {_pair(online['cmt_fd'])} |" + post_cell(online))
+                     f"| {_pair(online, 'cmt_fd')} |" + post_cell(online))
         lines += ["", "Smallest store within 10 % of the online run's FD:"]
         for key, name in (("cmt_fd", "CMT student"), ("post_fd", f"after {post}")):
             found = result["smallest_within_10pct_of_online"].get(key)
@@ -377,7 +421,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for key, color, name in (("cmt_fd", "tab:red", "CMT student"),
                                  ("post_fd", "tab:blue", f"after {post}")):
             if rows and key in rows[0]:
-                axis.plot(x, [row[key][steps] for row in rows], marker="o", color=color, label=name)
+                spread = [row.get(f"{key}_std", {}).get(steps, 0.0) for row in rows]
+                axis.errorbar(x, [row[key][steps] for row in rows], yerr=spread, marker="o", color=color, capsize=3,
+                              label=name)
                 if key in result.get("online", {}):
                     axis.axhline(result["online"][key][steps], color=color, linestyle="--", label=f"{name}, online")
         if categorical:
@@ -418,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--post-method", choices=[*METHOD_FORMS, "none"])
     parser.add_argument("--post-steps", type=int)
     parser.add_argument("--num-eval-samples", type=int)
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds per cell (default 0); the table shows "
+                        "mean ± std over them")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--launcher", choices=["subprocess", "inprocess"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE:KEY=VALUE",
@@ -429,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          "post_method", "post_steps", "num_eval_samples", "threads",
                                                          "launcher")}
         fields = {key: value for key, value in fields.items() if value is not None}
+        if args.seeds is not None:
+            fields["seeds"] = tuple(args.seeds)
         if args.values:
             fields.update(parse_values(args.preset, args.values))
         for text in args.overrides:

@@ -57,13 +57,15 @@ def _eval_every(total_steps: int, evals: int) -> int:
     return max(1, math.ceil(total_steps / evals))
 
 
-def mid_plan(cfg: CompareConfig, form: str, store_url: str, runs_dir: Path) -> RunPlan:
-    """The mid-training run of `form` (cm for ECT/ECD, mf for MeanFlow) on the comparison's store."""
+def mid_plan(cfg: CompareConfig, form: str, store_url: str, runs_dir: Path, seed: int = 0) -> RunPlan:
+    """The mid-training run of `form` (cm for ECT/ECD, mf for MeanFlow) on the comparison's store, with training seed
+    `seed` (0, the trainer's default, is left out of the settings so that runs named before seeds keep their names)."""
     def settings(eval_every: int) -> list[str]:
         return [f"teacher={cfg.teacher}", f"stores=[{store_url}]", f"form={form}",
                 f"loop.total_steps={cfg.mid_steps}", f"loop.torch_threads={cfg.threads}", "eval_at_init=false",
                 f"loop.eval_every_steps={eval_every}", "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1",
-                f"num_eval_samples={cfg.num_eval_samples}", "compute_fd=true", f"fd_dataset={cfg.fd_dataset}"]
+                f"num_eval_samples={cfg.num_eval_samples}", "compute_fd=true", f"fd_dataset={cfg.fd_dataset}",
+                *([f"loop.seed={seed}"] if seed else [])]
 
     chosen = user_overrides(cfg, "mid", form=form)
     # Named without its evaluation cadence (hashed as 0, the cadence runs were named with before mid_evals):
@@ -71,7 +73,7 @@ def mid_plan(cfg: CompareConfig, form: str, store_url: str, runs_dir: Path) -> R
     name = f"mid-{form}-{short_hash([preset_key(cfg.mid_preset), settings(0), chosen])}"
     every = _eval_every(cfg.mid_steps, cfg.mid_evals) if cfg.mid_evals else 0
     overrides = (*settings(every), *chosen, f"loop.output_dir={runs_dir / name}")
-    return RunPlan(name, "mid", overrides, cfg.mid_steps, form=form, user_overrides=tuple(chosen))
+    return RunPlan(name, "mid", overrides, cfg.mid_steps, form=form, seed=seed, user_overrides=tuple(chosen))
 
 
 def post_data_argument(cfg: CompareConfig, store_url: str) -> str:

@@ -1,16 +1,29 @@
 """jobs/ablate_store.py: a missing store is refused naming it and its generate command; the quick solver preset on a
 tiny EDM-form teacher (stores written where generation caches them) skips the solver it cannot run and scores the
-others; the quick trajectories preset (slow: 6 runs) gives the table, plot, post-training and the online reference."""
+others; the quick trajectories preset (slow: 6 runs) gives the table, plot, post-training and the online reference;
+--seeds trains each cell once per seed and reports the mean and spread."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
-from jobs.ablate_store import QUICK, AblationConfig, AblationError, cell_config, locate_store, main, run, runnable
+from jobs.ablate_store import (
+    QUICK,
+    AblationConfig,
+    AblationError,
+    cell_config,
+    locate_store,
+    main,
+    markdown_table,
+    run,
+    runnable,
+)
 from pipeline.generate import GenerateConfig, build_spec
 from pipeline.generate_options import resolve_defaults
 from pipeline.teacher import load_teacher
@@ -78,6 +91,24 @@ def test_missing_stores_are_refused_naming_them_and_the_generate_command(tiny, t
     assert "do not exist" in capsys.readouterr().err
     assert main(["--preset", "solver-steps", "--values", "two"]) == 2
     assert "takes whole numbers" in capsys.readouterr().err
+    for seeds in (["1", "1"], ["-1"]):
+        assert main(["--preset", "solver-steps", "--seeds", *seeds]) == 2
+        assert "pass distinct whole numbers >= 0, e.g. --seeds 0 1 2" in capsys.readouterr().err
+
+
+def test_table_shows_the_mean_and_spread_over_seeds_and_a_single_seed_plainly():
+    seeds = [{"seed": 0, "cmt_fd": {"1step": 20.0, "2step": 9.0}}, {"seed": 1, "cmt_fd": {"1step": 22.0, "2step": 11.0}}]
+    row = {"label": "K=8", "num_trajectories": 4096, "steps": 8, "generation_teacher_forwards": 32768, "pairs": 128,
+           "cmt_fd": {"1step": 21.0, "2step": 10.0}, "cmt_fd_std": {"1step": 1.41421, "2step": 1.41421},
+           "seeds": seeds}
+    result = {"preset": "solver-steps", "rows": [row],
+              "config": {**dataclasses.asdict(AblationConfig(preset="solver-steps", post_method="none")),
+                         "seeds": [0, 1]}}
+    markdown = markdown_table(result)
+    assert "| K=8 | 4,096 × 9 | 32,768 | 128 | 21.0 ± 1.4 / 10.0 ± 1.4 |" in markdown
+    assert "mean ± sample standard deviation over 2 training seeds (0, 1)" in markdown
+    single = {**result, "rows": [{**row, "seeds": seeds[:1]}], "config": {**result["config"], "seeds": [0]}}
+    assert "| 21.0 / 10.0 |" in markdown_table(single) and "One training seed (0)" in markdown_table(single)
 
 
 @pytest.mark.slow
@@ -133,3 +164,28 @@ def test_quick_solver_preset_runs_heun_on_an_edm_teacher_and_skips_a_solver_it_c
     assert dpm["generation_teacher_forwards"] == 16 * K and heun["generation_teacher_forwards"] == 16 * (K - 1)
     markdown = Path(result["files"]["markdown"]).read_text()
     assert f"| ddim K={K} | – | – | – | not runnable for this teacher: solver 'ddim' cannot drive" in markdown
+
+
+@pytest.mark.slow  # a store and 2 seeds × (mid + post) runs: ~20 s
+def test_seeds_train_each_cell_once_per_seed_and_report_mean_and_spread(tiny, tmp_path):
+    cfg = tiny_config(tmp_path, tiny["teacher"], "solver-steps", solver_steps=(K,), seeds=(0, 1))
+    write_cached_stores(cfg)
+    result = run(cfg)
+    (row,) = result["rows"]
+    assert [run_["seed"] for run_ in row["seeds"]] == [0, 1]
+    runs_dir = tmp_path / "out" / "runs"
+    mid_runs = [run_["mid_run"] for run_ in row["seeds"]]
+    post_runs = [run_["post_run"] for run_ in row["seeds"]]
+    assert len(set(mid_runs)) == len(set(post_runs)) == 2
+    loop_seeds = [yaml.safe_load((runs_dir / name / "config.yaml").read_text())["loop"]["seed"] for name in mid_runs]
+    assert loop_seeds == [0, 1]
+    assert "-s1-" in post_runs[1] and "-s0-" in post_runs[0]
+    for key in ("cmt_fd", "post_fd"):
+        for steps in ("1step", "2step"):
+            values = [run_[key][steps] for run_ in row["seeds"]]
+            assert row[key][steps] == pytest.approx(statistics.fmean(values), rel=1e-12)
+            assert row[f"{key}_std"][steps] == pytest.approx(statistics.stdev(values), rel=1e-12)
+    assert " ± " in Path(result["files"]["markdown"]).read_text()
+    single = run(dataclasses.replace(cfg, seeds=(0,)))  # seed 0 is the single-seed run: reused, not trained again
+    assert single["rows"][0]["mid_run"] == mid_runs[0] and single["rows"][0]["seeds"][0]["cmt_fd"] == \
+        row["seeds"][0]["cmt_fd"]
