@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from trainer.losses import (
+    secant_derivative,
     DISTANCE_NAMES,
     LPIPSDistance,
     cmt_cm_loss,
@@ -234,6 +235,47 @@ def test_jvp_and_central_difference_agree_on_a_smooth_module():
     assert model.net[0].weight.grad is not None and model.net[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="delta must be > 0"):
         total_derivative_fd(model, z, t=t, r=r, v=v, delta=0.0)
+
+
+def test_secant_derivative_is_the_windows_slope_one_sided_at_r_and_t_max():
+    # u(z, t, r) = a·z + t²·b + r: along z' = v the total derivative is a·v + 2t·b; the slope of a quadratic over a
+    # symmetric window is exact, and over [t − δ₋, t + δ₊] it is a·v + (2t + δ₊ − δ₋)·b (hand computation)
+    torch.manual_seed(0)
+    a, b = 0.7, torch.randn(1, 5, dtype=torch.float64)
+    z, v = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+
+    def u_fn(z_in, *, t, r):
+        return a * z_in + t[:, None] ** 2 * b + r[:, None]
+
+    delta, t_max = 0.05, 0.9
+    t = torch.tensor([0.5, 0.9, 0.32, 0.9], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.2, 0.3, 0.9], dtype=torch.float64)
+    ahead = torch.tensor([0.05, 0.0, 0.05, 0.0], dtype=torch.float64)  # δ₊ = min(δ, t_max − t)
+    behind = torch.tensor([0.05, 0.05, 0.02, 0.0], dtype=torch.float64)  # δ₋ = min(δ, t − r)
+    slope = secant_derivative(u_fn, z, t=t, r=r, v=v, delta=delta, t_max=t_max)
+    expected = a * v + (2 * t + ahead - behind)[:, None] * b
+    expected[3] = 0.0  # t = r = t_max: an empty window, and MeanFlow multiplies du/dt by t − r = 0
+    assert torch.allclose(slope, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+    assert torch.allclose(slope[0], a * v[0] + 2 * t[0] * b[0], rtol=1e-9)  # interior: the exact derivative
+    assert not slope.requires_grad
+    with pytest.raises(ValueError, match="half-width delta must be > 0"):
+        secant_derivative(u_fn, z, t=t, r=r, v=v, delta=0.0, t_max=t_max)
+
+
+def test_a_wide_secant_ignores_wiggles_the_jvp_follows():
+    # u = z + sin(1000 t)/1000·b: the local derivative carries cos(1000 t)·b (size |b|), the slope over ±0.05 does not
+    b = torch.ones(1, 3, dtype=torch.float64)
+    z, v = torch.zeros(6, 3, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64)
+    t = torch.linspace(0.3, 0.6, 6, dtype=torch.float64)
+    r = torch.zeros(6, dtype=torch.float64)
+
+    def u_fn(z_in, *, t, r):
+        return z_in + torch.sin(1000 * t)[:, None] / 1000 * b
+
+    _, local = total_derivative_jvp(u_fn, z, t=t, r=r, v=v)
+    wide = secant_derivative(u_fn, z, t=t, r=r, v=v, delta=0.05, t_max=1.0)
+    assert torch.allclose(local, torch.cos(1000 * t)[:, None] * b)
+    assert float(wide.abs().max()) <= 2 / (1000 * 0.1) + 1e-12  # |Δ sin|/1000 over a window of width 0.1
 
 
 def test_jvp_through_a_diffusers_unet_with_attention_inside_the_context():

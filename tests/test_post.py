@@ -464,6 +464,14 @@ def test_jvp_with_an_attention_backend_without_forward_ad_is_refused_or_falls_ba
         plan = describe(tiny_cfg(tiny, tmp_path, "--method", "meanflow", "attention=flash", "meanflow.derivative=auto"))
     assert plan["derivative"] == "fd"
     assert describe(tiny_cfg(tiny, tmp_path, "--method", "meanflow"))["derivative"] == "jvp"
+    secant = ("--method", "meanflow", "meanflow.derivative=secant")
+    assert describe(tiny_cfg(tiny, tmp_path, *secant, "attention=flash"))["derivative"] == "secant"  # forward only
+    trained = run(tiny_cfg(tiny, tmp_path / "secant", *secant, "attention=flash", "loop.total_steps=2",
+                           "meanflow.fraction_r_neq_t=1.0"))
+    assert trained.rank_report["derivative"] == "secant" and trained.loop.skipped_steps == 0
+    assert math.isfinite(trained.loop.metrics["loss"])
+    with pytest.raises(ConfigError, match=r"meanflow.secant_delta must lie in \(0, 0.5\]"):
+        tiny_cfg(tiny, tmp_path, *secant, "meanflow.secant_delta=0")
     # Why: torch has no forward-mode formula for the flash SDPA kernel.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

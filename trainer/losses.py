@@ -438,6 +438,33 @@ def central_difference(u_fn: UFunction, z: Tensor, *, t: Tensor, r: Tensor, v: T
     return ((u_plus - u_minus) / (2.0 * delta)).detach()
 
 
+def secant_derivative(
+    u_fn: UFunction, z: Tensor, *, t: Tensor, r: Tensor, v: Tensor, delta: float, t_max: float
+) -> Tensor:
+    """du/dt as the slope of u over a window of up to 2δ along the path, under no_grad, detached → [B, ...]:
+
+        du/dt ≈ [u(z + δ₊·v, t + δ₊, r) − u(z − δ₋·v, t − δ₋, r)]/(δ₊ + δ₋),  δ₊ = min(δ, t_max − t), δ₋ = min(δ, t − r)
+
+    (t, r, t_max in τ; per sample). The window stays inside r ≤ t' ≤ t_max, so it is one-sided at the ends (a
+    backward difference at t = t_max) and never evaluates a negative gap t' − r. Where δ₊ + δ₋ = 0 (t = r = t_max)
+    it returns 0: MeanFlow multiplies du/dt by t − r = 0 there. A wide window (δ ≫ the 1e-4 of `central_difference`)
+    measures the slope of u over the window instead of its local derivative, which wiggles on scales far below 0.01 in
+    τ for students whose time embeddings see τ·1000 (README, "Why MeanFlow after CMT makes the student worse").
+    """
+    _check_same_shape(z, v, "z and v")
+    if not delta > 0:
+        raise ValueError(f"secant half-width delta must be > 0, got {delta}")
+    t64, r64 = t.to(torch.float64), r.to(torch.float64)  # [B]
+    ahead = (t_max - t64).clamp(min=0.0, max=delta)  # [B], δ₊
+    behind = (t64 - r64).clamp(min=0.0, max=delta)  # [B], δ₋
+    width = ahead + behind  # [B]
+    with torch.no_grad():
+        u_ahead = u_fn(z + column(ahead, z) * v, t=(t64 + ahead).to(t.dtype), r=r)  # [B, ...]
+        u_behind = u_fn(z - column(behind, z) * v, t=(t64 - behind).to(t.dtype), r=r)  # [B, ...]
+        slope = (u_ahead - u_behind) / column(width.clamp(min=1e-12), z)  # [B, ...]
+    return torch.where(column(width > 0, z).bool(), slope, torch.zeros_like(slope)).detach()
+
+
 def total_derivative_fd(
     u_fn: UFunction, z: Tensor, *, t: Tensor, r: Tensor, v: Tensor, delta: float
 ) -> tuple[Tensor, Tensor]:

@@ -85,8 +85,10 @@ class MeanFlowConfig:
     p_mean: float = -0.4
     p_std: float = 1.0
     fraction_r_neq_t: float = 0.25
-    derivative: Literal["jvp", "fd", "auto"] = "auto"  # auto: jvp where the attention backend allows it, else fd
+    # auto: jvp where the attention backend allows it, else fd; secant: the slope over a window of ±secant_delta
+    derivative: Literal["jvp", "fd", "auto", "secant"] = "auto"
     fd_delta: float = 1e-4  # in τ; UNet time embeddings see τ·T (T = 1000), so δ = 1e-3 is already a 1-timestep jump
+    secant_delta: float = 0.05  # derivative=secant: the window's half-width in τ (one-sided at r and at τ_max)
     tau_min: float = 0.005  # t, r are clamped to [tau_min, min(1 − tau_min, the student's sampling τ_max)]
     adaptive_p: float = 1.0
     adaptive_c: float = 1e-3
@@ -103,6 +105,9 @@ class MeanFlowConfig:
                 f"meanflow.fd_delta must lie in (0, tau_min/2] = (0, {self.tau_min / 2}] so that t − δ stays > 0, "
                 f"got {self.fd_delta}"
             )
+        if not 0 < self.secant_delta <= 0.5:
+            raise ConfigError(f"meanflow.secant_delta must lie in (0, 0.5] (a half-width in τ), got "
+                              f"{self.secant_delta}")
         if not 0 < self.tau_min < 0.5:
             raise ConfigError(f"meanflow.tau_min must lie in (0, 0.5), got {self.tau_min}")
         if self.guidance_scale is None and (self.guidance_kappa != 0 or (self.guidance_t_min, self.guidance_t_max)
@@ -121,10 +126,11 @@ class MeanFlowConfig:
             raise ConfigError("meanflow.guidance_scale and meanflow.guidance_kappa must be finite numbers")
 
 
-def resolve_derivative(requested: str, attention: str) -> Literal["jvp", "fd"]:
-    """MeanFlow's derivative: "jvp" needs attention with forward-mode AD ("sdpa"); "auto" falls back to "fd"."""
-    if requested == "fd":
-        return "fd"
+def resolve_derivative(requested: str, attention: str) -> Literal["jvp", "fd", "secant"]:
+    """MeanFlow's derivative: "jvp" needs attention with forward-mode AD ("sdpa"); "auto" falls back to "fd"; "fd" and
+    "secant" (forward passes only) run with any attention."""
+    if requested in ("fd", "secant"):
+        return requested  # type: ignore[return-value]
     if attention == "sdpa":
         return "jvp"
     if requested == "jvp":
@@ -211,10 +217,11 @@ def meanflow_prediction_and_derivative(
     r: Tensor,
     v: Tensor,
     labels: Tensor | None,
-    method: Literal["jvp", "fd"],
+    method: Literal["jvp", "fd", "secant"],
     fd_delta: float,
     dropout_seed: int,
     attention: str = "sdpa",
+    secant: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(u_θ(z, t, r) with gradient through `model`, sg(du/dt)), du/dt = v·∂_z u + ∂_t u; one dropout mask for all.
 
@@ -224,9 +231,10 @@ def meanflow_prediction_and_derivative(
     gradients; in the mixed-precision dtype). du/dt comes from the UNWRAPPED student's `velocity`, in float32 and
     under no_grad: "jvp" by torch.func.jvp inside `jvp_attention_context` (DDP wrappers break jvp; the prediction
     runs inside the same attention context because the math SDPA kernel consumes the RNG differently from the
-    others, and the masks must match), "fd" by the central difference of `trainer.losses.central_difference`.
+    others, and the masks must match), "fd" by the central difference of `trainer.losses.central_difference`,
+    "secant" by `trainer.losses.secant_derivative` with `secant` = (half-width δ, τ_max).
     """
-    from trainer.losses import central_difference, total_derivative_jvp
+    from trainer.losses import central_difference, secant_derivative, total_derivative_jvp
 
     student = extract_model_from_parallel(model)
 
@@ -248,7 +256,13 @@ def meanflow_prediction_and_derivative(
         return u_pred, du_dt.to(u_pred.dtype)
     with attention_context(attention):
         u_pred = predict(z, t=t, r=r)  # [B, *S]
-        du_dt = central_difference(velocity32, z.float(), t=t, r=r, v=v.float(), delta=fd_delta)  # [B, *S]
+        if method == "secant":
+            if secant is None:
+                raise ValueError("method='secant' needs secant=(half-width, τ_max)")
+            du_dt = secant_derivative(velocity32, z.float(), t=t, r=r, v=v.float(), delta=secant[0],
+                                      t_max=secant[1])  # [B, *S]
+        else:
+            du_dt = central_difference(velocity32, z.float(), t=t, r=r, v=v.float(), delta=fd_delta)  # [B, *S]
     return u_pred, du_dt.to(u_pred.dtype)
 
 
@@ -291,7 +305,7 @@ class MeanFlowLoss:
     v = ε − x0 or the teacher's velocity at (z, t) (`velocity`), loss sg(w)·‖u_θ(z, t, r) − sg(u_tgt)‖²."""
 
     mf: MeanFlowConfig
-    derivative: Literal["jvp", "fd"]
+    derivative: Literal["jvp", "fd", "secant"]
     tau_max: float
     attention: str = "sdpa"
     null_class: int | None = None
@@ -334,7 +348,7 @@ class MeanFlowLoss:
             v = torch.where(column(dropped, v).bool(), v, guided)  # [B, *S]
         u_pred, du_dt = meanflow_prediction_and_derivative(
             model, z, t=t, r=r, v=v, labels=labels, method=self.derivative, fd_delta=self.mf.fd_delta,
-            dropout_seed=seed + 1, attention=self.attention,
+            dropout_seed=seed + 1, attention=self.attention, secant=(self.mf.secant_delta, self.tau_max),
         )
         u_tgt = meanflow_target(v, du_dt, t=t, r=r)  # [B, *S]
         return meanflow_loss(u_pred.float(), u_tgt.float(), p=self.mf.adaptive_p, c=self.mf.adaptive_c)  # [B]
