@@ -1,7 +1,7 @@
 """How far MeanFlow's regression target is from the teacher's flow map, beside how far the student already is.
 
     python jobs/meanflow_target_probe.py --teacher DIR --student EXPORT_DIR [--num 256] [--secant 0.05 0.1]
-        [--pairs T:R ...] [--ode-steps 48] [--dataset digits] [--json OUT]
+        [--central 1e-4 1e-2] [--pairs T:R ...] [--ode-steps 48] [--dataset digits] [--json OUT]
 
 Post-training with MeanFlow regresses the student's average velocity u_θ(z, t, r) onto (Geng et al. 2025, Eq. 10)
 
@@ -16,7 +16,8 @@ noise ε and each (t, r) pair in τ (flow-matching view, z = (1 − t)·x0 + t·
 
 and prints the mean squared error per element of: the student's u_θ; the target with du/dt by JVP (what
 `meanflow.derivative=jvp|auto` trains on); the target with du/dt by the secant of each --secant half-width
-(`meanflow.derivative=secant`). Every target uses the teacher's velocity v = (z − D(z))/t, so its error is the
+(`meanflow.derivative=secant`); with --central, the target with du/dt by the central difference at each δ
+(`meanflow.derivative=fd` at `fd_delta` = δ; a δ far above 1e-4 shows whether u_θ is smooth in t). Every target uses the teacher's velocity v = (z − D(z))/t, so its error is the
 derivative's alone (the paper's v = ε − x0 adds zero-mean noise on top). r = 0 is probed at r = τ_min = 0.005, the
 smallest r MeanFlow trains (or at the teacher's lowest level, where its schedule ends above it); t = τ_max is the student's 1-step start. The default pairs are the 1- and 2-step
 samplers' maps (τ_max → 0, τ_max → 0.5, 0.5 → 0) and pairs across the sampler's range. One batch, eval mode, float32.
@@ -80,17 +81,20 @@ def teacher_flow_map(teacher: Any, z: Tensor, t: float, r: float, steps: int) ->
 
 
 def probe(teacher_dir: str, student_dir: str, *, pairs: Sequence[str] = DEFAULT_PAIRS, num: int = 256,
-          secants: Sequence[float] = DEFAULT_SECANTS, ode_steps: int = 48, dataset: str = "digits",
-          seed: int = 0) -> dict[str, Any]:
-    """{"tau_max", "rows": [{t, r, reference, student, target_jvp, target_secant: {δ: error}}]} (MSE per element)."""
+          secants: Sequence[float] = DEFAULT_SECANTS, centrals: Sequence[float] = (), ode_steps: int = 48,
+          dataset: str = "digits", seed: int = 0) -> dict[str, Any]:
+    """{"tau_max", "rows": [{t, r, reference, student, target_jvp, target_central: {δ: error},
+    target_secant: {δ: error}}]} (MSE per element)."""
     from pipeline.teacher import load_teacher
     from trainer.image_datasets import load_dataset
-    from trainer.losses import secant_derivative, total_derivative_jvp
+    from trainer.losses import central_difference, secant_derivative, total_derivative_jvp
     from trainer.methods.meanflow import MeanFlowConfig, jvp_attention_context, tau_max, teacher_velocity
     from trainer.student import FlowMapStudent
 
     if num < 2 or ode_steps < 1 or any(not 0 < delta <= 0.5 for delta in secants):
         raise ProbeError("--num must be >= 2, --ode-steps >= 1 and every --secant in (0, 0.5]")
+    if any(not 0 < delta < 0.05 for delta in centrals):
+        raise ProbeError("every --central δ must lie in (0, 0.05); use --secant for wider windows")
     teacher = load_teacher(teacher_dir)
     student = FlowMapStudent.from_pretrained(student_dir).eval()
     if not student.second_time_input:
@@ -129,7 +133,11 @@ def probe(teacher_dir: str, student_dir: str, *, pairs: Sequence[str] = DEFAULT_
             _, du_dt = total_derivative_jvp(u_fn, z, t=t, r=r, v=v)  # [B, *S]
         row = {"t": t_value, "r": r_value, "reference": float((reference.double() ** 2).mean()),
                "student": error(student_u, reference), "target_jvp": error(v - gap * du_dt, reference),
-               "target_secant": {}}
+               "target_central": {}, "target_secant": {}}
+        for delta in centrals:  # none where t ± δ leaves (r, 1): a negative gap or τ ≥ 1 the student never sees
+            inside = r_value < t_value - delta and t_value + delta < 1.0
+            slope = central_difference(u_fn, z, t=t, r=r, v=v, delta=delta) if inside else None  # [B, *S]
+            row["target_central"][str(delta)] = None if slope is None else error(v - gap * slope, reference)
         for delta in secants:
             slope = secant_derivative(u_fn, z, t=t, r=r, v=v, delta=delta, t_max=limit)  # [B, *S]
             row["target_secant"][str(delta)] = error(v - gap * slope, reference)
@@ -141,19 +149,21 @@ def probe(teacher_dir: str, student_dir: str, *, pairs: Sequence[str] = DEFAULT_
 
 def format_row(row: dict[str, Any]) -> str:
     """One markdown table row: t, r, ‖u_ref‖², then each error with its ratio to the student's."""
-    def cell(value: float) -> str:
-        return f"{value:.3g} ({value / row['student']:.3g}×)"
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3g} ({value / row['student']:.3g}×)"
 
-    secants = " | ".join(cell(value) for value in row["target_secant"].values())
+    others = " | ".join(cell(value) for value in [*row["target_central"].values(), *row["target_secant"].values()])
     return (f"| {row['t']:.4f} | {row['r']:.3f} | {row['reference']:.3f} | {row['student']:.3g} | "
-            f"{cell(row['target_jvp'])} | {secants} |")
+            f"{cell(row['target_jvp'])} | {others} |")
 
 
-def header(secants: Sequence[float]) -> str:
+def header(secants: Sequence[float], centrals: Sequence[float] = ()) -> str:
     """The markdown table's header."""
-    names = " | ".join(f"target, secant ±{delta}" for delta in secants)
+    names = " | ".join([*(f"target, central δ = {delta:g}" for delta in centrals),
+                        *(f"target, secant ±{delta}" for delta in secants)])
+    columns = len(centrals) + len(secants)
     return ("| t | r | ‖u_ref‖² | student | target, JVP | " + names + " |\n"
-            + "|---:|---:|---:|---:|---:|" + "---:|" * len(secants))
+            + "|---:|---:|---:|---:|---:|" + "---:|" * columns)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,16 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student", required=True, help="an MF-form student export (trainer/mid.py form=mf)")
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--secant", type=float, nargs="+", default=list(DEFAULT_SECANTS))
+    parser.add_argument("--central", type=float, nargs="*", default=[], help="central-difference δ's to compare")
     parser.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS), help="T:R in τ; 'max' = τ_max")
     parser.add_argument("--ode-steps", type=int, default=48)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    print(header(args.secant), flush=True)
+    print(header(args.secant, args.central), flush=True)
     try:
         result = probe(args.teacher, args.student, pairs=args.pairs, num=args.num, secants=args.secant,
-                       ode_steps=args.ode_steps, dataset=args.dataset, seed=args.seed)
+                       centrals=args.central, ode_steps=args.ode_steps, dataset=args.dataset, seed=args.seed)
     except ProbeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

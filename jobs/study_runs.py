@@ -82,14 +82,15 @@ def post_data_argument(cfg: CompareConfig, store_url: str) -> str:
 
 
 def builtin_post_overrides(method: str, init: str, total_steps: int) -> list[str]:
-    """Per-cell defaults: ECT's doubling Δt schedule and MeanFlow's own 25 % of pairs with r ≠ t for baselines (the
-    preset's 100 % is for a CMT student); a warming-up EMA for random inits (a constant decay from step 0, the preset's
-    choice for pretrained inits, would keep the random weights in the average)."""
+    """Per-cell defaults: ECT's doubling Δt schedule and MeanFlow's own settings for baselines, 25 % of pairs with
+    r ≠ t and the JVP derivative (the preset's 100 % and secant derivative are for a CMT student); a warming-up EMA for
+    random inits (a constant decay from step 0, the preset's choice for pretrained inits, would keep the random weights
+    in the average)."""
     settings = []
     if method == "ect" and init in BASELINES:
         settings += ["ect.q_mode=doubling", "ect.q_start=2", f"ect.double_every_steps={max(1, total_steps // 11)}"]
     if method == "meanflow" and init in BASELINES:
-        settings += ["meanflow.fraction_r_neq_t=0.25"]
+        settings += ["meanflow.fraction_r_neq_t=0.25", "meanflow.derivative=auto"]
     if init == "random":
         settings += ["loop.ema_constant=false", "loop.ema_warmup=true"]
     return settings

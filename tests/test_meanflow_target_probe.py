@@ -45,14 +45,18 @@ def tiny_mf(tmp_path_factory):
 
 def test_probe_scores_the_pairs_asked_with_r_zero_at_tau_min(tiny_mf, tmp_path, capsys):
     result = probe(tiny_mf["teacher"], tiny_mf["mf"], pairs=("max:0", "0.5:0.4"), num=8, secants=(0.02, 0.1),
-                   ode_steps=4)
+                   centrals=(1e-4, 0.02), ode_steps=4)
     first, second = result["rows"]
     lowest = load_teacher(tiny_mf["teacher"]).sigma_edm_range[0]  # this VP table ends above τ_min
     assert first["t"] == result["tau_max"] and first["r"] == pytest.approx(max(TAU_MIN, lowest / (1 + lowest)))
     assert (second["t"], second["r"]) == (0.5, 0.4)
+    assert first["target_central"]["0.02"] is None  # τ_max + 0.02 ≥ 1: a time the student never sees
     for row in result["rows"]:
-        values = [row["reference"], row["student"], row["target_jvp"], *row["target_secant"].values()]
+        values = [row["reference"], row["student"], row["target_jvp"], *row["target_secant"].values(),
+                  row["target_central"]["0.0001"]]
         assert all(math.isfinite(value) and value >= 0 for value in values)
+        # the JVP is du/dt: the central difference at δ = 1e-4 gives the same target
+        assert row["target_central"]["0.0001"] == pytest.approx(row["target_jvp"], rel=1e-2, abs=1e-6)
         assert list(row["target_secant"]) == ["0.02", "0.1"]
         assert row["target_secant"]["0.02"] != row["target_secant"]["0.1"]  # the window's width matters
     out = tmp_path / "probe.json"
