@@ -371,16 +371,20 @@ class FlowMapStudent(nn.Module):
                 fresh = torch.as_tensor(renoise).to(device=device, dtype=torch.float32)  # [B, *S]
                 x0 = self.denoise(x0 + sigma_mid * fresh, sigma_mid, labels)
             return x0
-        if self.schedule.family == "flow":
-            tau_max, z = 1.0, noise  # [B, *S]
-        else:
-            tau_max = sigma_max / (1.0 + sigma_max)
-            z = noise * (math.sqrt(1.0 + sigma_max * sigma_max) / (1.0 + sigma_max))  # [B, *S], x̃_T/(1 + σ̃)
+        tau_max, z = self.mf_prior(noise, sigma_max)
         if steps == 2:
             tau_mid = DEFAULT_MF_INTERMEDIATE_TAU if intermediate is None else float(intermediate)
             z = self.flow_map(z, t=tau_max, r=tau_mid, labels=labels)
             tau_max = tau_mid
         return self.flow_map(z, t=tau_max, r=0.0, labels=labels)
+
+    def mf_prior(self, noise: Tensor, sigma_max: float | None = None) -> tuple[float, Tensor]:
+        """The MF form's start (τ_max, z_T [B, *S]) for standard-normal `noise`: τ_max = σ̃_max/(1 + σ̃_max) and
+        z_T = x̃_T/(1 + σ̃_max) with x̃_T = ε·√(1 + σ̃_max²) (the VP marginal); τ_max = 1, z_T = ε for flow teachers."""
+        if self.schedule.family == "flow":
+            return 1.0, noise
+        sigma_max = self.default_sigma_max() if sigma_max is None else float(sigma_max)
+        return sigma_max / (1.0 + sigma_max), noise * (math.sqrt(1.0 + sigma_max * sigma_max) / (1.0 + sigma_max))
 
     # ------------------------------------------------------------------------------------------------------
     # Export (the format lives in trainer.student_export)
