@@ -16,8 +16,9 @@ noise ε and each (t, r) pair in τ (flow-matching view, z = (1 − t)·x0 + t·
 
 and prints the mean squared error per element of: the student's u_θ; the target with du/dt by JVP (what
 `meanflow.derivative=jvp|auto` trains on); the target with du/dt by the secant of each --secant half-width
-(`meanflow.derivative=secant`); with --central, the target with du/dt by the central difference at each δ
-(`meanflow.derivative=fd` at `fd_delta` = δ; a δ far above 1e-4 shows whether u_θ is smooth in t). Every target uses the teacher's velocity v = (z − D(z))/t, so its error is the
+(`meanflow.derivative=secant`); with --central, the target with du/dt by the central difference at each δ (what
+`meanflow.derivative=fd` trains on at `fd_delta` = δ, which training allows up to τ_min/2 = 0.0025; a δ far above
+1e-4 shows whether u_θ is smooth in t; pairs where t − δ ≤ r or t + δ ≥ 1 are left out). Every target uses the teacher's velocity v = (z − D(z))/t, so its error is the
 derivative's alone (the paper's v = ε − x0 adds zero-mean noise on top). r = 0 is probed at r = τ_min = 0.005, the
 smallest r MeanFlow trains (or at the teacher's lowest level, where its schedule ends above it); t = τ_max is the student's 1-step start. The default pairs are the 1- and 2-step
 samplers' maps (τ_max → 0, τ_max → 0.5, 0.5 → 0) and pairs across the sampler's range. One batch, eval mode, float32.
@@ -97,6 +98,9 @@ def probe(teacher_dir: str, student_dir: str, *, pairs: Sequence[str] = DEFAULT_
         raise ProbeError("every --central δ must lie in (0, 0.05); use --secant for wider windows")
     teacher = load_teacher(teacher_dir)
     student = FlowMapStudent.from_pretrained(student_dir).eval()
+    if student.num_classes is not None or getattr(teacher, "num_classes", None) is not None:
+        raise ProbeError(f"--student {student_dir} or its teacher is class-conditional: this probe reads unconditional "
+                         "models (it passes no labels)")
     if not student.second_time_input:
         raise ProbeError(f"--student {student_dir} is a CM-form export: MeanFlow trains MF-form students (mid-training "
                          "form=mf)")

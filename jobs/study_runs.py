@@ -36,6 +36,16 @@ def preset_key(preset: str) -> str:
         return str(path)
 
 
+def preset_settings(preset: str) -> Any:
+    """A preset's settings as they enter a run's name (its parsed YAML: comments do not count), so that a finished run
+    trained under a preset's old settings is not taken for one under its new ones; None for a file that does not
+    exist (the stage then refuses it)."""
+    import yaml
+
+    path = Path(preset)
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """One stage run: its directory name, stage, cell and the overrides passed to trainer/<stage>.py."""
@@ -70,7 +80,8 @@ def mid_plan(cfg: CompareConfig, form: str, store_url: str, runs_dir: Path, seed
     chosen = user_overrides(cfg, "mid", form=form)
     # Named without its evaluation cadence (hashed as 0, the cadence runs were named with before mid_evals):
     # evaluations leave the training streams alone (tests/test_mid.py), so the cadence does not change the run.
-    name = f"mid-{form}-{short_hash([preset_key(cfg.mid_preset), settings(0), chosen])}"
+    digest = short_hash([preset_key(cfg.mid_preset), preset_settings(cfg.mid_preset), settings(0), chosen])
+    name = f"mid-{form}-{digest}"
     every = _eval_every(cfg.mid_steps, cfg.mid_evals) if cfg.mid_evals else 0
     overrides = (*settings(every), *chosen, f"loop.output_dir={runs_dir / name}")
     return RunPlan(name, "mid", overrides, cfg.mid_steps, form=form, seed=seed, user_overrides=tuple(chosen))
@@ -110,7 +121,8 @@ def post_plan(cfg: CompareConfig, method: str, init: str, seed: int, total_steps
     builtin = builtin_post_overrides(method, init, total_steps)
     chosen = [f"data=store:{store_url}" if text.replace(" ", "") == f"data={STORE_TOKEN}" else text
               for text in user_overrides(cfg, "post", method=method, init=init)]
-    name = f"{method}-{init}-s{seed}-{short_hash([preset_key(cfg.post_preset), settings, builtin, chosen])}"
+    digest = short_hash([preset_key(cfg.post_preset), preset_settings(cfg.post_preset), settings, builtin, chosen])
+    name = f"{method}-{init}-s{seed}-{digest}"
     overrides = (*settings, *builtin, *chosen, f"loop.output_dir={runs_dir / name}")
     return RunPlan(name, "post", overrides, total_steps, method=method, init=init, seed=seed,
                    user_overrides=tuple(chosen), builtin_overrides=tuple(builtin))

@@ -61,8 +61,13 @@ def probe(students: dict[str, str], *, intermediates: Sequence[float], draws: Se
 
     if not students or num < 2 or not draws or not intermediates:
         raise TwoStepProbeError("pass at least one --student, --num >= 2, one --draws and one --intermediate")
+    if min(draws) < 0:
+        raise TwoStepProbeError(f"--draws must be >= 0 (0: the runs' own noise), got {min(draws)}")
     loaded = {name: FlowMapStudent.from_pretrained(path).eval() for name, path in students.items()}
     for name, student in loaded.items():
+        if student.num_classes is not None:
+            raise TwoStepProbeError(f"--student {name}={students[name]} is class-conditional: this probe scores "
+                                    "unconditional students (python -m trainer.sample --label K draws one class)")
         if not student.second_time_input:
             raise TwoStepProbeError(f"--student {name}={students[name]} is a CM-form export: this probe reads MF-form "
                                     "students (trainer/mid.py form=mf, MeanFlow)")
@@ -88,7 +93,12 @@ def probe(students: dict[str, str], *, intermediates: Sequence[float], draws: Se
 
 def format_row(row: dict[str, Any]) -> str:
     """One markdown row: maps, τ_mid, draw 0's FD, the fresh draws' mean ± std."""
-    fresh = "–" if row["fresh_mean"] is None else f"{row['fresh_mean']:.1f} ± {row['fresh_std'] or 0.0:.1f}"
+    if row["fresh_mean"] is None:
+        fresh = "–"
+    elif row["fresh_std"] is None:
+        fresh = f"{row['fresh_mean']:.1f}"
+    else:
+        fresh = f"{row['fresh_mean']:.1f} ± {row['fresh_std']:.1f}"
     draw0 = row["fd"].get(0)
     return (f"| {row['first']} | {row['second']} | {row['tau_mid']:g} | "
             f"{'–' if draw0 is None else f'{draw0:.1f}'} | {fresh} |")

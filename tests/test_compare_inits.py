@@ -284,6 +284,24 @@ def test_run_names_do_not_depend_on_where_the_project_is_checked_out(tmp_path, m
     assert mid_plan(CompareConfig(teacher="/t", mid_preset=str(outside)), "cm", "/s.zarr", tmp_path).name not in names
 
 
+def test_run_names_change_with_a_presets_settings_and_not_with_its_comments(tmp_path):
+    """A finished run trained under a preset's old settings is not reused once the preset changes a setting (the
+    digits post preset changed MeanFlow's derivative); editing a comment keeps the name."""
+    from jobs.compare_config import CompareConfig
+    from jobs.study_runs import post_plan
+
+    preset = tmp_path / "post.yaml"
+
+    def name(text: str) -> str:
+        preset.write_text(text)
+        return post_plan(CompareConfig(teacher="/t", post_preset=str(preset)), "meanflow", "cmt", 0, 10,
+                         store_url="/s.zarr", cmt_export=tmp_path / "export", runs_dir=tmp_path).name
+
+    jvp = name("meanflow:\n  derivative: auto\n")
+    assert name("# a comment\nmeanflow:\n  derivative: auto  # another\n") == jvp
+    assert name("meanflow:\n  derivative: secant\n") != jvp
+
+
 def test_a_mid_run_is_evaluated_along_the_way_and_named_without_its_evaluation_cadence(tmp_path):
     """mid_evals sets the mid run's eval_every_steps but not its name: evaluations do not change what is trained
     (tests/test_mid.py), so runs made with another cadence are found again."""

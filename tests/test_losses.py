@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from trainer.losses import (
-    secant_derivative,
     DISTANCE_NAMES,
     LPIPSDistance,
     cmt_cm_loss,
@@ -18,6 +17,7 @@ from trainer.losses import (
     meanflow_loss,
     meanflow_target,
     pseudo_huber,
+    secant_derivative,
     squared_l2,
     total_derivative_fd,
     total_derivative_jvp,

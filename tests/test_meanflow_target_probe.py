@@ -23,13 +23,14 @@ from trainer.student import FlowMapStudent
 def test_the_reference_flow_map_is_the_oracles_closed_form(scheduler):
     mu, s = 0.3, 0.5
     teacher = make_oracle_teacher(scheduler, (1, 4, 4), mu, s)
-    z = torch.randn(3, 1, 4, 4)
+    z = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     for t, r in ((0.9, 0.3), (0.5, 0.01), (0.3, 0.25)):
         exact = (1 - r) * flow_map(z.double() / (1 - t), t / (1 - t), r / (1 - r), mu, s)
         errors = [float((teacher_flow_map(teacher, z, t, r, steps=steps).double() - exact).norm() / exact.norm())
                   for steps in (24, 48)]
         assert errors[1] < 1e-3, (t, r, errors)
-        assert errors[1] < errors[0] / 3, (t, r, errors)  # Heun: second order, 4× smaller per halved step
+        if errors[0] > 1e-5:  # above float32 rounding: Heun is second order, 4× smaller per halved step
+            assert errors[1] < errors[0] / 3, (t, r, errors)
 
 
 @pytest.fixture(scope="module")
