@@ -23,9 +23,8 @@ derivative's alone (the paper's v = ε − x0 adds zero-mean noise on top). r = 
 smallest r MeanFlow trains (or at the teacher's lowest level, where its schedule ends above it); t = τ_max is the student's 1-step start. The default pairs are the 1- and 2-step
 samplers' maps (τ_max → 0, τ_max → 0.5, 0.5 → 0) and pairs across the sampler's range. One batch, eval mode, float32.
 
-The Heun integrator is written here on the teacher's EDM-view denoiser (`Teacher.denoise`), which every teacher family
-(VP tables, EDM, flow matching) provides, so that one ODE serves all of them between arbitrary levels; the store's
-solvers start from the prior only.
+The reference integrates with `pipeline.ode_step` (ECD's per-sample Heun step on the teacher's EDM-view denoiser, which
+every teacher family provides) between arbitrary levels; the store's solvers start from the prior only.
 """
 
 from __future__ import annotations
@@ -69,16 +68,17 @@ def parse_pairs(texts: Sequence[str], tau_max: float, r_floor: float = TAU_MIN) 
 
 @torch.no_grad()
 def teacher_flow_map(teacher: Any, z: Tensor, t: float, r: float, steps: int) -> Tensor:
-    """Ψ_{t→r}(z) of the teacher's PF-ODE in the flow-matching view (Heun, `steps` log-spaced σ̃ levels) → [B, *S]."""
-    sigma_from, sigma_to = t / (1.0 - t), r / (1.0 - r)
+    """Ψ_{t→r}(z) of the teacher's PF-ODE in the flow-matching view → [B, *S]: `pipeline.ode_step`'s Heun step over
+    `steps` log-spaced σ̃ levels from σ̃(t) to σ̃(r) (r must lie inside the teacher's schedule, where Heun corrects)."""
+    from pipeline.ode_step import ode_step
+    from pipeline.time_convention import edm_from_fm, fm_from_edm
+
+    x, sigma_from = edm_from_fm(z, t)  # [B, *S] x̃, σ̃(t)
+    sigma_to = r / (1.0 - r)
     sigmas = torch.logspace(math.log10(sigma_from), math.log10(sigma_to), steps + 1, dtype=torch.float64)
-    x = z / (1.0 - t)  # [B, *S], x̃ = z/(1 − τ)
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        slope = (x - teacher.denoise(x, sigma)) / sigma  # [B, *S], dx̃/dσ̃ (EDM Eq. 3 with s = 1, σ(t) = t)
-        x_euler = x + (sigma_next - sigma) * slope
-        slope_next = (x_euler - teacher.denoise(x_euler, sigma_next)) / sigma_next
-        x = x + (sigma_next - sigma) * 0.5 * (slope + slope_next)  # EDM Algorithm 1's 2nd-order correction
-    return x * (1.0 - r)  # [B, *S]
+        x = ode_step(teacher, x, sigma, sigma_next, method="heun")  # [B, *S]
+    return fm_from_edm(x, sigma_to)[0]  # [B, *S]
 
 
 def probe(teacher_dir: str, student_dir: str, *, pairs: Sequence[str] = DEFAULT_PAIRS, num: int = 256,
@@ -89,7 +89,13 @@ def probe(teacher_dir: str, student_dir: str, *, pairs: Sequence[str] = DEFAULT_
     from pipeline.teacher import load_teacher
     from trainer.image_datasets import load_dataset
     from trainer.losses import central_difference, secant_derivative, total_derivative_jvp
-    from trainer.methods.meanflow import MeanFlowConfig, jvp_attention_context, tau_max, teacher_velocity
+    from trainer.methods.meanflow import (
+        MeanFlowConfig,
+        jvp_attention_context,
+        tau_max,
+        teacher_tau_floor,
+        teacher_velocity,
+    )
     from trainer.student import FlowMapStudent
 
     if num < 2 or ode_steps < 1 or any(not 0 < delta <= 0.5 for delta in secants):
@@ -105,8 +111,7 @@ def probe(teacher_dir: str, student_dir: str, *, pairs: Sequence[str] = DEFAULT_
         raise ProbeError(f"--student {student_dir} is a CM-form export: MeanFlow trains MF-form students (mid-training "
                          "form=mf)")
     limit = tau_max(student, MeanFlowConfig())
-    lowest = teacher.sigma_edm_range[0]  # σ̃: a VP table ends above τ = 0.005 (MeanFlowLoss's t_floor)
-    chosen = parse_pairs(pairs, limit, max(TAU_MIN, lowest / (1.0 + lowest)))
+    chosen = parse_pairs(pairs, limit, max(TAU_MIN, teacher_tau_floor(teacher)))
     images = load_dataset(dataset).images  # [N, C, H, W] in [-1, 1]
     if tuple(images.shape[1:]) != tuple(student.sample_shape):
         raise ProbeError(f"--dataset {dataset} images are {tuple(images.shape[1:])}, the student's samples "

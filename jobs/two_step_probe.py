@@ -71,7 +71,7 @@ def probe(students: dict[str, str], *, intermediates: Sequence[float], draws: Se
         if not student.second_time_input:
             raise TwoStepProbeError(f"--student {name}={students[name]} is a CM-form export: this probe reads MF-form "
                                     "students (trainer/mid.py form=mf, MeanFlow)")
-        tau_max = student.mf_prior(torch.zeros(1, *student.sample_shape))[0]
+        tau_max = student.mf_tau_max()
         bad = [tau for tau in intermediates if not 0 < tau < tau_max]
         if bad:
             raise TwoStepProbeError(f"--intermediate {bad}: τ_mid must lie in (0, τ_max = {tau_max:.4f})")

@@ -378,13 +378,21 @@ class FlowMapStudent(nn.Module):
             tau_max = tau_mid
         return self.flow_map(z, t=tau_max, r=0.0, labels=labels)
 
+    def mf_tau_max(self, sigma_max: float | None = None) -> float:
+        """The MF form's 1-step start τ_max = σ̃_max/(1 + σ̃_max) (σ̃_max: `default_sigma_max` unless given); 1 for
+        flow teachers and an infinite σ̃_max."""
+        sigma_max = self.default_sigma_max() if sigma_max is None else float(sigma_max)
+        if self.schedule.family == "flow" or math.isinf(sigma_max):
+            return 1.0
+        return sigma_max / (1.0 + sigma_max)
+
     def mf_prior(self, noise: Tensor, sigma_max: float | None = None) -> tuple[float, Tensor]:
-        """The MF form's start (τ_max, z_T [B, *S]) for standard-normal `noise`: τ_max = σ̃_max/(1 + σ̃_max) and
-        z_T = x̃_T/(1 + σ̃_max) with x̃_T = ε·√(1 + σ̃_max²) (the VP marginal); τ_max = 1, z_T = ε for flow teachers."""
+        """The MF form's start (τ_max, z_T [B, *S]) for standard-normal `noise`: τ_max from `mf_tau_max` and
+        z_T = x̃_T/(1 + σ̃_max) with x̃_T = ε·√(1 + σ̃_max²) (the VP marginal); z_T = ε for flow teachers."""
         if self.schedule.family == "flow":
             return 1.0, noise
         sigma_max = self.default_sigma_max() if sigma_max is None else float(sigma_max)
-        return sigma_max / (1.0 + sigma_max), noise * (math.sqrt(1.0 + sigma_max * sigma_max) / (1.0 + sigma_max))
+        return self.mf_tau_max(sigma_max), noise * (math.sqrt(1.0 + sigma_max * sigma_max) / (1.0 + sigma_max))
 
     # ------------------------------------------------------------------------------------------------------
     # Export (the format lives in trainer.student_export)

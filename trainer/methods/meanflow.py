@@ -70,6 +70,7 @@ __all__ = [
     "meanflow_times",
     "resolve_derivative",
     "tau_max",
+    "teacher_tau_floor",
     "teacher_velocity",
 ]
 
@@ -145,9 +146,13 @@ def resolve_derivative(requested: str, attention: str) -> Literal["jvp", "fd", "
 
 def tau_max(student: Any, mf: MeanFlowConfig) -> float:
     """Largest MeanFlow time: the student's 1-step sampling τ_max, kept below 1 − tau_min."""
-    sigma_max = student.default_sigma_max()
-    tau = 1.0 if math.isinf(sigma_max) or student.schedule.family == "flow" else sigma_max / (1.0 + sigma_max)
-    return min(tau, 1.0 - mf.tau_min)
+    return min(student.mf_tau_max(), 1.0 - mf.tau_min)
+
+
+def teacher_tau_floor(teacher: Any) -> float:
+    """The teacher's lowest level in τ, σ̃_min/(1 + σ̃_min): a VP table ends above MeanFlow's τ_min = 0.005."""
+    lowest = teacher.sigma_edm_range[0]  # σ̃
+    return lowest / (1.0 + lowest)
 
 
 def meanflow_times(
@@ -318,8 +323,7 @@ class MeanFlowLoss:
             return
         if self.teacher is None:
             raise ConfigError("meanflow.velocity=teacher runs the teacher every step: pass teacher=<teacher dir>")
-        lowest = self.teacher.sigma_edm_range[0]  # σ̃
-        self.t_floor = lowest / (1.0 + lowest)  # τ = σ̃/(1 + σ̃)
+        self.t_floor = teacher_tau_floor(self.teacher)
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Tensor], step: int) -> Tensor:
         """Per-sample MeanFlow loss [B] of one batch."""
