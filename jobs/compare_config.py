@@ -74,6 +74,8 @@ class CompareConfig:
     # (README's older record) are one --set away.
     overrides: tuple[str, ...] = ()
     only: tuple[str, ...] = ()  # "method/init" cells to run (empty: all); CMT cells of a method always run
+    # Candidate batch sizes of every cell (jobs/compare_batch.py); empty: every run at the post preset's batch.
+    batch_sizes: tuple[int, ...] = ()
 
     def post_steps(self, method: str) -> int:
         """Post-training steps of the CMT run of `method`."""
@@ -81,6 +83,10 @@ class CompareConfig:
         if method not in steps:
             raise CompareError(f"cmt_post_steps has no entry for {method}: pass --cmt-post-steps {method}=STEPS")
         return int(steps[method])
+
+    def capped_baseline_steps(self, steps: int) -> int:
+        """A baseline's step count under the max_baseline_steps safety cap."""
+        return min(steps, self.max_baseline_steps or steps)
 
     def validate(self) -> CompareConfig:
         """Raise CompareError naming the first bad field and its fix; return self."""
@@ -115,6 +121,11 @@ class CompareConfig:
             )
         for text in self.overrides:
             parse_scoped_override(text)
+        if any(batch < 1 for batch in self.batch_sizes) or len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise CompareError(f"batch_sizes={self.batch_sizes}: pass distinct sizes >= 1, e.g. --batch-sizes 64 128")
+        if self.batch_sizes and any(override_key(parse_scoped_override(text)[1]) == "batch_per_process"
+                                    for text in self.overrides):
+            raise CompareError("--batch-sizes and --set ...batch_per_process=... both choose the batch size: drop one")
         for cell in self.only:
             method, _, init = cell.partition("/")
             if method not in self.methods or init not in self.inits:
@@ -175,10 +186,15 @@ def parse_scoped_override(text: str) -> tuple[str, str]:
     key, equals, _ = override.partition("=")
     if not equals or not key.strip("- "):
         raise CompareError(f"--set {text!r}: write SCOPE:key=value, e.g. ect/cmt:loop.lr=1e-4")
-    leaf = key.strip().lstrip("-").replace("-", "_").rsplit(".", 1)[-1]
+    leaf = override_key(override).rsplit(".", 1)[-1]
     if leaf in RESERVED_KEYS:
         raise CompareError(f"--set {text!r}: {leaf} is set by the driver ({RESERVED_KEYS[leaf]})")
     return scope, override
+
+
+def override_key(override: str) -> str:
+    """The key of a `key=value` override as the trainer reads it (`--loop.batch-size=8` → `loop.batch_size`)."""
+    return override.partition("=")[0].strip().lstrip("-").replace("-", "_")
 
 
 def scope_matches(scope: str, stage: str, *, form: str | None = None, method: str | None = None,

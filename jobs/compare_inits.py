@@ -2,7 +2,7 @@
 
     python jobs/compare_inits.py [--quick] [--out DIR] [--teacher DIR] [--store URL] [--seeds 0 1 2]
         [--methods ect meanflow] [--inits cmt teacher random] [--set SCOPE:key=value ...] [--only METHOD/INIT ...]
-        [--amortise-over N] [--mid-evals N] [--dry-run]
+        [--amortise-over N] [--mid-evals N] [--batch-sizes B ...] [--dry-run]
 
 Runs, for every method (ECT, ECD, MeanFlow) and every seed, post-training (`trainer/post.py`) from
 three initialisations: `cmt` (the mid-training export of `trainer/mid.py`: CM form for ECT/ECD, MF form for
@@ -34,6 +34,11 @@ Compute accounting (wall-clock seconds on this machine):
   per method, by the first invocation that runs it, and kept in <out>/baseline_budgets.json
   (`jobs/compare_budget.py`): seeds added later (`--seeds 1 2` after `--seeds 0`) train only their own runs, and
   baselines of every seed train for the same step count.
+
+Batch sizes (--batch-sizes B ...; `jobs/compare_batch.py`): every cell, CMT included, first trains one run per
+candidate on the first seed at the cell's number of training samples (steps × batch held fixed), and the candidate
+with the best final FD becomes the cell's batch size for every seed; the sweep is kept in <out>/batch_choices.json.
+The baselines' budget, fitted in steps at the CMT cell's batch size, is converted at equal samples to each baseline's.
 
 Per-run settings. Built in: ECT from `teacher`/`random` uses ECT's doubling Δt schedule (q = 2 → 4096 over the
 run; after CMT q stays fixed at 4096); `random` inits use EMA warm-up (pretrained inits keep it off).
@@ -80,6 +85,7 @@ from jobs.compare_accounting import (
     summarise_cell,
     with_mid_curve,
 )
+from jobs.compare_batch import batch_key, best_batch, chosen_batch, preset_batch, run_batch, scaled_steps
 from jobs.compare_budget import BUDGET_RECORD, baseline_budget, budget_key
 from jobs.compare_config import (
     INITS,
@@ -101,6 +107,7 @@ from jobs.compare_report import (
     write_outputs,
 )
 from jobs.study_runs import (
+    RunPlan,
     execute,
     final_train_seconds,
     mid_plan,
@@ -130,20 +137,58 @@ def run_mid_stages(cfg: CompareConfig, store_url: str, runs_dir: Path, log_dir: 
     return mid
 
 
+def sweep_batch(cfg: CompareConfig, method: str, init: str, reference: tuple[int, int], *, store_url: str,
+                cmt_export: Path | None, runs_dir: Path, log_dir: Path) -> dict[str, Any]:
+    """The cell's batch size (jobs/compare_batch.py): one run per candidate on the selection seed, each at the
+    reference (batch, steps)'s number of training samples; {"chosen": None} without --batch-sizes."""
+    if not cfg.batch_sizes:
+        return {"chosen": None}
+    reference_batch, reference_steps = reference
+
+    def plan_at(batch: int, seed: int = 0) -> RunPlan:
+        steps = scaled_steps(reference_steps, reference_batch, batch)
+        return post_plan(cfg, method, init, seed, steps if init == "cmt" else cfg.capped_baseline_steps(steps),
+                         store_url=store_url, cmt_export=cmt_export, runs_dir=runs_dir, batch=batch)
+
+    def sweep() -> dict[str, Any]:
+        seed = cfg.seeds[0]
+        candidates = []
+        for batch in cfg.batch_sizes:
+            plan = plan_at(batch, seed)
+            run_ = read_post_run(execute(cfg, plan, runs_dir, log_dir))
+            candidates.append({"batch": batch, "steps": plan.total_steps, "run": plan.name,
+                               "train_seconds": run_["train_seconds"][-1],
+                               "final_fd": {f"{s}step": run_["fd"][s][-1] for s in STEP_COUNTS}})
+        finals = {entry["batch"]: {s: entry["final_fd"][f"{s}step"] for s in STEP_COUNTS} for entry in candidates}
+        return {"chosen": best_batch(finals), "selected_on_seed": seed, "reference_batch": reference_batch,
+                "reference_steps": reference_steps, "candidates": candidates}
+
+    key = batch_key(method, init, plan_at(reference_batch).name, cfg.batch_sizes)
+    return chosen_batch(Path(cfg.out), key, sweep)
+
+
 def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges: Charges, *, store_url: str,
                    runs_dir: Path, log_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
-    """The CMT runs of `method`, then its baselines at equal compute; (cells, accounting, settings-log rows)."""
-    steps = cfg.post_steps(method)
-    cmt_plans = [post_plan(cfg, method, "cmt", seed, steps, store_url=store_url, cmt_export=Path(mid["export"]),
-                           runs_dir=runs_dir) for seed in cfg.seeds]
+    """The CMT runs of `method`, then its baselines at equal compute; (cells, accounting, settings-log rows). With
+    --batch-sizes each cell first picks its batch size, and the baselines' step budget is converted at equal training
+    samples to theirs."""
+    preset_steps = cfg.post_steps(method)
+    reference_batch = preset_batch(cfg.post_preset) if cfg.batch_sizes else None
+    export = Path(mid["export"])
+    batches = {"cmt": sweep_batch(cfg, method, "cmt", (reference_batch, preset_steps), store_url=store_url,
+                                  cmt_export=export, runs_dir=runs_dir, log_dir=log_dir)}
+    cmt_batch = batches["cmt"]["chosen"]
+    steps = scaled_steps(preset_steps, reference_batch, cmt_batch) if cmt_batch else preset_steps
+    cmt_plans = [post_plan(cfg, method, "cmt", seed, steps, store_url=store_url, cmt_export=export, runs_dir=runs_dir,
+                           batch=cmt_batch) for seed in cfg.seeds]
     cmt_runs = [read_post_run(execute(cfg, plan, runs_dir, log_dir)) for plan in cmt_plans]
     baseline_probe = post_plan(cfg, method, "teacher", cfg.seeds[0], 1, store_url=store_url, cmt_export=None,
                                runs_dir=runs_dir)
     charges = dataclasses.replace(charges, baselines_read_store=reads_store(baseline_probe))  # e.g. ecd:data=store
     cmt_seconds = [run_["train_seconds"][-1] for run_ in cmt_runs]
     cmt_total = charges.before_post("cmt", mid["seconds"]) + float(np.mean(cmt_seconds))
-    seed0_name = post_plan(cfg, method, "cmt", 0, steps, store_url=store_url, cmt_export=Path(mid["export"]),
-                           runs_dir=runs_dir).name
+    seed0_name = post_plan(cfg, method, "cmt", 0, steps, store_url=store_url, cmt_export=export, runs_dir=runs_dir,
+                           batch=cmt_batch).name
 
     def fit_budget() -> dict[str, Any]:
         rate, startup = step_time_fit(cmt_runs)
@@ -157,8 +202,8 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     if fit["fitted_on_seeds"] != list(cfg.seeds):
         print(f"[compare_inits] {method}: baselines keep the {fit['baseline_steps_for_equal_compute']} steps fitted "
               f"on seeds {fit['fitted_on_seeds']} ({BUDGET_RECORD}; delete it to fit again)", flush=True)
-    equal_steps = fit["baseline_steps_for_equal_compute"]
-    baseline_steps = min(equal_steps, cfg.max_baseline_steps or equal_steps)
+    equal_steps = fit["baseline_steps_for_equal_compute"]  # at the CMT runs' batch size
+    baseline_steps = cfg.capped_baseline_steps(equal_steps)
     accounting = {
         "form": METHOD_FORMS[method], "mid_seconds": mid["seconds"], "cmt_post_steps": steps,
         "baselines_charged_for_generation": charges.baselines_read_store,
@@ -174,14 +219,21 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     cell_runs = {"cmt": (cmt_runs, cmt_plans)}  # always summarised: every baseline is compared with it
     for init in cfg.inits:
         if init != "cmt" and f"{method}/{init}" in wanted:
-            plans = [post_plan(cfg, method, init, seed, baseline_steps, store_url=store_url, cmt_export=None,
-                               runs_dir=runs_dir) for seed in cfg.seeds]
+            batches[init] = sweep_batch(cfg, method, init, (cmt_batch, equal_steps), store_url=store_url,
+                                        cmt_export=None, runs_dir=runs_dir, log_dir=log_dir)
+            batch = batches[init]["chosen"]
+            init_steps = (baseline_steps if batch is None else
+                          cfg.capped_baseline_steps(scaled_steps(equal_steps, cmt_batch, batch)))
+            plans = [post_plan(cfg, method, init, seed, init_steps, store_url=store_url, cmt_export=None,
+                               runs_dir=runs_dir, batch=batch) for seed in cfg.seeds]
             cell_runs[init] = ([read_post_run(execute(cfg, plan, runs_dir, log_dir)) for plan in plans], plans)
+    accounting["batch_sweeps"] = {init: sweep for init, sweep in batches.items() if sweep["chosen"] is not None}
     cells, settings_rows = [], []
     for init, (runs, plans) in cell_runs.items():
         summary = summarise_cell(runs, charges.before_post(init, mid["seconds"]),
                                  charges.before_post(init, mid["seconds"], amortised=True))
         cells.append({"method": method, "init": init, "seeds": list(cfg.seeds), "runs": [plan.name for plan in plans],
+                      "batch_size": run_batch(plans[0].overrides, cfg.post_preset),
                       "overrides": list(plans[0].user_overrides),
                       "builtin_overrides": list(plans[0].builtin_overrides), **summary})
         settings_rows += [settings_row(plan, run_) for run_, plan in zip(runs, plans)]
@@ -264,9 +316,12 @@ def describe(cfg: CompareConfig) -> dict[str, Any]:
                              "loop.total_steps=<from the compute budget>" for text in plan.overrides]
                 plans.append({"run": plan.name if init == "cmt" else f"{method}-{init}-s{seed}-<budget>",
                               "command": ["trainer/post.py", "--config", cfg.post_preset, *overrides]})
+    sweep = ({"batch_sweep": f"each cell first trains one run per batch size {list(cfg.batch_sizes)} on seed "
+                             f"{cfg.seeds[0]} at equal training samples; the runs above then train at the one with the "
+                             "best final FD (jobs/compare_batch.py)"} if cfg.batch_sizes else {})
     return {"config": dataclasses.asdict(cfg),
             "generation": None if cfg.store else ["pipeline/generate.py", *generation_command(cfg)],
-            "runs": plans}
+            "runs": plans, **sweep}
 
 
 def _step_pairs(values: Sequence[str]) -> tuple[tuple[str, int], ...]:
@@ -310,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "cmt, teacher, random, ect/cmt, ...); repeatable")
     parser.add_argument("--only", action="append", default=[], metavar="METHOD/INIT",
                         help="run only these cells (CMT cells of the method always run); repeatable")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, metavar="B",
+                        help="candidate batch sizes: every cell trains at the one with the best final FD on its first "
+                             "seed, at equal training samples (jobs/compare_batch.py); default: the post preset's")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else CompareConfig()
@@ -322,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "post_data": args.post_data,
         "mid_preset": args.mid_preset, "post_preset": args.post_preset, "amortise_over": args.amortise_over,
         "threads": args.threads, "launcher": args.launcher,
+        "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
     }
     try:
         if args.cmt_post_steps:

@@ -98,6 +98,27 @@ def _fraction_text(fraction: float | None) -> str:
     return "not reached" if fraction is None else f"{100 * fraction:.0f} %"
 
 
+def batch_sweep_lines(methods: dict[str, Any]) -> list[str]:
+    """The batch-size sweep of every cell (--batch-sizes): each candidate's steps and final FD on the selection seed,
+    the chosen one in bold; nothing when no cell swept."""
+    rows = [(method, init, sweep) for method, row in methods.items()
+            for init, sweep in row.get("batch_sweeps", {}).items()]
+    if not rows:
+        return []
+    lines = ["", "## Batch size of each cell (jobs/compare_batch.py)", "",
+             ("Each candidate trains the cell's number of samples (steps scale as reference batch / batch) on the "
+              "selection seed; the lowest final 1-step FD (then 2-step) is the cell's batch size for every seed."),
+             "", "| method | init | selection seed | batch | steps | train s | final FD 1 / 2-step |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for method, init, sweep in rows:
+        for entry in sweep["candidates"]:
+            mark = "**" if entry["batch"] == sweep["chosen"] else ""
+            lines.append(f"| {METHOD_LABELS[method]} | {INIT_LABELS[init]} | {sweep['selected_on_seed']} "
+                         f"| {mark}{entry['batch']}{mark} | {entry['steps']} | {_seconds(entry['train_seconds'])} "
+                         f"| {entry['final_fd']['1step']:.1f} / {entry['final_fd']['2step']:.1f} |")
+    return lines
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The comparison as markdown: final FD per cell, the fractions, the accounting, cells worse than their init."""
     acct = result["accounting"]
@@ -109,20 +130,21 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("Final FD is mean ± std over seeds. \"CMT student\" is the mid-trained student before post-training (the "
          "CMT row's init). Charged seconds include generation + mid-training for CMT rows."),
         "",
-        ("| method | init | charged s | post steps | init FD 1-step | init FD 2-step | final FD 1-step "
+        ("| method | init | charged s | post steps | batch | init FD 1-step | init FD 2-step | final FD 1-step "
          "| final FD 2-step | CMT student 1-step | CMT student 2-step | improved on init (1/2) |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for cell in result["cells"]:
         student = cell["cmt_student_fd"]
         improved = "/".join("yes" if cell["improved"][f"{s}step"] else "NO" for s in STEP_COUNTS)
         lines.append(
             f"| {METHOD_LABELS[cell['method']]} | {INIT_LABELS[cell['init']]} "
-            f"| {_seconds(cell['charged_seconds']['mean'])} | {cell['post_steps']} "
+            f"| {_seconds(cell['charged_seconds']['mean'])} | {cell['post_steps']} | {cell.get('batch_size') or '–'} "
             f"| {_fmt(cell['init_fd']['1step'])} | {_fmt(cell['init_fd']['2step'])} "
             f"| {_fmt(cell['final_fd']['1step'])} | {_fmt(cell['final_fd']['2step'])} "
             f"| {_fmt(student['1step'])} | {_fmt(student['2step'])} | {improved} |"
         )
+    lines += batch_sweep_lines(acct["methods"])
     n = acct["amortise_over"]
     lines += [
         "",

@@ -108,8 +108,9 @@ def builtin_post_overrides(method: str, init: str, total_steps: int) -> list[str
 
 
 def post_plan(cfg: CompareConfig, method: str, init: str, seed: int, total_steps: int, *, store_url: str,
-              cmt_export: Path | None, runs_dir: Path) -> RunPlan:
-    """One post-training run of (method, init, seed) for `total_steps` steps."""
+              cmt_export: Path | None, runs_dir: Path, batch: int | None = None) -> RunPlan:
+    """One post-training run of (method, init, seed) for `total_steps` steps, at batch size `batch` (None: the
+    preset's, left out of the settings so that runs named before batch sweeps keep their names)."""
     init_arg = f"cmt:{cmt_export}" if init == "cmt" else init
     every = _eval_every(total_steps, cfg.evals_per_run)
     settings = [f"method={method}", f"init={init_arg}", f"teacher={cfg.teacher}",
@@ -117,7 +118,8 @@ def post_plan(cfg: CompareConfig, method: str, init: str, seed: int, total_steps
                 f"loop.seed={seed}", f"loop.total_steps={total_steps}", f"loop.eval_every_steps={every}",
                 f"loop.log_every_steps={every}", "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1",
                 f"loop.torch_threads={cfg.threads}", "eval_at_init=true", f"num_eval_samples={cfg.num_eval_samples}",
-                "compute_fd=true", f"fd_dataset={cfg.fd_dataset}"]
+                "compute_fd=true", f"fd_dataset={cfg.fd_dataset}",
+                *([f"batch_per_process={batch}"] if batch is not None else [])]
     builtin = builtin_post_overrides(method, init, total_steps)
     chosen = [f"data=store:{store_url}" if text.replace(" ", "") == f"data={STORE_TOKEN}" else text
               for text in user_overrides(cfg, "post", method=method, init=init)]

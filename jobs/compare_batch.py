@@ -1,0 +1,81 @@
+"""Each cell of a comparison at its own best batch size (`jobs/compare_inits.py --batch-sizes B ...`).
+
+Without --batch-sizes every post-training run trains at the post preset's batch. With them, every (method, init) cell
+first trains one run per candidate batch size B on its selection seed, each for the cell's step count scaled by
+reference batch / B: the same number of training samples. That is equal compute only where a step's cost grows in
+proportion to its batch; a step's fixed cost makes small batches dearer, so the tables charge the seconds each run
+logged, and the accounting table gives each cell's achieved ratio to the CMT pipeline's charge. The candidate with
+the lowest final 1-step FD (then 2-step, then the smaller batch) becomes the cell's batch size, and the cell's other
+seeds train at it. The learning rate and every other setting stay as they are: the sweep finds the best batch size
+under those settings, not the best (batch size, learning rate) pair.
+
+A sweep is kept in <out>/batch_choices.json under a key of the cell and everything the sweep depends on except the
+seeds (the cell's run at the reference batch, seed 0, and the candidates), so seeds added later reuse the choice, as
+baseline_budgets.json keeps step counts. Its runs train outside the record's lock: two invocations that sweep the same
+cell at once collide on a run directory, and the second one stops with the run lock's error (run the first seed
+alone, then the others in parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.compare_config import STEP_COUNTS, CompareError, override_key
+from jobs.study_records import update_record
+from jobs.study_runs import short_hash
+
+BATCH_RECORD = "batch_choices.json"
+BATCH_KEY = "batch_per_process"
+
+
+def _preset_values(preset: str | Path) -> dict[str, Any]:
+    """A stage preset's top-level settings ({} for a file that does not exist: the stage refuses it)."""
+    path = Path(preset)
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def preset_batch(preset: str | Path) -> int:
+    """The batch size a stage preset trains at (its `batch_per_process`)."""
+    settings = _preset_values(preset)
+    if BATCH_KEY not in settings:
+        raise CompareError(f"{preset} sets no {BATCH_KEY}: --batch-sizes scales steps by the preset's batch size")
+    return int(settings[BATCH_KEY])
+
+
+def scaled_steps(steps: int, reference_batch: int, batch: int) -> int:
+    """The step count that trains on as many samples at `batch` as `steps` steps do at `reference_batch`."""
+    return max(1, round(steps * reference_batch / batch))
+
+
+def best_batch(finals: Mapping[int, Mapping[int, float]]) -> int:
+    """The candidate with the lowest final 1-step FD, then 2-step FD, then the smaller batch ({batch: {steps: FD}})."""
+    return min(finals, key=lambda batch: (*(finals[batch][steps] for steps in STEP_COUNTS), batch))
+
+
+def batch_key(method: str, init: str, reference_run: str, candidates: Sequence[int]) -> str:
+    """The record's key: the cell, its run at the reference batch for seed 0 (all of its settings) and the
+    candidates."""
+    return f"{method}-{init}-{short_hash([reference_run, sorted(candidates)])}"
+
+
+def chosen_batch(out: Path, key: str, sweep: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The sweep recorded under `key`; else `sweep()` (trained outside the lock) recorded there, unless another
+    invocation recorded one first (then that one is kept)."""
+    existing = update_record(out / BATCH_RECORD, key, lambda entry: entry)
+    if existing is not None:
+        return existing
+    made = sweep()
+    return update_record(out / BATCH_RECORD, key, lambda entry: entry if entry is not None else made)
+
+
+def run_batch(overrides: Sequence[str], preset: str | Path) -> int | None:
+    """The batch size a run trains at: its last `batch_per_process=` override, else its preset's (None if neither)."""
+    for text in reversed(overrides):
+        if override_key(text) == BATCH_KEY:
+            return int(text.partition("=")[2])
+    settings = _preset_values(preset)
+    return int(settings[BATCH_KEY]) if BATCH_KEY in settings else None

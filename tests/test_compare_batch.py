@@ -1,0 +1,126 @@
+"""jobs/compare_batch.py and compare_inits --batch-sizes: each cell at its own best batch size, at equal training
+samples; the choice made once on the first seed and kept for seeds added later; the CLI's refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from jobs.compare_batch import BATCH_RECORD, batch_key, best_batch, chosen_batch, preset_batch, run_batch, scaled_steps
+from jobs.compare_config import QUICK, CompareError
+from jobs.compare_inits import main, run
+from jobs.compare_report import MARKDOWN_NAME
+from trainer.run_dir import RunDir
+from tests.test_compare_inits import REPO_ROOT, tiny_store, tiny_teacher_dir
+
+TINY_POST = REPO_ROOT / "jobs" / "tiny" / "post.yaml"
+
+
+def test_candidates_train_on_as_many_samples_as_the_reference():
+    assert scaled_steps(400, 128, 64) == 800
+    assert scaled_steps(400, 128, 256) == 200
+    assert scaled_steps(1127, 128, 512) == 282  # 281.75 rounds to the nearest step
+    assert scaled_steps(3, 8, 64) == 1  # never below one step
+
+
+def test_the_best_batch_is_the_lowest_1_step_fd_then_2_step_then_the_smaller_batch():
+    assert best_batch({64: {1: 20.0, 2: 9.0}, 128: {1: 18.0, 2: 15.0}, 256: {1: 19.0, 2: 8.0}}) == 128
+    assert best_batch({64: {1: 18.0, 2: 9.0}, 128: {1: 18.0, 2: 8.5}}) == 128
+    assert best_batch({256: {1: 18.0, 2: 9.0}, 64: {1: 18.0, 2: 9.0}}) == 64
+
+
+def test_a_sweep_is_recorded_once_and_kept_when_another_invocation_recorded_first(tmp_path):
+    sweeps = []
+
+    def sweep():
+        sweeps.append(1)
+        return {"chosen": 64 * len(sweeps)}
+
+    key = batch_key("ect", "random", "ect-random-s0-0123abcd", (64, 128))
+    assert chosen_batch(tmp_path, key, sweep)["chosen"] == 64
+    assert chosen_batch(tmp_path, key, sweep)["chosen"] == 64 and len(sweeps) == 1  # seeds added later reuse it
+    assert set(json.loads((tmp_path / BATCH_RECORD).read_text())) == {key}
+    assert batch_key("ect", "random", "ect-random-s0-0123abcd", (128, 64)) == key  # the candidates' order is no setting
+    assert len({key, batch_key("ect", "teacher", "ect-random-s0-0123abcd", (64, 128)),
+                batch_key("ect", "random", "ect-random-s0-fedc3210", (64, 128)),
+                batch_key("ect", "random", "ect-random-s0-0123abcd", (64, 256))}) == 4
+
+    other = batch_key("ecd", "cmt", "ecd-cmt-s0-0123abcd", (64, 128))
+
+    def sweep_while_another_records():  # a parallel invocation finishes its sweep of the same cell first
+        chosen_batch(tmp_path, other, lambda: {"chosen": 128})
+        return {"chosen": 64}
+
+    assert chosen_batch(tmp_path, other, sweep_while_another_records)["chosen"] == 128
+
+
+def test_a_runs_batch_is_its_last_override_else_its_presets(tmp_path):
+    assert preset_batch(TINY_POST) == 8
+    assert run_batch(["loop.seed=0"], TINY_POST) == 8
+    assert run_batch(["batch_per_process=16", "--batch-per-process=32"], TINY_POST) == 32
+    assert run_batch([], tmp_path / "missing.yaml") is None
+    (tmp_path / "no_batch.yaml").write_text("method: ect\n")
+    with pytest.raises(CompareError, match="sets no batch_per_process"):
+        preset_batch(tmp_path / "no_batch.yaml")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-sizes", "64", "64"], "distinct sizes"),
+    (["--batch-sizes", "0", "64"], "distinct sizes"),
+    (["--batch-sizes", "64", "128", "--set", "ect:batch_per_process=32"], "both choose the batch size"),
+])
+def test_bad_batch_sizes_are_refused_in_the_clis_words(tmp_path, capsys, argv, message):
+    assert main(["--quick", "--dry-run", "--out", str(tmp_path), "--store", str(tmp_path / "s.zarr"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_dry_run_says_how_the_batch_sizes_are_chosen(tmp_path, capsys):
+    assert main(["--quick", "--dry-run", "--out", str(tmp_path), "--store", str(tmp_path / "s.zarr"),
+                 "--batch-sizes", "32", "64"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["config"]["batch_sizes"] == [32, 64] and "[32, 64] on seed 0" in plan["batch_sweep"]
+
+
+@pytest.mark.slow  # 8 tiny runs: ~20 s on 2 quiet cores
+def test_every_cell_trains_at_its_best_batch_size_and_a_later_seed_reuses_the_choice(tmp_path):
+    teacher_dir = tiny_teacher_dir(tmp_path / "teacher")
+    store = tiny_store(teacher_dir, tmp_path / "store.zarr")
+    cfg = dataclasses.replace(
+        QUICK, out=str(tmp_path / "out"), teacher=str(teacher_dir), store=str(store), launcher="inprocess",
+        mid_preset=str(REPO_ROOT / "jobs" / "tiny" / "mid.yaml"), post_preset=str(TINY_POST), methods=("ect",),
+        inits=("cmt", "random"), mid_steps=6, cmt_post_steps=(("ect", 4),), max_baseline_steps=40,
+        num_eval_samples=32, generation_probe_trajectories=8, seeds=(0,), batch_sizes=(4, 16))
+    first = run(cfg)
+    sweeps = first["accounting"]["methods"]["ect"]["batch_sweeps"]
+    assert set(sweeps) == {"cmt", "random"}
+    for init, sweep in sweeps.items():
+        steps = {entry["batch"]: entry["steps"] for entry in sweep["candidates"]}
+        assert sweep["selected_on_seed"] == 0 and sorted(steps) == [4, 16]
+        reference = sweep["reference_steps"] * sweep["reference_batch"]
+        for batch, count in steps.items():  # the same number of training samples, to the rounding of one step
+            assert abs(count * batch - reference) <= batch / 2 or count == 40
+        finals = {entry["batch"]: (entry["final_fd"]["1step"], entry["final_fd"]["2step"])
+                  for entry in sweep["candidates"]}
+        assert finals[sweep["chosen"]] == min(finals.values())
+        for entry in sweep["candidates"]:  # each candidate really trained at its batch size
+            config = (tmp_path / "out" / "runs" / entry["run"] / "config.yaml").read_text()
+            assert f"batch_per_process: {entry['batch']}" in config
+            assert RunDir(tmp_path / "out" / "runs" / entry["run"]).finished(entry["steps"])
+    assert sweeps["cmt"]["reference_batch"] == 8 and sweeps["cmt"]["reference_steps"] == 4  # the tiny preset's
+    assert sweeps["random"]["reference_batch"] == sweeps["cmt"]["chosen"]  # the budget is fitted at CMT's batch
+    cells = {cell["init"]: cell for cell in first["cells"]}
+    for init, cell in cells.items():
+        assert cell["batch_size"] == sweeps[init]["chosen"]
+        assert cell["runs"] == [next(e["run"] for e in sweeps[init]["candidates"] if e["batch"] == cell["batch_size"])]
+    markdown = (tmp_path / "out" / MARKDOWN_NAME).read_text()
+    assert "## Batch size of each cell" in markdown and f"| **{sweeps['cmt']['chosen']}** |" in markdown
+
+    later = run(dataclasses.replace(cfg, seeds=(1,)))  # a seed added later: no new sweep, one run per cell
+    assert later["accounting"]["methods"]["ect"]["batch_sweeps"] == json.loads(json.dumps(sweeps))
+    runs = sorted(path.name for path in (tmp_path / "out" / "runs").iterdir() if "-s1-" in path.name)
+    assert len(runs) == 2
+    for cell in later["cells"]:
+        assert cell["batch_size"] == sweeps[cell["init"]]["chosen"]
+        assert cell["post_steps"] == cells[cell["init"]]["post_steps"]
