@@ -10,40 +10,34 @@ seeds train at it. The learning rate and every other setting stay as they are: t
 under those settings, not the best (batch size, learning rate) pair.
 
 A sweep is kept in <out>/batch_choices.json under a key of the cell and everything the sweep depends on except the
-seeds (the cell's run at the reference batch, seed 0, and the candidates), so seeds added later reuse the choice, as
-baseline_budgets.json keeps step counts. Its runs train outside the record's lock: two invocations that sweep the same
-cell at once collide on a run directory, and the second one stops with the run lock's error (run the first seed
-alone, then the others in parallel).
+seeds (the names its candidate runs would have for seed 0: every setting, step count and cap), so seeds added later
+reuse the choice, as baseline_budgets.json keeps step counts. Its runs train outside the record's lock, so run the
+invocation that sweeps first (`--seeds 0 --batch-sizes ...`) and add seeds after it: invocations started together
+each sweep on their own first seed, and the first sweep recorded is the one every invocation keeps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from jobs.compare_config import STEP_COUNTS, CompareError, override_key
 from jobs.study_records import update_record
-from jobs.study_runs import short_hash
+from jobs.study_runs import preset_settings, short_hash
 
 BATCH_RECORD = "batch_choices.json"
 BATCH_KEY = "batch_per_process"
 
 
-def _preset_values(preset: str | Path) -> dict[str, Any]:
-    """A stage preset's top-level settings ({} for a file that does not exist: the stage refuses it)."""
-    path = Path(preset)
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
 def preset_batch(preset: str | Path) -> int:
     """The batch size a stage preset trains at (its `batch_per_process`)."""
-    settings = _preset_values(preset)
-    if BATCH_KEY not in settings:
-        raise CompareError(f"{preset} sets no {BATCH_KEY}: --batch-sizes scales steps by the preset's batch size")
-    return int(settings[BATCH_KEY])
+    batch = run_batch((), preset)
+    if batch is None:
+        raise CompareError(f"--post-preset {preset} sets no {BATCH_KEY}, and --batch-sizes converts step counts from "
+                           f"the preset's batch size: add `{BATCH_KEY}: N` to the preset")
+    return batch
 
 
 def scaled_steps(steps: int, reference_batch: int, batch: int) -> int:
@@ -52,14 +46,18 @@ def scaled_steps(steps: int, reference_batch: int, batch: int) -> int:
 
 
 def best_batch(finals: Mapping[int, Mapping[int, float]]) -> int:
-    """The candidate with the lowest final 1-step FD, then 2-step FD, then the smaller batch ({batch: {steps: FD}})."""
-    return min(finals, key=lambda batch: (*(finals[batch][steps] for steps in STEP_COUNTS), batch))
+    """The candidate with the lowest final 1-step FD, then 2-step FD, then the smaller batch ({batch: {steps: FD}}); a
+    diverged run (a non-finite FD) ranks last."""
+    def rank(batch: int) -> tuple:
+        fds = [finals[batch][steps] for steps in STEP_COUNTS]
+        return (not all(math.isfinite(fd) for fd in fds), *fds, batch)
+
+    return min(finals, key=rank)
 
 
-def batch_key(method: str, init: str, reference_run: str, candidates: Sequence[int]) -> str:
-    """The record's key: the cell, its run at the reference batch for seed 0 (all of its settings) and the
-    candidates."""
-    return f"{method}-{init}-{short_hash([reference_run, sorted(candidates)])}"
+def batch_key(method: str, init: str, candidate_runs: Sequence[str]) -> str:
+    """The record's key: the cell and the names its candidate runs have for seed 0 (every setting and step count)."""
+    return f"{method}-{init}-{short_hash(sorted(candidate_runs))}"
 
 
 def chosen_batch(out: Path, key: str, sweep: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -77,5 +75,5 @@ def run_batch(overrides: Sequence[str], preset: str | Path) -> int | None:
     for text in reversed(overrides):
         if override_key(text) == BATCH_KEY:
             return int(text.partition("=")[2])
-    settings = _preset_values(preset)
+    settings = preset_settings(str(preset)) or {}
     return int(settings[BATCH_KEY]) if BATCH_KEY in settings else None

@@ -123,9 +123,11 @@ class CompareConfig:
             parse_scoped_override(text)
         if any(batch < 1 for batch in self.batch_sizes) or len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise CompareError(f"batch_sizes={self.batch_sizes}: pass distinct sizes >= 1, e.g. --batch-sizes 64 128")
-        if self.batch_sizes and any(override_key(parse_scoped_override(text)[1]) == "batch_per_process"
-                                    for text in self.overrides):
-            raise CompareError("--batch-sizes and --set ...batch_per_process=... both choose the batch size: drop one")
+        for text in self.overrides if self.batch_sizes else ():
+            scope, override = parse_scoped_override(text)
+            if override_key(override) == "batch_per_process" and not scope.startswith("mid"):
+                raise CompareError(f"--batch-sizes and --set {text!r} both choose the post-training batch size: "
+                                   "drop one (a mid:batch_per_process is fine)")
         for cell in self.only:
             method, _, init = cell.partition("/")
             if method not in self.methods or init not in self.inits:

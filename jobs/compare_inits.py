@@ -28,7 +28,8 @@ Compute accounting (wall-clock seconds on this machine):
 - Equal compute by steps: the CMT post-training runs go first (`cmt_post_steps` per method). A line
   train_seconds = overhead + steps / rate fitted to their evaluation points (every seed of the invocation that
   fits it; the overhead is the slower first steps) converts each baseline's budget, mean CMT charged total minus
-  the baseline's own pre-cost, into a step count. Baseline and CMT steps cost the same (same network, loss and
+  the baseline's own pre-cost, into a step count (at the CMT runs' batch size; with --batch-sizes converted at equal
+  training samples to each baseline's, below). Baseline and CMT steps cost the same (same network, loss and
   batch), so both get the same wall clock; the curves and tables use the seconds each run actually logged, and each
   cell's `charged_over_cmt` reports the achieved ratio to the CMT pipeline's charged total. The fit is made once
   per method, by the first invocation that runs it, and kept in <out>/baseline_budgets.json
@@ -52,9 +53,10 @@ record (probe one cell with `--only ect/cmt --seeds 0 --set ect/cmt:loop.lr=1e-4
 Outputs in --out: compare_inits.png (FD-digits vs charged seconds, 1- and 2-step, mean ± std over seeds; CMT
 dashed when amortised), compare_inits.md and compare_inits.json (final FD mean ± std, the CMT student's FD before
 post-training beside every row, the fraction of each baseline's compute that the CMT pipeline needs to reach the
-baseline's final FD, the accounting), settings_log.jsonl, generation.json, baseline_budgets.json, runs/ (one
-directory per stage run) and logs/ (one log per subprocess). Invocations in parallel on one --out (seeds or methods
-split over cores) share generation.json and baseline_budgets.json safely (`jobs/study_records.py`).
+baseline's final FD, the accounting), settings_log.jsonl, generation.json, baseline_budgets.json, batch_choices.json
+(with --batch-sizes), runs/ (one directory per stage run) and logs/ (one log per subprocess). Invocations in parallel
+on one --out (seeds or methods split over cores) share generation.json, baseline_budgets.json and batch_choices.json
+safely (`jobs/study_records.py`).
 
 Every stage runs as its own subprocess (`trainer/mid.py`, `trainer/post.py`; accelerate's state is per process);
 `--launcher inprocess` runs them in this process instead (what the smoke test does, to skip interpreter start-up).
@@ -137,18 +139,36 @@ def run_mid_stages(cfg: CompareConfig, store_url: str, runs_dir: Path, log_dir: 
     return mid
 
 
-def sweep_batch(cfg: CompareConfig, method: str, init: str, reference: tuple[int, int], *, store_url: str,
-                cmt_export: Path | None, runs_dir: Path, log_dir: Path) -> dict[str, Any]:
-    """The cell's batch size (jobs/compare_batch.py): one run per candidate on the selection seed, each at the
-    reference (batch, steps)'s number of training samples; {"chosen": None} without --batch-sizes."""
-    if not cfg.batch_sizes:
-        return {"chosen": None}
-    reference_batch, reference_steps = reference
+def cell_plan(cfg: CompareConfig, method: str, init: str, seed: int, reference: tuple[int | None, int],
+              batch: int | None, *, store_url: str, cmt_export: Path | None, runs_dir: Path) -> RunPlan:
+    """The post-training run of (method, init, seed) at `batch` (None: the preset's, no sweep): the reference
+    (batch, steps) converted at equal training samples, a baseline's steps capped by max_baseline_steps at the
+    reference batch first, so that every candidate of a cell trains on as many samples. A batch equal to the preset's
+    is named as a run without --batch-sizes is, so finished runs of the default study are reused."""
+    reference_batch, steps = reference
+    if init != "cmt":
+        steps = cfg.capped_baseline_steps(steps)
+    if batch is not None and reference_batch is not None:
+        steps = scaled_steps(steps, reference_batch, batch)
+    named_batch = None if batch == run_batch((), cfg.post_preset) else batch
+    return post_plan(cfg, method, init, seed, steps, store_url=store_url, cmt_export=cmt_export, runs_dir=runs_dir,
+                     batch=named_batch)
 
-    def plan_at(batch: int, seed: int = 0) -> RunPlan:
-        steps = scaled_steps(reference_steps, reference_batch, batch)
-        return post_plan(cfg, method, init, seed, steps if init == "cmt" else cfg.capped_baseline_steps(steps),
-                         store_url=store_url, cmt_export=cmt_export, runs_dir=runs_dir, batch=batch)
+
+def sweep_batch(cfg: CompareConfig, method: str, init: str, reference: tuple[int | None, int], *, store_url: str,
+                cmt_export: Path | None, runs_dir: Path,
+                log_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The cell's batch size (jobs/compare_batch.py): one run per candidate on the selection seed, each at the
+    reference (batch, steps)'s number of training samples; ({"chosen": None}, []) without --batch-sizes. Also the
+    settings-log rows of the candidates trained by this call (none when the sweep was recorded before)."""
+    if not cfg.batch_sizes:
+        return {"chosen": None}, []
+    reference_batch, reference_steps = reference
+    rows: list[dict[str, Any]] = []
+
+    def plan_at(batch: int, seed: int) -> RunPlan:
+        return cell_plan(cfg, method, init, seed, reference, batch, store_url=store_url, cmt_export=cmt_export,
+                         runs_dir=runs_dir)
 
     def sweep() -> dict[str, Any]:
         seed = cfg.seeds[0]
@@ -156,6 +176,7 @@ def sweep_batch(cfg: CompareConfig, method: str, init: str, reference: tuple[int
         for batch in cfg.batch_sizes:
             plan = plan_at(batch, seed)
             run_ = read_post_run(execute(cfg, plan, runs_dir, log_dir))
+            rows.append(settings_row(plan, run_))
             candidates.append({"batch": batch, "steps": plan.total_steps, "run": plan.name,
                                "train_seconds": run_["train_seconds"][-1],
                                "final_fd": {f"{s}step": run_["fd"][s][-1] for s in STEP_COUNTS}})
@@ -163,8 +184,8 @@ def sweep_batch(cfg: CompareConfig, method: str, init: str, reference: tuple[int
         return {"chosen": best_batch(finals), "selected_on_seed": seed, "reference_batch": reference_batch,
                 "reference_steps": reference_steps, "candidates": candidates}
 
-    key = batch_key(method, init, plan_at(reference_batch).name, cfg.batch_sizes)
-    return chosen_batch(Path(cfg.out), key, sweep)
+    key = batch_key(method, init, [plan_at(batch, 0).name for batch in cfg.batch_sizes])
+    return chosen_batch(Path(cfg.out), key, sweep), rows
 
 
 def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges: Charges, *, store_url: str,
@@ -172,23 +193,23 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     """The CMT runs of `method`, then its baselines at equal compute; (cells, accounting, settings-log rows). With
     --batch-sizes each cell first picks its batch size, and the baselines' step budget is converted at equal training
     samples to theirs."""
-    preset_steps = cfg.post_steps(method)
-    reference_batch = preset_batch(cfg.post_preset) if cfg.batch_sizes else None
+    cmt_reference = (preset_batch(cfg.post_preset) if cfg.batch_sizes else None, cfg.post_steps(method))
     export = Path(mid["export"])
-    batches = {"cmt": sweep_batch(cfg, method, "cmt", (reference_batch, preset_steps), store_url=store_url,
-                                  cmt_export=export, runs_dir=runs_dir, log_dir=log_dir)}
-    cmt_batch = batches["cmt"]["chosen"]
-    steps = scaled_steps(preset_steps, reference_batch, cmt_batch) if cmt_batch else preset_steps
-    cmt_plans = [post_plan(cfg, method, "cmt", seed, steps, store_url=store_url, cmt_export=export, runs_dir=runs_dir,
-                           batch=cmt_batch) for seed in cfg.seeds]
+    where = {"store_url": store_url, "runs_dir": runs_dir}
+    sweeps, sweep_rows = {}, []
+    sweeps["cmt"], rows = sweep_batch(cfg, method, "cmt", cmt_reference, cmt_export=export, log_dir=log_dir, **where)
+    sweep_rows += rows
+    cmt_batch = sweeps["cmt"]["chosen"]
+    cmt_plans = [cell_plan(cfg, method, "cmt", seed, cmt_reference, cmt_batch, cmt_export=export, **where)
+                 for seed in cfg.seeds]
     cmt_runs = [read_post_run(execute(cfg, plan, runs_dir, log_dir)) for plan in cmt_plans]
     baseline_probe = post_plan(cfg, method, "teacher", cfg.seeds[0], 1, store_url=store_url, cmt_export=None,
                                runs_dir=runs_dir)
     charges = dataclasses.replace(charges, baselines_read_store=reads_store(baseline_probe))  # e.g. ecd:data=store
     cmt_seconds = [run_["train_seconds"][-1] for run_ in cmt_runs]
     cmt_total = charges.before_post("cmt", mid["seconds"]) + float(np.mean(cmt_seconds))
-    seed0_name = post_plan(cfg, method, "cmt", 0, steps, store_url=store_url, cmt_export=export, runs_dir=runs_dir,
-                           batch=cmt_batch).name
+    steps = cmt_plans[0].total_steps
+    seed0_name = cell_plan(cfg, method, "cmt", 0, cmt_reference, cmt_batch, cmt_export=export, **where).name
 
     def fit_budget() -> dict[str, Any]:
         rate, startup = step_time_fit(cmt_runs)
@@ -219,16 +240,14 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     cell_runs = {"cmt": (cmt_runs, cmt_plans)}  # always summarised: every baseline is compared with it
     for init in cfg.inits:
         if init != "cmt" and f"{method}/{init}" in wanted:
-            batches[init] = sweep_batch(cfg, method, init, (cmt_batch, equal_steps), store_url=store_url,
-                                        cmt_export=None, runs_dir=runs_dir, log_dir=log_dir)
-            batch = batches[init]["chosen"]
-            init_steps = (baseline_steps if batch is None else
-                          cfg.capped_baseline_steps(scaled_steps(equal_steps, cmt_batch, batch)))
-            plans = [post_plan(cfg, method, init, seed, init_steps, store_url=store_url, cmt_export=None,
-                               runs_dir=runs_dir, batch=batch) for seed in cfg.seeds]
+            sweeps[init], rows = sweep_batch(cfg, method, init, (cmt_batch, equal_steps), cmt_export=None,
+                                             log_dir=log_dir, **where)
+            sweep_rows += rows
+            plans = [cell_plan(cfg, method, init, seed, (cmt_batch, equal_steps), sweeps[init]["chosen"],
+                               cmt_export=None, **where) for seed in cfg.seeds]
             cell_runs[init] = ([read_post_run(execute(cfg, plan, runs_dir, log_dir)) for plan in plans], plans)
-    accounting["batch_sweeps"] = {init: sweep for init, sweep in batches.items() if sweep["chosen"] is not None}
-    cells, settings_rows = [], []
+    accounting["batch_sweeps"] = {init: sweep for init, sweep in sweeps.items() if sweep["chosen"] is not None}
+    cells, settings_rows = [], sweep_rows
     for init, (runs, plans) in cell_runs.items():
         summary = summarise_cell(runs, charges.before_post(init, mid["seconds"]),
                                  charges.before_post(init, mid["seconds"], amortised=True))
@@ -280,7 +299,9 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
             "equal_compute_by": "steps: each baseline's wall-clock budget (mean CMT charged seconds minus the "
                                 "baseline's own pre-cost) converted with train_seconds = overhead + steps / rate, "
                                 "fitted to the same method's CMT post-training runs by the invocation that first "
-                                f"ran the method ({BUDGET_RECORD}: seeds added later keep that step count)",
+                                f"ran the method ({BUDGET_RECORD}: seeds added later keep that step count)"
+                                + ("; then to each baseline's batch size at equal training samples"
+                                   if cfg.batch_sizes else ""),
             "train_seconds": "trainer/loop.py train_seconds: optimizer steps only (evaluations, checkpoints and "
                              "process start-up excluded), for mid- and post-training alike",
         },
@@ -312,10 +333,14 @@ def describe(cfg: CompareConfig) -> dict[str, Any]:
             for seed in cfg.seeds:
                 plan = post_plan(cfg, method, init, seed, max(steps, 1), store_url=store_url, cmt_export=export,
                                  runs_dir=runs_dir)
-                overrides = [text if init == "cmt" or "total_steps" not in text else
-                             "loop.total_steps=<from the compute budget>" for text in plan.overrides]
-                plans.append({"run": plan.name if init == "cmt" else f"{method}-{init}-s{seed}-<budget>",
-                              "command": ["trainer/post.py", "--config", cfg.post_preset, *overrides]})
+                decided = "<from the compute budget>" if init != "cmt" else None
+                if cfg.batch_sizes:  # steps and batch come from the cell's sweep
+                    decided = "<from the batch sweep>"
+                overrides = [text if decided is None or "total_steps" not in text else
+                             f"loop.total_steps={decided}" for text in plan.overrides]
+                plans.append({"run": plan.name if decided is None else f"{method}-{init}-s{seed}-{decided}",
+                              "command": ["trainer/post.py", "--config", cfg.post_preset, *overrides,
+                                          *([f"batch_per_process={decided}"] if cfg.batch_sizes else [])]})
     sweep = ({"batch_sweep": f"each cell first trains one run per batch size {list(cfg.batch_sizes)} on seed "
                              f"{cfg.seeds[0]} at equal training samples; the runs above then train at the one with the "
                              "best final FD (jobs/compare_batch.py)"} if cfg.batch_sizes else {})

@@ -1,5 +1,5 @@
 """Records that parallel invocations of a study share in its output directory (generation.json,
-baseline_budgets.json): one JSON object of keyed entries, read and updated under an exclusive lock.
+baseline_budgets.json, batch_choices.json): one JSON object of keyed entries, read and updated under an exclusive lock.
 
 Two invocations on one --out (seeds or methods in parallel) must neither read a half-written file nor both make an
 entry and keep different ones: the first to make an entry wins and the other reuses it. The lock is an flock on

@@ -118,9 +118,8 @@ def post_plan(cfg: CompareConfig, method: str, init: str, seed: int, total_steps
                 f"loop.seed={seed}", f"loop.total_steps={total_steps}", f"loop.eval_every_steps={every}",
                 f"loop.log_every_steps={every}", "loop.checkpoint_every_steps=0", "loop.keep_checkpoints=1",
                 f"loop.torch_threads={cfg.threads}", "eval_at_init=true", f"num_eval_samples={cfg.num_eval_samples}",
-                "compute_fd=true", f"fd_dataset={cfg.fd_dataset}",
-                *([f"batch_per_process={batch}"] if batch is not None else [])]
-    builtin = builtin_post_overrides(method, init, total_steps)
+                "compute_fd=true", f"fd_dataset={cfg.fd_dataset}"]
+    builtin = [*builtin_post_overrides(method, init, total_steps), *([f"batch_per_process={batch}"] if batch else [])]
     chosen = [f"data=store:{store_url}" if text.replace(" ", "") == f"data={STORE_TOKEN}" else text
               for text in user_overrides(cfg, "post", method=method, init=init)]
     digest = short_hash([preset_key(cfg.post_preset), preset_settings(cfg.post_preset), settings, builtin, chosen])
