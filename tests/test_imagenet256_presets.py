@@ -1,6 +1,7 @@
 """The ImageNet-256 presets end to end on a depth-reduced class-conditional DiT with a small VAE (4×32×32 latents, 1000
 classes, the DiT pipeline layout on disk): generation with guidance (Ray) → mid-training, CM and MF forms, in bf16 →
-post-training ECT, ECD and MeanFlow with guidance → sampling to PNG images decoded through the VAE.
+post-training ECT, ECD and MeanFlow with guidance → sampling to PNG images decoded through the VAE. Then the same
+presets by their published hub id, from a hub cache in facebook/DiT-XL-2-256's layout (.bin-only weights on main).
 
 Only sizes are overridden (trajectories, steps of training, batch, evaluation samples), and mid-training clips
 gradients: the random DiT's guided trajectories reach |x| ≈ 400 (real sd-vae latents stay within a few units), and
@@ -14,12 +15,14 @@ import json
 import shutil
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from PIL import Image
 
+from jobs.published_teachers import MODELING_MARKER, populate
 from pipeline.generate import parse_args as generate_args
 from pipeline.generate import run as generate
 from storage_schema import open_store
@@ -31,6 +34,7 @@ from trainer.post import run as post_run
 from trainer.run_dir import RunDir
 from trainer.sample import main as sample_main
 from trainer.student import FlowMapStudent
+from tests.test_published_presets import _generate as generate_from_hub
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "jobs" / "imagenet256"
@@ -145,3 +149,33 @@ def test_latent_students_sample_to_png_and_without_a_vae_the_error_names_it(chai
     assert sample_main(["--model", str(bare), "--out", str(tmp_path / "vae.png"), "--vae", str(chain["teacher"])]) == 0
     assert sample_main(["--model", str(export), "--out", str(tmp_path / "x.png"), "--label", "1000"]) == 2
     assert "--label 1000 is not a class of this student: pass 0..999" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a Ray generation job, then two tiny stages and sampling on the hub-layout DiT: 20 s beside one job
+def test_the_presets_run_end_to_end_from_the_bin_only_hub_repository_by_its_hub_id(tmp_path, monkeypatch, capsys):
+    """generate.yaml, mid.yaml and post.yaml as published (teacher: facebook/DiT-XL-2-256), offline from a hub cache in
+    the repository's layout (.bin-only transformer/ and vae/ on main): MF mid-training, MeanFlow with guidance, PNG."""
+    home = tmp_path / "hf-home"
+    hub_cache = populate(home, scale="tiny")
+    store = tmp_path / "store.zarr"
+    generate_from_hub("imagenet256", home, store)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    mid_dir, post_dir = tmp_path / "mid_mf", tmp_path / "post_meanflow"
+    mid_run(load_config(MidConfig, PRESETS / "mid.yaml", [
+        f"stores=[{store}]", "form=mf", f"loop.output_dir={mid_dir}", "loop.grad_clip=1.0", *TINY_TRAINING]))
+    result = post_run(load_config(PostConfig, PRESETS / "post.yaml", [
+        "method=meanflow", f"init=cmt:{mid_dir}/export", f"data=store:{store}", f"loop.output_dir={post_dir}",
+        *TINY_TRAINING]))
+    assert result.loop.final_step == 2 and result.loop.skipped_steps == 0
+    resolved = (post_dir / "config.yaml").read_text()
+    assert "teacher: facebook/DiT-XL-2-256" in resolved and "guidance_kappa: 0.92" in resolved
+    exported = FlowMapStudent.from_pretrained(post_dir / "export")
+    assert exported.latent and exported.second_time_input and exported.null_class == 1000
+    assert sample_main(["--model", str(post_dir / "export"), "--steps", "1", "--num", "4", "--label", "207",
+                        "--out", str(tmp_path / "grid.png")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sample_shape"] == [4, 32, 32] and summary["image_shape"] == [3, 256, 256]
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.mode == "RGB" and grid.size == (2 * 257 + 1, 2 * 257 + 1)
+    assert not list(home.rglob(MODELING_MARKER)), "no code from the repository runs"
