@@ -119,13 +119,11 @@ class CompareConfig:
                 f"post_data={self.post_data!r}: write dataset:<name> (real images), store (this comparison's "
                 "trajectory store) or store:<url>"
             )
-        for text in self.overrides:
-            parse_scoped_override(text)
         if any(batch < 1 for batch in self.batch_sizes) or len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise CompareError(f"batch_sizes={self.batch_sizes}: pass distinct sizes >= 1, e.g. --batch-sizes 64 128")
-        for text in self.overrides if self.batch_sizes else ():
+        for text in self.overrides:
             scope, override = parse_scoped_override(text)
-            if override_key(override) == "batch_per_process" and not scope.startswith("mid"):
+            if self.batch_sizes and override_key(override) == "batch_per_process" and not scope.startswith("mid"):
                 raise CompareError(f"--batch-sizes and --set {text!r} both choose the post-training batch size: "
                                    "drop one (a mid:batch_per_process is fine)")
         for cell in self.only:
