@@ -66,6 +66,9 @@ class CompareConfig:
     mid_evals: int = 4
     num_eval_samples: int = 1000
     fd_dataset: str = "digits"
+    # Fresh draws of the evaluation noise on which every final export and the mid-trained students are scored again
+    # (jobs/fd_redraws.py), so each FD comes with its spread over seeds and over draws; 0: the runs' own draw only.
+    redraws: int = 5
     amortise_over: int = 10  # N experiments sharing the store: the amortised figures charge G/N
     threads: int = 1  # torch threads of every stage
     launcher: Literal["subprocess", "inprocess"] = "subprocess"  # one process per run (safe) or this process
@@ -109,6 +112,8 @@ class CompareConfig:
         for method in self.methods:
             if self.post_steps(method) < 1:
                 raise CompareError(f"cmt_post_steps {method}={self.post_steps(method)}: pass a value >= 1")
+        if self.redraws < 0:
+            raise CompareError(f"redraws={self.redraws}: pass 0 (the runs' own evaluation draw only) or more")
         if self.mid_evals < 0:
             raise CompareError(f"mid_evals={self.mid_evals}: pass 0 (the end of mid-training only) or more")
         if self.max_baseline_steps is not None and self.max_baseline_steps < 1:
@@ -148,6 +153,7 @@ QUICK = CompareConfig(
     evals_per_run=2,
     mid_evals=2,
     num_eval_samples=200,
+    redraws=1,
 )
 
 

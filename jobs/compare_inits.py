@@ -2,7 +2,7 @@
 
     python jobs/compare_inits.py [--quick] [--out DIR] [--teacher DIR] [--store URL] [--seeds 0 1 2]
         [--methods ect meanflow] [--inits cmt teacher random] [--set SCOPE:key=value ...] [--only METHOD/INIT ...]
-        [--amortise-over N] [--mid-evals N] [--batch-sizes B ...] [--dry-run]
+        [--amortise-over N] [--mid-evals N] [--batch-sizes B ...] [--redraws N] [--dry-run]
 
 Runs, for every method (ECT, ECD, MeanFlow) and every seed, post-training (`trainer/post.py`) from
 three initialisations: `cmt` (the mid-training export of `trainer/mid.py`: CM form for ECT/ECD, MF form for
@@ -40,6 +40,10 @@ Batch sizes (--batch-sizes B ...; `jobs/compare_batch.py`): every cell, CMT incl
 candidate on the first seed at the cell's number of training samples (steps × batch held fixed), and the candidate
 with the best final FD becomes the cell's batch size for every seed; the sweep is kept in <out>/batch_choices.json.
 The baselines' budget, fitted in steps at the CMT cell's batch size, is converted at equal samples to each baseline's.
+
+The FD's own noise (--redraws N, default 5): every final export and each mid-trained student is scored again on N
+fresh draws of the evaluation noise (`jobs/fd_redraws.py`, cached per run), and the report gives each cell's FD over
+seeds × draws with the spread over seeds and over draws, and whether every seed's mean beats the CMT student's.
 
 Per-run settings. Built in: ECT from `teacher`/`random` uses ECT's doubling Δt schedule (q = 2 → 4096 over the
 run; after CMT q stays fixed at 4096); `random` inits use EMA warm-up (pretrained inits keep it off).
@@ -98,6 +102,7 @@ from jobs.compare_config import (
     CompareError,
     with_absolute_paths,
 )
+from jobs.fd_redraws import fd_redraws, pooled_redraws
 from jobs.compare_report import (
     JSON_NAME,
     SETTINGS_LOG,
@@ -265,6 +270,25 @@ def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges
     return cells, accounting, settings_rows
 
 
+def score_redraws(cfg: CompareConfig, cells: list[dict[str, Any]], mid: dict[str, dict[str, Any]],
+                  runs_dir: Path) -> dict[str, Any]:
+    """Every cell's final exports and the mid-trained students scored on cfg.redraws fresh draws of the evaluation
+    noise (jobs/fd_redraws.py, cached per run). Each cell gains `redraw_fd` (seeds × draws) and `redraw_improved`:
+    whether every seed's mean over the draws is below the mid-trained student's mean over the same draws."""
+    def score(export: Path) -> dict[str, list[float]]:
+        print(f"[compare_inits] FD on {cfg.redraws} fresh evaluation draws: {export.parent.name}", flush=True)
+        return fd_redraws(export, cfg.redraws, cfg.num_eval_samples, cfg.fd_dataset)
+
+    students = {form: pooled_redraws([score(Path(stage["export"]))]) for form, stage in mid.items()}
+    for cell in cells:
+        cell["redraw_fd"] = pooled_redraws([score(RunDir(runs_dir / name).export) for name in cell["runs"]])
+        student = students[METHOD_FORMS[cell["method"]]]
+        cell["redraw_improved"] = {
+            f"{s}step": all(mean < student[f"fd_{s}step"]["mean"] for mean in cell["redraw_fd"][f"fd_{s}step"]["seed_means"])
+            for s in STEP_COUNTS}
+    return {"draws": cfg.redraws, "num_samples": cfg.num_eval_samples, "cmt_students": students}
+
+
 def run(cfg: CompareConfig) -> dict[str, Any]:
     """Run (or resume) the comparison; write the table, JSON, plot and settings log into cfg.out; return the JSON."""
     cfg = with_absolute_paths(cfg.validate())
@@ -308,8 +332,10 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
         "cells": cells,
         "fractions": compute_fractions(cells, cfg.amortise_over),
         "worse_than_init": [worse_entry(cell) for cell in cells if not all(cell["improved"].values())],
-        "wall_seconds": time.perf_counter() - started,
     }
+    if cfg.redraws:
+        result["redraws"] = score_redraws(cfg, cells, mid, runs_dir)
+    result["wall_seconds"] = time.perf_counter() - started
     append_settings_log(out / SETTINGS_LOG, settings_rows)
     result["settings_tried"] = settings_tried(out / SETTINGS_LOG)
     result["files"] = write_outputs(result, out)
@@ -379,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mid-evals", type=int,
                         help="FD evaluations along each mid-training run (default 4; 0: at its end only)")
     parser.add_argument("--num-eval-samples", type=int)
+    parser.add_argument("--redraws", type=int,
+                        help="score every final export and the mid-trained students on N fresh draws of the evaluation "
+                             "noise, for the FD's spread over seeds and draws (default 5; quick 1; 0: off)")
     parser.add_argument("--post-data", help="dataset:<name> (default dataset:digits) or store (the store's endpoints)")
     parser.add_argument("--mid-preset")
     parser.add_argument("--post-preset")
@@ -402,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inits": tuple(args.inits) if args.inits else None, "seeds": tuple(args.seeds) if args.seeds else None,
         "mid_steps": args.mid_steps, "max_baseline_steps": args.max_baseline_steps,
         "evals_per_run": args.evals_per_run, "mid_evals": args.mid_evals, "num_eval_samples": args.num_eval_samples,
+        "redraws": args.redraws,
         "post_data": args.post_data,
         "mid_preset": args.mid_preset, "post_preset": args.post_preset, "amortise_over": args.amortise_over,
         "threads": args.threads, "launcher": args.launcher,

@@ -119,6 +119,36 @@ def batch_sweep_lines(methods: dict[str, Any]) -> list[str]:
     return lines
 
 
+def redraw_lines(result: dict[str, Any]) -> list[str]:
+    """Every cell's final exports, and the mid-trained students, on fresh draws of the evaluation noise (--redraws):
+    the pooled mean ± std, the spread over seeds and over draws, each seed's mean; nothing without --redraws."""
+    redraws = result.get("redraws")
+    if not redraws:
+        return []
+
+    def spread(stat: dict[str, Any]) -> str:
+        return f"{_fmt(stat)} | {stat['std_over_seeds']:.1f} / {stat['std_over_draws']:.1f}"
+
+    lines = ["", f"## FD on {redraws['draws']} fresh draws of the evaluation noise (jobs/fd_redraws.py)", "",
+             (f"Every seed's final export scored again on {redraws['draws']} other draws of {redraws['num_samples']} "
+              "evaluation noises: mean ± std pooled over seeds × draws, then the std of the seeds' means and the mean "
+              "std over draws. The CMT student is the mid-trained export (one run, shared by every seed). \"below "
+              "the CMT student\": every seed's mean over the draws is below the student's."),
+             "", ("| method | init | FD 1-step | std seeds / draws | FD 2-step | std seeds / draws "
+                  "| seeds' 1-step means | below the CMT student (1/2) |"),
+             "|---|---|---:|---|---:|---|---|---|"]
+    for form, stat in redraws["cmt_students"].items():
+        lines.append(f"| CMT student ({form} form) | mid-training only | {spread(stat['fd_1step'])} "
+                     f"| {spread(stat['fd_2step'])} | – | – |")
+    for cell in result["cells"]:
+        below = "/".join("yes" if cell["redraw_improved"][f"{s}step"] else "NO" for s in STEP_COUNTS)
+        means = ", ".join(f"{mean:.1f}" for mean in cell["redraw_fd"]["fd_1step"]["seed_means"])
+        lines.append(f"| {METHOD_LABELS[cell['method']]} | {INIT_LABELS[cell['init']]} "
+                     f"| {spread(cell['redraw_fd']['fd_1step'])} | {spread(cell['redraw_fd']['fd_2step'])} "
+                     f"| {means} | {below} |")
+    return lines
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The comparison as markdown: final FD per cell, the fractions, the accounting, cells worse than their init."""
     acct = result["accounting"]
@@ -144,6 +174,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {_fmt(cell['final_fd']['1step'])} | {_fmt(cell['final_fd']['2step'])} "
             f"| {_fmt(student['1step'])} | {_fmt(student['2step'])} | {improved} |"
         )
+    lines += redraw_lines(result)
     lines += batch_sweep_lines(acct["methods"])
     n = acct["amortise_over"]
     lines += [

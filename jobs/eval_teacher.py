@@ -6,7 +6,7 @@
 Every row uses the same prior noise (seeds 0..num-1) and the same number of samples, so rows compare. With
 --student-draws N the rows are instead scored on the noise the students are scored on: draw 0 is the training runs'
 own evaluation draw (trainer.evaluation.EVAL_SEED), draws 1..N-1 the fresh re-draws of
-jobs.study_conditioning.fd_redraws, so a student's FD and the teacher's can be compared draw by draw.
+jobs.fd_redraws, so a student's FD and the teacher's can be compared draw by draw.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.study_conditioning import redraw_eval_seed
+from jobs.fd_redraws import redraw_eval_seed
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
 from pipeline.png_grid import save_grid

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import statistics
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.compare_config import CompareConfig
+from jobs.fd_redraws import fd_redraws, mean_std
 from jobs.study_runs import launch_training, short_hash
 from jobs.study_store import make_store
 from trainer.run_dir import RunDir
@@ -62,16 +61,6 @@ VARIANTS = {
     "auto+clip": ("student.parameterization=auto", NO_TRANSFER, "loop.grad_clip=1.0"),
     "auto+ema-constant": ("student.parameterization=auto", NO_TRANSFER, "loop.ema_constant=true"),
 }
-REDRAW_SEED_STRIDE = 100_003  # re-draw k's evaluation noise seeds start at EVAL_SEED + k·stride (the runs use k = 0)
-
-
-def redraw_eval_seed(draw: int) -> int:
-    """The first evaluation-noise seed of re-draw `draw` (0: the training runs' own draw, trainer.evaluation.EVAL_SEED)."""
-    from trainer.evaluation import EVAL_SEED
-
-    return EVAL_SEED + draw * REDRAW_SEED_STRIDE
-
-
 @dataclass(frozen=True)
 class Cell:
     """One mid-training run: teacher, variant, form, seed and its trainer/mid.py overrides."""
@@ -160,39 +149,6 @@ def run_cell(cell: Cell, teacher_dir: str, store_url: str, args: argparse.Namesp
     return run_dir
 
 
-def fd_redraws(export_dir: Path, redraws: int, num_samples: int) -> dict[str, list[float]]:
-    """FD-digits of the export's 1- and 2-step samples on `redraws` fresh draws of the evaluation noise."""
-    from trainer.config import load_config
-    from trainer.metrics import FDMetric
-    from trainer.evaluation import eval_seeds
-    from trainer.mid import MidConfig
-    from trainer.sample import draw_samples
-    from trainer.student import FlowMapStudent
-
-    cache = export_dir.parent / "fd_redraws.json"
-    if cache.exists() and len(json.loads(cache.read_text())["fd_1step"]) == redraws:
-        return json.loads(cache.read_text())
-    student = FlowMapStudent.from_pretrained(export_dir).eval()
-    metric = FDMetric("digits")
-    scores: dict[str, list[float]] = {"fd_1step": [], "fd_2step": []}
-    for k in range(1, redraws + 1):
-        cfg = load_config(MidConfig, MID_PRESET, [f"eval_seed={redraw_eval_seed(k)}",
-                                                  f"num_eval_samples={num_samples}"])
-        for steps in (1, 2):
-            samples = draw_samples(student, eval_seeds(cfg), steps, intermediate=cfg.eval_intermediate)
-            scores[f"fd_{steps}step"].append(float(metric(samples)))
-    cache.write_text(json.dumps(scores))
-    return scores
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for one value); a diverged run's infinite FD makes both infinite."""
-    if not all(math.isfinite(value) for value in values):
-        return {"mean": math.inf, "std": math.inf, "n": len(values)}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def read_cell(run_dir: Path, redraws: int, num_samples: int) -> dict[str, Any]:
     """A finished run's FD at init, along training, at the end, and on re-drawn evaluation noise."""
     run = RunDir(run_dir)
@@ -221,11 +177,11 @@ def summarise(cells: Sequence[Cell], results: dict[Cell, dict[str, Any]], args: 
         for steps in (1, 2):
             key = f"fd_{steps}step"
             row[f"init_{key}"] = runs[0]["init"][key]
-            row[f"early_{key}"] = _mean_std([run["curve"][0][key] for run in runs])
+            row[f"early_{key}"] = mean_std([run["curve"][0][key] for run in runs])
             row["early_step"] = runs[0]["curve"][0]["step"]
-            row[f"final_{key}"] = _mean_std([run["final"][key] for run in runs])
+            row[f"final_{key}"] = mean_std([run["final"][key] for run in runs])
             # every seed's export on the re-drawn evaluation noise, pooled: seeds × redraws values
-            row[f"redraw_{key}"] = _mean_std([value for run in runs for value in run["redraws"][key]])
+            row[f"redraw_{key}"] = mean_std([value for run in runs for value in run["redraws"][key]])
         rows.append(row)
     return {"mid_steps": args.mid_steps, "transfer_steps": args.transfer_steps, "redraws": args.redraws,
             "num_eval_samples": args.num_eval_samples,

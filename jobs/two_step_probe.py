@@ -6,7 +6,7 @@
 The MF form's 2-step sampler (`FlowMapStudent.sample`) maps the prior at τ_max to an intermediate τ_mid, then to 0:
 x0 = Ψ_{τ_mid→0}(Ψ_{τ_max→τ_mid}(z)). For every named export (MF form) and every --intermediate τ_mid it prints
 FD-<dataset> of the 2-step samples on each evaluation-noise draw (draw 0: the training runs' own noise; draw k: the
-noise `jobs.study_conditioning.fd_redraws` re-draws), and their mean ± std over the draws ≥ 1.
+noise `jobs.fd_redraws.fd_redraws` re-draws), and their mean ± std over the draws ≥ 1.
 
 --hybrids adds, for every ordered pair (A, B) of exports, the 2-step FD of A's first map followed by B's second map
 at each τ_mid: which student's first or second map limits the 2-step FD after post-training.
@@ -46,7 +46,7 @@ def two_step(first: Any, second: Any, noise: Tensor, tau_mid: float, *, batch_si
 
 def draw_noise(student: Any, draw: int, num: int) -> Tensor:
     """The evaluation noise [num, *S] of draw `draw` (0: the runs' own), as the training runs and fd_redraws draw it."""
-    from jobs.study_conditioning import redraw_eval_seed
+    from jobs.fd_redraws import redraw_eval_seed
     from pipeline.solvers import prior_noise
 
     first = redraw_eval_seed(draw)

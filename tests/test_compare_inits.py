@@ -13,7 +13,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from jobs.compare_accounting import first_crossing
 from jobs.compare_budget import BUDGET_RECORD, baseline_budget, budget_key
-from jobs.compare_config import QUICK, CompareError, parse_scoped_override
+from jobs.compare_config import METHOD_FORMS, QUICK, CompareError, parse_scoped_override
 from jobs.compare_inits import main, run
 from jobs.compare_report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, SETTINGS_LOG
 from pipeline.teacher import load_teacher
@@ -87,6 +87,16 @@ def test_quick_run_writes_table_json_plot_and_settings_log_with_every_cell(tiny_
         assert cell["cmt_student_fd"] == cmt_cell["init_fd"]
         init_eval = json.loads((out / "runs" / cmt_cell["runs"][0] / "init_eval.json").read_text())
         assert cell["cmt_student_fd"]["1step"]["mean"] == pytest.approx(init_eval["fd_1step"])
+    # QUICK scores every final export and each mid-trained student again on one fresh evaluation draw (--redraws).
+    assert result["redraws"]["draws"] == 1 and "fresh draws of the evaluation noise" in markdown
+    for cell in result["cells"]:
+        fresh = cell["redraw_fd"]["fd_1step"]
+        assert fresh["n"] == len(SEEDS) and len(fresh["seed_means"]) == len(SEEDS)
+        for name, mean in zip(cell["runs"], fresh["seed_means"]):
+            assert json.loads((out / "runs" / name / "fd_redraws.json").read_text())["fd_1step"] == [
+                pytest.approx(mean)]
+        student = result["redraws"]["cmt_students"][METHOD_FORMS[cell["method"]]]["fd_1step"]["mean"]
+        assert cell["redraw_improved"]["1step"] == all(mean < student for mean in fresh["seed_means"])
 
 
 @pytest.mark.slow
@@ -317,6 +327,11 @@ def test_a_mid_run_is_evaluated_along_the_way_and_named_without_its_evaluation_c
                        3: ["loop.eval_every_steps=267"]}  # mid_steps=800
     with pytest.raises(CompareError, match="mid_evals=-1"):
         CompareConfig(teacher="/t", mid_evals=-1).validate()
+
+
+def test_a_negative_redraw_count_is_refused_with_the_valid_values(capsys):
+    assert main(["--redraws", "-1", "--dry-run"]) == 2
+    assert "redraws=-1: pass 0" in capsys.readouterr().err
 
 
 def test_mid_trainings_own_evaluations_start_the_cmt_curve_and_a_fraction_can_fall_between_them():

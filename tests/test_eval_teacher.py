@@ -1,7 +1,8 @@
 """jobs/eval_teacher.py scores the teacher on the same noise the students are scored on."""
 
 from jobs.eval_teacher import draw_seeds
-from jobs.study_conditioning import MID_PRESET, REDRAW_SEED_STRIDE
+from jobs.fd_redraws import REDRAW_SEED_STRIDE
+from jobs.study_conditioning import MID_PRESET
 from trainer.config import load_config
 from trainer.evaluation import EVAL_SEED, eval_seeds
 from trainer.mid import MidConfig

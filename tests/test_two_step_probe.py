@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from jobs.study_conditioning import redraw_eval_seed
+from jobs.fd_redraws import redraw_eval_seed
 from jobs.two_step_probe import draw_noise, main, probe, two_step
 from pipeline.solvers import prior_noise
 from pipeline.teacher import load_teacher
