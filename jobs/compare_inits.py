@@ -65,9 +65,9 @@ safely (`jobs/study_records.py`).
 Every stage runs as its own subprocess (`trainer/mid.py`, `trainer/post.py`; accelerate's state is per process);
 `--launcher inprocess` runs them in this process instead (what the smoke test does, to skip interpreter start-up).
 `--quick` (1 seed, tens of steps, 200 FD samples, ECT and MeanFlow) takes ~3 min on the shared 2-core machine.
-The default preset's cost on the 2-core machine, 1 torch thread per run (2026-11-29, README.md, "Studies"): seed 0
-took ~45 min of wall clock per method (the two mid runs first, ~10 min each); seeds 1 and 2, one per core beside
-other jobs, took ~2 h 10 min each for all three methods (every baseline gets the CMT pipeline's ~15 minutes).
+The study's cost on the 2-core machine, 1 torch thread per run (2026-11-30, README.md, "Studies"): seed 0 with
+`--batch-sizes 128 256`, one invocation per method side by side, took 45 min of wall clock for all three (the two mid
+runs first, ~3 min each); seeds 1 and 2, one invocation each side by side, took 45 min; the re-draws ~10 min.
 """
 
 from __future__ import annotations
