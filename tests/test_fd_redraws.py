@@ -1,5 +1,6 @@
 """jobs/fd_redraws.py: re-draw k is the evaluation noise from EVAL_SEED + k·stride, scores are cached with the settings
-they were made with (an old cache means 1,000 FD-digits samples), and the pooled summary matches a hand computation."""
+they were made with (an old cache means 1,000 FD-digits samples) and extended draw by draw, the pooled summary matches
+a hand computation, and the CLI pairs students and a teacher on the same draws."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import statistics
 
 import pytest
+import torch
 
-from jobs.fd_redraws import CACHE_NAME, REDRAW_SEED_STRIDE, _cached, fd_redraws, pooled_redraws, redraw_eval_seed
+from jobs.fd_redraws import CACHE_NAME, REDRAW_SEED_STRIDE, _cached, fd_redraws, main, pooled_redraws, redraw_eval_seed
 from pipeline.teacher import load_teacher
 from tests.test_compare_inits import tiny_teacher_dir
 from trainer.evaluation import EVAL_SEED
@@ -28,6 +30,18 @@ def export(tmp_path_factory):
     return root / "run" / "export"
 
 
+@pytest.fixture(scope="module")
+def perturbed(export):
+    """The same student with perturbed weights, exported as another run; and the tiny teacher's directory."""
+    student = FlowMapStudent.from_pretrained(export)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    student.save_pretrained(export.parents[1] / "other" / "export")
+    return export.parents[1] / "other" / "export", export.parents[1] / "teacher"
+
+
 def test_each_redraw_is_the_evaluation_noise_from_its_own_seed_and_the_scores_are_cached(export):
     scores = fd_redraws(export, 2, NUM_SAMPLES)
     assert {key: len(values) for key, values in scores.items()} == {"fd_1step": 2, "fd_2step": 2}
@@ -45,17 +59,22 @@ def test_each_redraw_is_the_evaluation_noise_from_its_own_seed_and_the_scores_ar
     assert (recorded["num_samples"], recorded["fd_dataset"]) == (NUM_SAMPLES, "digits")
     cache.write_text(json.dumps({**recorded, "fd_1step": [-1.0, -2.0]}))  # a marker: read back, not recomputed
     assert fd_redraws(export, 2, NUM_SAMPLES)["fd_1step"] == [-1.0, -2.0]
-    assert fd_redraws(export, 1, NUM_SAMPLES)["fd_1step"] == [pytest.approx(scores["fd_1step"][0], rel=1e-6)]
+    assert fd_redraws(export, 1, NUM_SAMPLES)["fd_1step"] == [-1.0]
+    extended = fd_redraws(export, 3, NUM_SAMPLES)  # only draw 3 is scored; the cache keeps the first two
+    first = redraw_eval_seed(3)
+    third = float(metric(draw_samples(student, list(range(first, first + NUM_SAMPLES)), 1)))
+    assert extended["fd_1step"] == [-1.0, -2.0, pytest.approx(third, rel=1e-6)]
+    assert json.loads(cache.read_text())["fd_1step"] == extended["fd_1step"]
 
 
 def test_a_cache_is_used_only_with_the_settings_it_was_made_with(tmp_path):
     path = tmp_path / CACHE_NAME
-    assert _cached(path, 2, 1000, "digits") is None
+    empty = {"fd_1step": [], "fd_2step": []}
+    assert _cached(path, 1000, "digits") == empty
     path.write_text(json.dumps({"fd_1step": [1.0, 2.0], "fd_2step": [3.0, 4.0]}))  # before settings were recorded
-    assert _cached(path, 2, 1000, "digits") == {"fd_1step": [1.0, 2.0], "fd_2step": [3.0, 4.0]}
-    assert _cached(path, 3, 1000, "digits") is None
-    assert _cached(path, 2, 200, "digits") is None
-    assert _cached(path, 2, 1000, "mnist") is None
+    assert _cached(path, 1000, "digits") == {"fd_1step": [1.0, 2.0], "fd_2step": [3.0, 4.0]}
+    assert _cached(path, 200, "digits") == empty
+    assert _cached(path, 1000, "mnist") == empty
 
 
 def test_pooled_redraws_match_a_hand_computation():
@@ -69,3 +88,40 @@ def test_pooled_redraws_match_a_hand_computation():
     assert pooled["std_over_seeds"] == pytest.approx(statistics.stdev([12.0, 23.0]))
     assert pooled["std_over_draws"] == pytest.approx((2.0 + statistics.stdev([20.0, 22.0, 27.0])) / 2)
     assert pooled_redraws(runs)["fd_2step"]["seed_means"] == pytest.approx([6.0, 7.0])
+
+
+def test_the_cli_pairs_students_and_the_teacher_on_the_same_draws(export, perturbed, tmp_path, capsys):
+    other, teacher_dir = perturbed
+    out = tmp_path / "table.json"
+    assert main(["--student", f"a={export}", "--student", f"b={other}", "--draws", "3", "--num-samples",
+                 str(NUM_SAMPLES), "--teacher", str(teacher_dir), "--teacher-steps", "2", "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    a, b = table["models"]["a"]["fd_1step"], table["models"]["b"]["fd_1step"]
+    student = FlowMapStudent.from_pretrained(other).eval()
+    own = float(FDMetric("digits")(draw_samples(student, list(range(EVAL_SEED, EVAL_SEED + NUM_SAMPLES)), 1)))
+    assert b["per_draw"][0] == pytest.approx(own, rel=1e-6)  # draw 0 is the runs' own evaluation noise
+    assert b["per_draw"][1:] == fd_redraws(other, 2, NUM_SAMPLES)["fd_1step"]
+    differences = [x - y for x, y in zip(b["per_draw"], a["per_draw"])]
+    assert b["minus_a"]["mean"] == pytest.approx(statistics.fmean(differences))
+    assert b["minus_a"]["worst"] == pytest.approx(max(differences))
+    assert b["minus_a"]["draws_better"] == sum(d < 0 for d in differences)
+    assert b["runs_draw_rank"] == sorted(b["per_draw"]).index(b["per_draw"][0]) + 1
+    teacher = table["models"]["teacher, 2 steps"]["fd"]
+    assert len(teacher["per_draw"]) == 3 and "minus_a" not in teacher
+    assert "| b | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--student", "no-equals-sign"], "write NAME=EXPORT"),
+    (["--student", "a=/not/an/export"], "student export directory"),
+])
+def test_bad_students_are_refused_in_the_clis_words(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fewer_than_two_draws_are_refused(export, capsys):
+    with pytest.raises(SystemExit):
+        main(["--student", f"a={export}", "--draws", "1"])
+    assert "--draws 1: pass 2 or more" in capsys.readouterr().err
