@@ -6,7 +6,10 @@ reference batch / B: the same number of training samples. That is equal compute 
 proportion to its batch; a step's fixed cost makes small batches dearer, so the tables charge the seconds each run
 logged, and the accounting table gives each cell's achieved ratio to the CMT pipeline's charge. The candidate with
 the lowest final 1-step FD (then 2-step, then the smaller batch) becomes the cell's batch size, and the cell's other
-seeds train at it. The learning rate and every other setting stay as they are: the sweep finds the best batch size
+seeds train at it. With --redraws N (the default) the FD ranked is the mean over the runs' own evaluation draw and N
+fresh ones (`jobs/fd_redraws.py`), every candidate on the same draws: one FD of 1,000 samples swings by about 2×
+between draws, and a near-tie is otherwise decided by one draw's luck. Sweeps recorded before that rule ranked on
+the runs' draw alone (their records have no `ranked_on_draws`). The learning rate and every other setting stay as they are: the sweep finds the best batch size
 under those settings, not the best (batch size, learning rate) pair.
 
 A sweep is kept in <out>/batch_choices.json under a key of the cell and everything the sweep depends on except the

@@ -38,7 +38,8 @@ Compute accounting (wall-clock seconds on this machine):
 
 Batch sizes (--batch-sizes B ...; `jobs/compare_batch.py`): every cell, CMT included, first trains one run per
 candidate on the first seed at the cell's number of training samples (steps × batch held fixed), and the candidate
-with the best final FD becomes the cell's batch size for every seed; the sweep is kept in <out>/batch_choices.json.
+with the best final FD (the mean over the runs' draw and the --redraws fresh ones, all candidates on the same draws)
+becomes the cell's batch size for every seed; the sweep is kept in <out>/batch_choices.json.
 The baselines' budget, fitted in steps at the CMT cell's batch size, is converted at equal samples to each baseline's.
 
 The FD's own noise (--redraws N, default 5): every final export and each mid-trained student is scored again on N
@@ -102,7 +103,6 @@ from jobs.compare_config import (
     CompareError,
     with_absolute_paths,
 )
-from jobs.fd_redraws import fd_redraws, pooled_redraws
 from jobs.compare_report import (
     JSON_NAME,
     SETTINGS_LOG,
@@ -113,6 +113,7 @@ from jobs.compare_report import (
     worse_entry,
     write_outputs,
 )
+from jobs.fd_redraws import fd_redraws, pooled_redraws
 from jobs.study_runs import (
     RunPlan,
     execute,
@@ -182,12 +183,19 @@ def sweep_batch(cfg: CompareConfig, method: str, init: str, reference: tuple[int
             plan = plan_at(batch, seed)
             run_ = read_post_run(execute(cfg, plan, runs_dir, log_dir))
             rows.append(settings_row(plan, run_))
-            candidates.append({"batch": batch, "steps": plan.total_steps, "run": plan.name,
-                               "train_seconds": run_["train_seconds"][-1],
-                               "final_fd": {f"{s}step": run_["fd"][s][-1] for s in STEP_COUNTS}})
-        finals = {entry["batch"]: {s: entry["final_fd"][f"{s}step"] for s in STEP_COUNTS} for entry in candidates}
+            final_fd = {f"{s}step": run_["fd"][s][-1] for s in STEP_COUNTS}
+            entry = {"batch": batch, "steps": plan.total_steps, "run": plan.name,
+                     "train_seconds": run_["train_seconds"][-1], "final_fd": final_fd}
+            if cfg.redraws:  # ranked on the runs' draw and the fresh ones: one draw's luck can decide a near-tie
+                fresh = fd_redraws(RunDir(runs_dir / plan.name).export, cfg.redraws, cfg.num_eval_samples,
+                                   cfg.fd_dataset)
+                entry["ranked_fd"] = {key: float(np.mean([value, *fresh[f"fd_{key}"]])) for key, value in
+                                      final_fd.items()}
+            candidates.append(entry)
+        finals = {entry["batch"]: {s: entry.get("ranked_fd", entry["final_fd"])[f"{s}step"] for s in STEP_COUNTS}
+                  for entry in candidates}
         return {"chosen": best_batch(finals), "selected_on_seed": seed, "reference_batch": reference_batch,
-                "reference_steps": reference_steps, "candidates": candidates}
+                "reference_steps": reference_steps, "ranked_on_draws": 1 + cfg.redraws, "candidates": candidates}
 
     key = batch_key(method, init, [plan_at(batch, 0).name for batch in cfg.batch_sizes])
     return chosen_batch(Path(cfg.out), key, sweep), rows

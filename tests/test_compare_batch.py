@@ -132,9 +132,15 @@ def test_every_cell_trains_at_its_best_batch_size_and_a_later_seed_reuses_the_ch
         reference = sweep["reference_steps"] * sweep["reference_batch"]
         for batch, count in steps.items():  # the same number of training samples, to the rounding of one step
             assert abs(count * batch - reference) <= batch / 2
-        finals = {entry["batch"]: (entry["final_fd"]["1step"], entry["final_fd"]["2step"])
-                  for entry in sweep["candidates"]}
-        assert finals[sweep["chosen"]] == min(finals.values())
+        # Ranked on the runs' draw and QUICK's one fresh draw (--redraws 1), every candidate on the same draws.
+        assert sweep["ranked_on_draws"] == 2
+        ranked = {}
+        for entry in sweep["candidates"]:
+            fresh = json.loads((tmp_path / "out" / "runs" / entry["run"] / "fd_redraws.json").read_text())
+            for key in ("1step", "2step"):
+                assert entry["ranked_fd"][key] == pytest.approx((entry["final_fd"][key] + fresh[f"fd_{key}"][0]) / 2)
+            ranked[entry["batch"]] = (entry["ranked_fd"]["1step"], entry["ranked_fd"]["2step"])
+        assert ranked[sweep["chosen"]] == min(ranked.values())
         for entry in sweep["candidates"]:  # each candidate really trained at its batch size
             config = (tmp_path / "out" / "runs" / entry["run"] / "config.yaml").read_text()
             assert f"batch_per_process: {entry['batch']}" in config
