@@ -9,13 +9,14 @@ the lowest final 1-step FD (then 2-step, then the smaller batch) becomes the cel
 seeds train at it. With --redraws N (the default) the FD ranked is the mean over the runs' own evaluation draw and N
 fresh ones (`jobs/fd_redraws.py`), every candidate on the same draws: one FD of 1,000 samples swings by about 2×
 between draws, and a near-tie is otherwise decided by one draw's luck. Sweeps recorded before that rule ranked on
-the runs' draw alone (their records have no `ranked_on_draws`). The learning rate and every other setting stay as they are: the sweep finds the best batch size
-under those settings, not the best (batch size, learning rate) pair.
+the runs' draw alone (their records have no `ranked_on_draws`). The learning rate and every other setting stay as
+they are: the sweep finds the best batch size under those settings, not the best (batch size, learning rate) pair.
 
-A sweep is kept in <out>/batch_choices.json under a key of the cell and everything the sweep depends on except the
-seeds (the names its candidate runs would have for seed 0: every setting, step count and cap), so seeds added later
-reuse the choice, as baseline_budgets.json keeps step counts. Its runs train outside the record's lock, so run the
-invocation that sweeps first (`--seeds 0 --batch-sizes ...`) and add seeds after it: invocations started together
+A sweep is kept in <out>/batch_choices.json under a key of the cell and everything its runs depend on except the
+seeds (the names its candidate runs would have for seed 0: every setting, step count and cap; not --redraws, which
+only ranks them: a recorded sweep ranked on another number of draws is kept, and the driver says so), so seeds added
+later reuse the choice, as baseline_budgets.json keeps step counts. Its runs train outside the record's lock, so run
+the invocation that sweeps first (`--seeds 0 --batch-sizes ...`) and add seeds after it: invocations started together
 each sweep on their own first seed, and the first sweep recorded is the one every invocation keeps.
 """
 

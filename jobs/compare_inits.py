@@ -92,7 +92,7 @@ from jobs.compare_accounting import (
     summarise_cell,
     with_mid_curve,
 )
-from jobs.compare_batch import batch_key, best_batch, chosen_batch, preset_batch, run_batch, scaled_steps
+from jobs.compare_batch import BATCH_RECORD, batch_key, best_batch, chosen_batch, preset_batch, run_batch, scaled_steps
 from jobs.compare_budget import BUDGET_RECORD, baseline_budget, budget_key
 from jobs.compare_config import (
     INITS,
@@ -198,7 +198,12 @@ def sweep_batch(cfg: CompareConfig, method: str, init: str, reference: tuple[int
                 "reference_steps": reference_steps, "ranked_on_draws": 1 + cfg.redraws, "candidates": candidates}
 
     key = batch_key(method, init, [plan_at(batch, 0).name for batch in cfg.batch_sizes])
-    return chosen_batch(Path(cfg.out), key, sweep), rows
+    recorded = chosen_batch(Path(cfg.out), key, sweep)
+    if recorded.get("ranked_on_draws", 1) != 1 + cfg.redraws:
+        print(f"[compare_inits] {method}/{init}: keeps batch {recorded['chosen']}, ranked on "
+              f"{recorded.get('ranked_on_draws', 1)} draw(s) when it was recorded, not on 1 + --redraws "
+              f"{cfg.redraws} ({BATCH_RECORD}; delete its entry to sweep again)", flush=True)
+    return recorded, rows
 
 
 def compare_method(cfg: CompareConfig, method: str, mid: dict[str, Any], charges: Charges, *, store_url: str,
@@ -289,11 +294,12 @@ def score_redraws(cfg: CompareConfig, cells: list[dict[str, Any]], mid: dict[str
 
     students = {form: pooled_redraws([score(Path(stage["export"]))]) for form, stage in mid.items()}
     for cell in cells:
-        cell["redraw_fd"] = pooled_redraws([score(RunDir(runs_dir / name).export) for name in cell["runs"]])
+        exports = [RunDir(runs_dir / name).export for name in cell["runs"]]
+        cell["redraw_fd"] = pooled_redraws([score(export) for export in exports])
         student = students[METHOD_FORMS[cell["method"]]]
-        cell["redraw_improved"] = {
-            f"{s}step": all(mean < student[f"fd_{s}step"]["mean"] for mean in cell["redraw_fd"][f"fd_{s}step"]["seed_means"])
-            for s in STEP_COUNTS}
+        cell["redraw_improved"] = {f"{s}step": all(mean < student[f"fd_{s}step"]["mean"]
+                                                   for mean in cell["redraw_fd"][f"fd_{s}step"]["seed_means"])
+                                   for s in STEP_COUNTS}
     return {"draws": cfg.redraws, "num_samples": cfg.num_eval_samples, "cmt_students": students}
 
 
@@ -377,7 +383,8 @@ def describe(cfg: CompareConfig) -> dict[str, Any]:
                                           *([f"batch_per_process={decided}"] if cfg.batch_sizes else [])]})
     sweep = ({"batch_sweep": f"each cell first trains one run per batch size {list(cfg.batch_sizes)} on seed "
                              f"{cfg.seeds[0]} at equal training samples; the runs above then train at the one with the "
-                             "best final FD (jobs/compare_batch.py)"} if cfg.batch_sizes else {})
+                             "best final FD on the runs' draw and the --redraws fresh ones (jobs/compare_batch.py)"}
+             if cfg.batch_sizes else {})
     return {"config": dataclasses.asdict(cfg),
             "generation": None if cfg.store else ["pipeline/generate.py", *generation_command(cfg)],
             "runs": plans, **sweep}
@@ -428,8 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], metavar="METHOD/INIT",
                         help="run only these cells (CMT cells of the method always run); repeatable")
     parser.add_argument("--batch-sizes", nargs="+", type=int, metavar="B",
-                        help="candidate batch sizes: every cell trains at the one with the best final FD on its first "
-                             "seed, at equal training samples (jobs/compare_batch.py); default: the post preset's")
+                        help="candidate batch sizes: every cell trains at the one with the best final FD (the runs' "
+                             "draw and the --redraws fresh ones) on its first seed, at equal training samples "
+                             "(jobs/compare_batch.py); default: the post preset's")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else CompareConfig()

@@ -131,13 +131,15 @@ def redraw_lines(result: dict[str, Any]) -> list[str]:
         return []
 
     def spread(stat: dict[str, Any]) -> str:
-        return f"{_fmt(stat)} | {stat['std_over_seeds']:.1f} / {stat['std_over_draws']:.1f}"
+        measured = ["–" if stat[key] is None else f"{stat[key]:.1f}" for key in ("std_over_seeds", "std_over_draws")]
+        return f"{_fmt(stat)} | {' / '.join(measured)}"
 
     lines = ["", f"## FD on {redraws['draws']} fresh draws of the evaluation noise (jobs/fd_redraws.py)", "",
              (f"Every seed's final export scored again on {redraws['draws']} other draws of {redraws['num_samples']} "
               "evaluation noises: mean ± std pooled over seeds × draws, then the std of the seeds' means and the mean "
-              "std over draws. The CMT student is the mid-trained export (one run, shared by every seed). \"below "
-              "the CMT student\": every seed's mean over the draws is below the student's."),
+              "std over draws (– where one seed or one draw leaves it unmeasured). The CMT student is the "
+              "mid-trained export (one run, shared by every seed). \"below the CMT student\": every seed's mean "
+              "over the draws is below the student's."),
              "", ("| method | init | FD 1-step | std seeds / draws | FD 2-step | std seeds / draws "
                   "| seeds' 1-step means | below the CMT student (1/2) |"),
              "|---|---|---:|---|---:|---|---|---|"]

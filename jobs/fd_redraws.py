@@ -1,21 +1,26 @@
 """The FD's own noise: a student export scored on fresh draws of the evaluation noise.
 
 A run's FD curve is measured on one fixed draw (seeds EVAL_SEED + i, `trainer/evaluation.py`), so two runs compared
-on it share that draw's luck. Re-draw k ≥ 1 starts its seeds at EVAL_SEED + k·REDRAW_SEED_STRIDE, far from the runs'
-own draw and from each other; the studies (`jobs/study_conditioning.py`, `jobs/compare_inits.py --redraws`) report a
-student's FD over seeds × re-draws, so a difference can be judged against both spreads.
+on it share that draw's luck. Re-draws 1..10 start their seeds at EVAL_SEED + k·REDRAW_SEED_STRIDE and re-draws
+k ≥ 11 at EVAL_SEED − (k − 10)·REDRAW_SEED_STRIDE: torch keeps a seed's low 32 bits, so draws above 2³² would wrap
+to small seeds, where stores and online training draw their noise. Every draw is far from the runs' own, from the
+others and from training's seeds (blocks of at most MAX_DRAW_SAMPLES). The studies (`jobs/study_conditioning.py`,
+`jobs/compare_inits.py --redraws`) report a student's FD over seeds × re-draws, so a difference can be judged against
+both spreads.
 
     python -m jobs.fd_redraws --student cm=<run>/export --student ect=<run>/export --draws 20 \\
         [--teacher runs/digits/pretrain/export --teacher-steps 16] [--json table.json]
 
-scores students (and a teacher) on the same draws 0..N-1 and prints, per model, the spread over draws, where the runs'
-own draw ranks, and the per-draw differences against the first student: draws that are hard for one student are hard
-for all (README "Studies"), so a paired difference is far tighter than one FD's spread.
+scores students (and a teacher) on the same draws 0..N-1 and prints, per model, the spread over draws and where the
+runs' own draw ranks, and per student the per-draw differences against the first student. Draws that are hard for one
+student are hard for all (README "Studies"), so a paired difference is far tighter than one FD's spread.
 
-Scores are cached beside the export (<run>/fd_redraws.json) with the sample count and dataset they were made with; a
-request for more draws than the cache holds scores only the new ones, and a cache made with other settings is scored
-again. Caches written before those were recorded hold 1,000 FD-digits samples per draw (every study of that time),
-which is what a missing field is taken to mean.
+Samples are drawn with the student's default 2-step intermediate time, as the presets' in-run evaluations are.
+Scores are cached beside the export (<run>/fd_redraws.json, written atomically) with the sample count, dataset and
+seed layout they were made with; a request for more draws than the cache holds scores only the new ones, and a cache
+made with other settings is scored again. Caches written before those were recorded hold 1,000 FD-digits samples per
+draw (every study of that time) and, from the first seed layout, only draws 1..10 are kept (draws 11 and up wrapped
+past 2³² there).
 """
 
 from __future__ import annotations
@@ -28,17 +33,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REDRAW_SEED_STRIDE = 100_003  # re-draw k's evaluation noise seeds start at EVAL_SEED + k·stride (the runs use k = 0)
-EVAL_PRESET = "jobs/digits/mid.yaml"  # its evaluation keys (eval_intermediate None: the student's own default)
+from pipeline.paths import write_text
+
+REDRAW_SEED_STRIDE = 100_003  # seeds between the starts of consecutive re-draws
+UPWARD_DRAWS = 10  # re-draws 1..10 lie above EVAL_SEED; 10 strides + a block stay below 2³² (EVAL_SEED = 2³² − 2²⁰)
+MAX_DRAW_SAMPLES = 2**20 - UPWARD_DRAWS * REDRAW_SEED_STRIDE  # 48,546: draw 10's block still ends below 2³²
+SEED_LAYOUT = 2  # 1: every re-draw above EVAL_SEED (draws ≥ 11 wrapped past 2³²); 2: the layout above
 CACHE_NAME = "fd_redraws.json"
 UNRECORDED = {"num_samples": 1000, "fd_dataset": "digits"}  # what a cache from before these were recorded holds
 
 
 def redraw_eval_seed(draw: int) -> int:
-    """The first evaluation-noise seed of re-draw `draw` (0: the training runs' own draw, trainer.evaluation.EVAL_SEED)."""
+    """The first evaluation-noise seed of re-draw `draw` (0: the training runs' own draw, EVAL_SEED)."""
     from trainer.evaluation import EVAL_SEED
 
-    return EVAL_SEED + draw * REDRAW_SEED_STRIDE
+    if draw <= UPWARD_DRAWS:
+        return EVAL_SEED + draw * REDRAW_SEED_STRIDE
+    return EVAL_SEED - (draw - UPWARD_DRAWS) * REDRAW_SEED_STRIDE
+
+
+def draw_seeds(draw: int, num_samples: int) -> list[int]:
+    """The noise seeds of draw `draw`; ValueError when the blocks would overlap or pass 2³²."""
+    if not 1 <= num_samples <= MAX_DRAW_SAMPLES:
+        raise ValueError(f"{num_samples} samples per draw: the re-draws hold 1 to {MAX_DRAW_SAMPLES:,} each")
+    first = redraw_eval_seed(draw)
+    return list(range(first, first + num_samples))
 
 
 def _cached(path: Path, num_samples: int, fd_dataset: str) -> dict[str, list[float]]:
@@ -50,20 +69,16 @@ def _cached(path: Path, num_samples: int, fd_dataset: str) -> dict[str, list[flo
     made_with = {key: cached.get(key, default) for key, default in UNRECORDED.items()}
     if made_with != {"num_samples": num_samples, "fd_dataset": fd_dataset}:
         return empty
-    return {"fd_1step": cached["fd_1step"], "fd_2step": cached["fd_2step"]}
+    kept = len(cached["fd_1step"]) if cached.get("seed_layout") == SEED_LAYOUT else UPWARD_DRAWS
+    return {"fd_1step": cached["fd_1step"][:kept], "fd_2step": cached["fd_2step"][:kept]}
 
 
 def fd_on_draw(student: Any, metric: Any, draw: int, num_samples: int) -> dict[str, float]:
     """FD of the student's 1- and 2-step samples on draw `draw` (0: the runs' own evaluation noise)."""
-    from trainer.config import load_config
-    from trainer.evaluation import eval_seeds
-    from trainer.mid import MidConfig
     from trainer.sample import draw_samples
 
-    cfg = load_config(MidConfig, EVAL_PRESET, [f"eval_seed={redraw_eval_seed(draw)}", f"num_eval_samples={num_samples}"])
-    return {f"fd_{steps}step": float(metric(draw_samples(student, eval_seeds(cfg), steps,
-                                                        intermediate=cfg.eval_intermediate)))
-            for steps in (1, 2)}
+    seeds = draw_seeds(draw, num_samples)
+    return {f"fd_{steps}step": float(metric(draw_samples(student, seeds, steps))) for steps in (1, 2)}
 
 
 def fd_redraws(export_dir: Path, redraws: int, num_samples: int, fd_dataset: str = "digits") -> dict[str, list[float]]:
@@ -80,7 +95,8 @@ def fd_redraws(export_dir: Path, redraws: int, num_samples: int, fd_dataset: str
         for draw in range(len(scores["fd_1step"]) + 1, redraws + 1):
             for key, value in fd_on_draw(student, metric, draw, num_samples).items():
                 scores[key].append(value)
-        cache.write_text(json.dumps({**scores, "num_samples": num_samples, "fd_dataset": fd_dataset}))
+        write_text(str(cache), json.dumps({**scores, "num_samples": num_samples, "fd_dataset": fd_dataset,
+                                           "seed_layout": SEED_LAYOUT}))
     return {key: values[:redraws] for key, values in scores.items()}
 
 
@@ -98,11 +114,12 @@ def pooled_redraws(per_run: Sequence[dict[str, list[float]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for key in ("fd_1step", "fd_2step"):
         scores = [run[key] for run in per_run]
-        summary[key] = {
+        summary[key] = {  # a spread from one seed or one draw is not measured: None
             **mean_std([value for run in scores for value in run]),
             "seed_means": [statistics.fmean(run) for run in scores],
-            "std_over_seeds": mean_std([statistics.fmean(run) for run in scores])["std"],
-            "std_over_draws": statistics.fmean(mean_std(run)["std"] for run in scores),
+            "std_over_seeds": mean_std([statistics.fmean(run) for run in scores])["std"] if len(scores) > 1 else None,
+            "std_over_draws": (statistics.fmean(mean_std(run)["std"] for run in scores)
+                               if min(len(run) for run in scores) > 1 else None),
         }
     return summary
 
@@ -110,8 +127,9 @@ def pooled_redraws(per_run: Sequence[dict[str, list[float]]]) -> dict[str, Any]:
 def draw_table(students: dict[str, Path], draws: int, num_samples: int, fd_dataset: str,
                teacher: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every student's FD on draws 0..draws-1 (0: the runs' own; the rest cached re-draws), the teacher's on the same
-    draws when given ({"dir", "steps", "solver", "grid"}), and per model: mean ± std over the draws, the runs' draw's
-    rank (1 = its best draw), and paired against the first student the per-draw differences."""
+    draws when given ({"dir", "steps", "solver", "grid"}; one score per draw, key "fd"), and per model: mean ± std
+    over the draws, the runs' draw's rank (1 = its best draw), and for every student but the first the per-draw
+    differences against the first."""
     from trainer.metrics import FDMetric
     from trainer.student import FlowMapStudent
 
@@ -151,7 +169,7 @@ def draw_markdown(table: dict[str, Any]) -> str:
              "(worst) | draws better |", "|---|---|---|---|---|---|---:|"]
     for name, scores in table["models"].items():
         for key, entry in scores.items():
-            steps = {"fd_1step": "1", "fd_2step": "2"}.get(key, "solver")
+            steps = {"fd_1step": "1", "fd_2step": "2"}.get(key, "–")
             paired = entry.get(f"minus_{reference}")
             diff = "–" if paired is None else f"{paired['mean']:+.1f} ± {paired['std']:.1f} ({paired['worst']:+.1f})"
             better = "–" if paired is None else f"{paired['draws_better']} / {table['draws']}"
@@ -165,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: python -m jobs.fd_redraws --student NAME=EXPORT ... --draws N [--teacher DIR]; prints markdown, writes
     --json."""
     import argparse
+
+    from trainer.metrics import FD_DATASETS
 
     parser = argparse.ArgumentParser(description="students (and a teacher) scored on the same draws of the "
                                                  "evaluation noise, with per-draw paired differences")
@@ -186,8 +206,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--student {text!r}: write NAME=EXPORT with EXPORT a student export directory "
                          "(the one holding student.json, e.g. <run>/export)")
         students[name] = Path(export)
+    if len(students) != len(args.student):
+        parser.error("--student: two students share a NAME; give each its own")
     if args.draws < 2:
         parser.error(f"--draws {args.draws}: pass 2 or more (draw 0 is the runs' own, the rest fresh)")
+    if not 2 <= args.num_samples <= MAX_DRAW_SAMPLES:
+        parser.error(f"--num-samples {args.num_samples}: pass 2 to {MAX_DRAW_SAMPLES:,} (an FD needs 2 samples; "
+                     "larger draws would overlap)")
+    if args.dataset not in FD_DATASETS:
+        parser.error(f"--dataset {args.dataset}: choose from {', '.join(FD_DATASETS)}")
+    if args.teacher is not None and not Path(args.teacher).is_dir():
+        parser.error(f"--teacher {args.teacher}: not a directory; pass a diffusers pipeline dir (e.g. "
+                     "runs/digits/pretrain/export)")
+    if args.teacher_steps < 1:
+        parser.error(f"--teacher-steps {args.teacher_steps}: pass 1 or more solver steps")
     teacher = None if args.teacher is None else {"dir": args.teacher, "steps": args.teacher_steps,
                                                   "solver": args.teacher_solver, "grid": args.teacher_grid}
     table = draw_table(students, args.draws, args.num_samples, args.dataset, teacher)

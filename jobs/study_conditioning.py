@@ -244,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_dir = out / "runs"
     stores = {}
     for name, teacher_dir in args.teacher:
-        spec = CompareConfig(teacher=teacher_dir, threads=args.threads, num_trajectories=args.num_trajectories)
+        spec = CompareConfig(teacher=teacher_dir, threads=args.threads, num_trajectories=args.num_trajectories,
+                             solver="dpmpp-3m", solver_steps=16)  # this study's store (the docstring), not the demo's
         stores[name] = make_store(spec, out / "logs" / name)["url"]
     cells = plan_cells(args)
     teachers = dict(args.teacher)
