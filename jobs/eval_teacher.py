@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.fd_redraws import redraw_eval_seed
+from jobs.fd_redraws import draw_seeds as evaluation_draw_seeds
 from pipeline.solvers import solve
 from pipeline.teacher import load_teacher
 from pipeline.png_grid import save_grid
@@ -29,10 +29,7 @@ from trainer.metrics import FDMetric, get_classifier, real_vs_real_floor
 
 def draw_seeds(draw: int | None, num: int) -> list[int]:
     """Prior-noise seeds: 0..num-1 (draw None), or the students' evaluation draw `draw` (0: the runs' own)."""
-    if draw is None:
-        return list(range(num))
-    first = redraw_eval_seed(draw)
-    return list(range(first, first + num))
+    return list(range(num)) if draw is None else evaluation_draw_seeds(draw, num)
 
 
 def teacher_fd(

@@ -46,11 +46,10 @@ def two_step(first: Any, second: Any, noise: Tensor, tau_mid: float, *, batch_si
 
 def draw_noise(student: Any, draw: int, num: int) -> Tensor:
     """The evaluation noise [num, *S] of draw `draw` (0: the runs' own), as the training runs and fd_redraws draw it."""
-    from jobs.fd_redraws import redraw_eval_seed
+    from jobs.fd_redraws import draw_seeds
     from pipeline.solvers import prior_noise
 
-    first = redraw_eval_seed(draw)
-    return prior_noise(list(range(first, first + num)), student.sample_shape)
+    return prior_noise(draw_seeds(draw, num), student.sample_shape)
 
 
 def probe(students: dict[str, str], *, intermediates: Sequence[float], draws: Sequence[int], num: int = 1000,
